@@ -1,0 +1,271 @@
+"""Conductance (Dhamdhere et al., "How important is a neuron?", ICLR 2019).
+
+Layer conductance of unit j of layer y, Eq. 3, as a Riemann-Stieltjes sum over the path:
+``Cond_j = integral dF/dy_j dy_j ~ sum_k G_k (y_j(alpha_{k+1}) - y_j(alpha_k))``.
+Neuron conductance, Eq. 2 — input i's attribution through unit j:
+``Cond_ij = (x_i - x'_i) integral dF/dy_j dy_j/dx_i dalpha``; a set of units (a filter) sums them.
+"""
+from __future__ import annotations
+
+import warnings
+from contextlib import closing
+from typing import Any, Callable, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .engine import INPUT, as_args, endpoint_scores, prepare, sweep
+from .hooks import LayerSpec, resolve_layers
+from .paths import STIELTJES, check_method, stieltjes_rule, uniform_nodes, weighted_rule
+from .result import Attribution
+from .sums import StieltjesSum, WeightedSum, step_terms
+from .targets import TargetType
+
+NeuronSelector = Union[int, tuple, Callable[[Tensor], Tensor]]
+
+
+class LayerConductance:
+    """Conductance of every unit of one or more layers, all from one batched forward+backward pass.
+
+    >>> res = LayerConductance(model, ["features.26", "features.28"]).attribute(x, target=3)
+    >>> res["features.28"].sum() - (res.outputs - res.baseline_outputs)   # == res.delta["features.28"]
+
+    ``method``: ``"stieltjes_trapezoid"`` (default; see :mod:`attrib.paths`) or one of Captum's five,
+    which reproduce Captum's LayerConductance numbers. ``tolerance`` (stieltjes_trapezoid only) adds
+    nodes until every layer's |delta| is at most ``tolerance`` for every example: ``refine="bisect"``
+    splits the steps with the largest completeness residuals first, ``"double"`` halves every step;
+    every evaluated node is reused. That mode keeps every node's activations and gradients
+    (nodes x B x layer sizes); the plain mode streams with memory independent of ``n_steps``.
+    """
+
+    def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> None:
+        self.model = model
+        self.layers = [name for name, _ in resolve_layers(model, layers)]
+        if not self.layers:
+            raise ValueError("layers: give at least one layer")
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        baselines: Tensor | float | None = None,
+        n_steps: int = 50,
+        method: str = STIELTJES,
+        internal_batch_size: int | None = None,
+        attribute_to_layer_input: bool = False,
+        additional_forward_args: Any = None,
+        tolerance: float | None = None,
+        refine: str = "bisect",
+        max_steps: int = 4096,
+    ) -> Attribution:
+        inputs, baselines, target = prepare(self.model, inputs, baselines, target)
+        alphas, form = stieltjes_rule(method, n_steps)
+        args = as_args(additional_forward_args)
+        outputs, baseline_outputs = endpoint_scores(self.model, inputs, baselines, target, args)
+        run = dict(
+            target=target, layers=self.layers, attribute_to_layer_input=attribute_to_layer_input,
+            internal_batch_size=internal_batch_size, additional_forward_args=args,
+        )
+        if tolerance is not None:
+            return self._refine(inputs, baselines, outputs, baseline_outputs, run, method, n_steps, tolerance, refine, max_steps)
+        sums = StieltjesSum(form, alphas.shape[0], inputs.shape[0])
+        with closing(sweep(self.model, inputs, baselines, alphas, **run)) as chunks:
+            for chunk in chunks:
+                sums.add(chunk)
+        change = outputs - baseline_outputs
+        return Attribution(
+            attributions=sums.total,
+            delta={name: total.reshape(total.shape[0], -1).sum(1) - change for name, total in sums.total.items()},
+            outputs=outputs, baseline_outputs=baseline_outputs, method=method, n_steps=n_steps,
+            evaluations=alphas.shape[0], info={"step_residuals": sums.residuals()},
+        )
+
+    def _refine(self, inputs, baselines, outputs, baseline_outputs, run, method, n_steps, tolerance, refine, max_steps):
+        if method != STIELTJES:
+            raise ValueError(f"tolerance: adaptive refinement needs method='{STIELTJES}', got {method!r}")
+        if refine not in ("bisect", "double"):
+            raise ValueError(f"refine must be 'bisect' or 'double', got {refine!r}")
+        if not tolerance > 0:
+            raise ValueError(f"tolerance must be positive, got {tolerance!r}")
+        nodes = _NodeStore(self.model, inputs, baselines, run)
+        nodes.evaluate(uniform_nodes(n_steps))
+        change = outputs - baseline_outputs
+        while True:
+            sums, residuals = nodes.step_sums()
+            delta = {name: s.sum(0) - change for name, s in sums.items()}
+            worst = max(float(d.abs().max()) for d in delta.values())
+            steps = len(nodes.alphas) - 1
+            if worst <= tolerance or steps >= max_steps:
+                break
+            badness = torch.stack([r.abs().amax(1) for r in residuals.values()]).amax(0)  # (steps,)
+            if refine == "double":
+                chosen = list(range(steps))
+            else:
+                order = torch.argsort(badness, descending=True).tolist()
+                cumulative = torch.cumsum(badness[order], 0)
+                count = int((cumulative < 0.5 * cumulative[-1]).sum()) + 1
+                chosen = order[: min(count, max_steps - steps)]
+            nodes.evaluate([(nodes.alphas[k] + nodes.alphas[k + 1]) / 2 for k in chosen])
+        converged = worst <= tolerance
+        if not converged:
+            warnings.warn(f"tolerance {tolerance} not reached with {steps} steps (max_steps); worst |delta| {worst:.3g}")
+        return Attribution(
+            attributions=nodes.totals(), delta=delta, outputs=outputs, baseline_outputs=baseline_outputs,
+            method=method, n_steps=steps, evaluations=len(nodes.alphas),
+            info={"step_residuals": residuals, "alphas": list(nodes.alphas), "converged": converged, "refine": refine},
+        )
+
+
+class _NodeStore:
+    """Activations, gradients and scores at every evaluated node, kept sorted by alpha."""
+
+    def __init__(self, model, inputs, baselines, run) -> None:
+        self.model, self.inputs, self.baselines, self.run = model, inputs, baselines, run
+        self.alphas: list[float] = []
+        self.states: list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]] = []
+
+    def evaluate(self, alphas: list[float]) -> None:
+        B = self.inputs.shape[0]
+        pieces = []
+        with closing(sweep(self.model, self.inputs, self.baselines, torch.tensor(alphas, dtype=torch.float64), **self.run)) as chunks:
+            pieces = list(chunks)
+        scores = torch.cat([c.scores for c in pieces]).view(len(alphas), B)
+        values = {n: torch.cat([c.values[n] for c in pieces]) for n in pieces[0].values}
+        grads = {n: torch.cat([c.grads[n] for c in pieces]) for n in pieces[0].grads}
+        for k, alpha in enumerate(alphas):
+            rows = slice(k * B, (k + 1) * B)
+            state = (scores[k], {n: v[rows] for n, v in values.items()}, {n: g[rows] for n, g in grads.items()})
+            position = sum(a < alpha for a in self.alphas)
+            self.alphas.insert(position, alpha)
+            self.states.insert(position, state)
+
+    def _steps(self):
+        return zip(self.states[:-1], self.states[1:])
+
+    def step_sums(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Per layer, (steps, B): each step's Stieltjes sum, and that minus the score change."""
+        sums: dict[str, list[Tensor]] = {name: [] for name in self.states[0][1]}
+        changes = []
+        for (f0, y0, g0), (f1, y1, g1) in self._steps():
+            changes.append(f1 - f0)
+            for name in sums:
+                terms = step_terms("trapezoid", g0[name], g1[name], y0[name], y1[name])
+                sums[name].append(terms.reshape(terms.shape[0], -1).sum(1))
+        change = torch.stack(changes)
+        stacked = {name: torch.stack(s) for name, s in sums.items()}
+        return stacked, {name: s - change for name, s in stacked.items()}
+
+    def totals(self) -> dict[str, Tensor]:
+        totals = {name: torch.zeros_like(y) for name, y in self.states[0][1].items()}
+        for (_, y0, g0), (_, y1, g1) in self._steps():
+            for name in totals:
+                totals[name] += step_terms("trapezoid", g0[name], g1[name], y0[name], y1[name])
+        return totals
+
+
+def _selector_weights(selector: NeuronSelector, layer_value: Tensor) -> Tensor:
+    """Weights on the layer's units that define 'the neuron': a one-hot, a 0/1 mask for slices,
+    or the gradient of a callable's per-example value (a mask for linear selections)."""
+    if callable(selector):
+        with torch.enable_grad():
+            probe = layer_value.detach().requires_grad_(True)
+            value = selector(probe)
+            if not isinstance(value, Tensor) or value.shape != (layer_value.shape[0],):
+                raise ValueError("neuron_selector: a callable must return one value per example")
+            return torch.autograd.grad(value.sum(), probe)[0]
+    index = (selector,) if isinstance(selector, int) else selector
+    if not isinstance(index, tuple) or len(index) != layer_value.dim() - 1:
+        raise ValueError(
+            f"neuron_selector: {selector!r} must index all {layer_value.dim() - 1} non-batch dimensions "
+            f"of the layer (shape {tuple(layer_value.shape[1:])})"
+        )
+    weights = torch.zeros(layer_value.shape[1:], dtype=layer_value.dtype, device=layer_value.device)
+    try:
+        weights[index] = 1
+    except IndexError as error:
+        raise ValueError(f"neuron_selector: {selector!r} is out of range for layer shape {tuple(layer_value.shape[1:])}") from error
+    return weights.unsqueeze(0)
+
+
+class NeuronConductance:
+    """Input attribution through selected neurons (Dhamdhere et al. Eq. 2), many selections per call.
+
+    ``neuron_selector``: an index tuple; a tuple with slices (the selected neurons' conductances are
+    summed, so ``(c, slice(None), slice(None))`` is filter c); a callable on the layer output giving
+    one value per example (its gradient weights the units); or a list of these, in which case
+    ``attributions`` gets a leading dimension, one input map per selector. The forward pass is shared;
+    each selection costs one backward pass from the layer to the input.
+
+    With ``stieltjes_trapezoid`` (default), ``delta`` is sum over inputs minus the selection's layer
+    conductance (same nodes), per selector and example; None for Captum's methods and callables.
+    Note: for a slice selector Captum multiplies the summed gradient by the gradient of the summed
+    neurons, which is not the sum of the neurons' conductances; single neurons agree.
+    """
+
+    def __init__(self, model: nn.Module, layer: LayerSpec) -> None:
+        self.model = model
+        (self.layer, _), = resolve_layers(model, [layer])
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        neuron_selector: NeuronSelector | list[NeuronSelector],
+        target: TargetType = None,
+        baselines: Tensor | float | None = None,
+        n_steps: int = 50,
+        method: str = STIELTJES,
+        internal_batch_size: int | None = None,
+        attribute_to_neuron_input: bool = False,
+        additional_forward_args: Any = None,
+    ) -> Attribution:
+        inputs, baselines, target = prepare(self.model, inputs, baselines, target)
+        check_method(method)
+        selectors = neuron_selector if isinstance(neuron_selector, list) else [neuron_selector]
+        if not selectors:
+            raise ValueError("neuron_selector: the list is empty")
+        alphas, weights = weighted_rule(method, n_steps)
+        args = as_args(additional_forward_args)
+        outputs, baseline_outputs = endpoint_scores(self.model, inputs, baselines, target, args)
+        layer = self.layer
+
+        def differentiate(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+            value, interpolated = tensors[layer], tensors[INPUT]
+            grads = {layer: torch.zeros_like(value)}
+            grads.update({i: torch.zeros_like(interpolated) for i in range(len(selectors))})
+            if not (scores.requires_grad and value.requires_grad):
+                return grads
+            grads[layer], = torch.autograd.grad(scores.sum(), value, retain_graph=True)
+            for i, selector in enumerate(selectors):
+                outgoing = grads[layer] * _selector_weights(selector, value)
+                found, = torch.autograd.grad(value, interpolated, outgoing, retain_graph=i < len(selectors) - 1, allow_unused=True)
+                if found is not None:
+                    grads[i] = found
+            return grads
+
+        integral = WeightedSum(weights, inputs.shape[0])
+        layer_sum = StieltjesSum("trapezoid", alphas.shape[0], inputs.shape[0])
+        with closing(sweep(
+            self.model, inputs, baselines, alphas, target=target, layers=[layer],
+            attribute_to_layer_input=attribute_to_neuron_input, input_grad=True,
+            internal_batch_size=internal_batch_size, additional_forward_args=args, differentiate=differentiate,
+        )) as chunks:
+            for chunk in chunks:
+                integral.add(chunk, {i: chunk.grads[i] for i in range(len(selectors))})
+                if method == STIELTJES:
+                    layer_sum.add(chunk, [layer])
+        diff = inputs - baselines
+        maps = torch.stack([integral.total[i] * diff for i in range(len(selectors))])
+        delta = None
+        if method == STIELTJES and not any(callable(s) for s in selectors):
+            conductance = layer_sum.total[layer]
+            delta = torch.stack([
+                maps[i].reshape(maps.shape[1], -1).sum(1)
+                - (conductance * _selector_weights(s, conductance)).reshape(conductance.shape[0], -1).sum(1)
+                for i, s in enumerate(selectors)
+            ])
+        if not isinstance(neuron_selector, list):
+            maps, delta = maps[0], None if delta is None else delta[0]
+        return Attribution(
+            attributions=maps, delta=delta, outputs=outputs, baseline_outputs=baseline_outputs,
+            method=method, n_steps=n_steps, evaluations=alphas.shape[0],
+        )

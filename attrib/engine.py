@@ -1,0 +1,199 @@
+"""The path sweep shared by every path method.
+
+For inputs x (B, ...), baselines x' and nodes alpha_0..alpha_m, the interpolated batch has
+``(m+1)·B`` rows, step-major (row ``r`` is node ``r // B`` of example ``r % B``), and is evaluated in
+chunks of ``internal_batch_size`` rows. Per chunk: one forward pass with hooks capturing every
+requested layer, the target scores, and one backward pass giving dF/d(layer) for all layers (and
+dF/dx when asked) at once. Parameters never need gradients here, so the autograd graph starts at
+the lowest captured layer (or the input) and the part of the network below keeps nothing for
+backward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .hooks import LayerSpec, capture, frozen_parameters, resolve_layers
+from .targets import TargetType, normalize_target, target_scores
+
+INPUT = "<input>"
+
+
+@dataclass
+class Chunk:
+    """One evaluated chunk: rows ``start:stop`` of the step-major interpolated batch."""
+
+    start: int
+    stop: int
+    node: Tensor  # (rows,) node index of each row
+    example: Tensor  # (rows,) example index of each row
+    scores: Tensor  # (rows,) target scores, detached
+    values: dict[str, Tensor]  # captured layer tensors (and INPUT), detached
+    grads: dict[str, Tensor]  # dF/d(value), detached
+
+
+Differentiate = Callable[[Tensor, dict[str, Tensor]], dict[str, Tensor]]
+
+
+def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        if tensor.is_floating_point():
+            return tensor.device, tensor.dtype
+    return None, None
+
+
+def check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    stochastic = [
+        name for name, module in model.named_modules()
+        if module.training and isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+    ]
+    if stochastic:
+        raise ValueError(
+            f"model: {stochastic[0]!r} is in training mode, where rows of the interpolated batch would mix "
+            "(batch statistics) or be random (dropout); call model.eval() first"
+        )
+
+
+def check_inputs(model: nn.Module, inputs: Tensor) -> Tensor:
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+    if inputs.dim() == 0:
+        raise ValueError("inputs must have a batch dimension")
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be floating point to be interpolated, got {inputs.dtype}")
+    if not torch.isfinite(inputs).all():
+        raise ValueError("inputs contain NaN or infinite values")
+    device, dtype = model_device_dtype(model)
+    if device is not None and inputs.device != device:
+        raise ValueError(f"inputs are on {inputs.device} but the model is on {device}; move one of them")
+    if dtype is not None and inputs.dtype != dtype:
+        raise TypeError(f"inputs are {inputs.dtype} but the model's parameters are {dtype}")
+    return inputs.detach()
+
+
+def check_baselines(baselines: Tensor | float | int | None, inputs: Tensor) -> Tensor:
+    """``None`` (zeros), a number, a tensor shaped like ``inputs`` or like one example ``(1, ...)``."""
+    if baselines is None:
+        return torch.zeros_like(inputs)
+    if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
+        return torch.full_like(inputs, float(baselines))
+    if not isinstance(baselines, Tensor):
+        raise TypeError(f"baselines must be None, a number or a tensor, got {type(baselines).__name__}")
+    if baselines.shape != inputs.shape and baselines.shape != (1,) + inputs.shape[1:]:
+        raise ValueError(
+            f"baselines of shape {tuple(baselines.shape)} do not match inputs of shape {tuple(inputs.shape)}; "
+            f"give shape {tuple(inputs.shape)} or {(1,) + tuple(inputs.shape[1:])}"
+        )
+    if baselines.device != inputs.device:
+        raise ValueError(f"baselines are on {baselines.device} but inputs are on {inputs.device}")
+    if baselines.dtype != inputs.dtype:
+        raise TypeError(f"baselines are {baselines.dtype} but inputs are {inputs.dtype}")
+    if not torch.isfinite(baselines).all():
+        raise ValueError("baselines contain NaN or infinite values")
+    return baselines.detach().expand_as(inputs)
+
+
+def check_internal_batch_size(internal_batch_size: int | None, rows: int) -> int:
+    if internal_batch_size is None:
+        return rows
+    if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
+        raise TypeError(f"internal_batch_size must be an int or None, got {type(internal_batch_size).__name__}")
+    if internal_batch_size < 1:
+        raise ValueError(f"internal_batch_size must be at least 1, got {internal_batch_size}")
+    return internal_batch_size
+
+
+def expand_args(args: Sequence[Any], example: Tensor, n_examples: int) -> tuple:
+    """Repeat per-example tensors among ``additional_forward_args`` for each row; pass others as is."""
+    return tuple(
+        arg[example.to(arg.device)] if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_examples else arg
+        for arg in args
+    )
+
+
+def _gradients(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """dF/dt for every tensor at once (zeros where F does not depend on it)."""
+    names = [name for name, tensor in tensors.items() if tensor.requires_grad]
+    grads = {name: torch.zeros_like(tensor) for name, tensor in tensors.items()}
+    if names and scores.requires_grad:
+        found = torch.autograd.grad(scores.sum(), [tensors[n] for n in names], allow_unused=True)
+        grads.update({n: g for n, g in zip(names, found) if g is not None})
+    return grads
+
+
+def endpoint_scores(
+    model: nn.Module, inputs: Tensor, baselines: Tensor, target: TargetType, additional_forward_args: Sequence[Any] = ()
+) -> tuple[Tensor, Tensor]:
+    """F(x) and F(x') from one forward pass without a graph; also validates the target early."""
+    n = inputs.shape[0]
+    example = torch.arange(n, device=inputs.device).repeat(2)
+    with torch.no_grad():
+        output = model(torch.cat([inputs, baselines]), *expand_args(additional_forward_args, example, n))
+        scores = target_scores(output, target, example)
+    return scores[:n].detach(), scores[n:].detach()
+
+
+def sweep(
+    model: nn.Module,
+    inputs: Tensor,
+    baselines: Tensor,
+    alphas: Tensor,
+    *,
+    target: TargetType,
+    layers: Sequence[LayerSpec] = (),
+    attribute_to_layer_input: bool = False,
+    input_grad: bool = False,
+    internal_batch_size: int | None = None,
+    additional_forward_args: Sequence[Any] = (),
+    differentiate: Differentiate | None = None,
+) -> Iterator[Chunk]:
+    """Evaluate the path in chunks; yields a :class:`Chunk` per forward+backward pass.
+
+    ``differentiate(scores, tensors)`` replaces the default backward (dF/d every captured tensor);
+    ``tensors`` holds the captured layers and, when ``input_grad``, the interpolated input as INPUT.
+    """
+    n = inputs.shape[0]
+    rows = alphas.shape[0] * n
+    chunk_rows = check_internal_batch_size(internal_batch_size, rows)
+    names = [name for name, _ in resolve_layers(model, layers)] if layers else []
+    diff = inputs - baselines
+    alphas = alphas.to(device=inputs.device, dtype=inputs.dtype)
+    on = "input" if attribute_to_layer_input else "output"
+    with frozen_parameters(model), capture(model, names, on=on, leaf=True) as cap:
+        for start in range(0, rows, chunk_rows):
+            stop = min(start + chunk_rows, rows)
+            index = torch.arange(start, stop, device=inputs.device)
+            node, example = index // n, index % n
+            shape = (-1,) + (1,) * (inputs.dim() - 1)
+            with torch.enable_grad():
+                interpolated = baselines[example] + alphas[node].view(shape) * diff[example]
+                interpolated.requires_grad_(input_grad)
+                output = model(interpolated, *expand_args(additional_forward_args, example, n))
+                scores = target_scores(output, target, example)
+                tensors = {name: cap.captured[name] for name in names}
+                if input_grad:
+                    tensors[INPUT] = interpolated
+                grads = (differentiate or _gradients)(scores, tensors)
+            yield Chunk(
+                start, stop, node, example, scores.detach(),
+                {name: tensor.detach() for name, tensor in tensors.items()},
+                {name: grad.detach() for name, grad in grads.items()},
+            )
+
+
+def prepare(model: nn.Module, inputs: Tensor, baselines: Any, target: TargetType) -> tuple[Tensor, Tensor, TargetType]:
+    """Validate the common arguments of a path method."""
+    check_model(model)
+    inputs = check_inputs(model, inputs)
+    return inputs, check_baselines(baselines, inputs), normalize_target(target, inputs.shape[0])
+
+
+def as_args(additional_forward_args: Any) -> tuple:
+    if additional_forward_args is None:
+        return ()
+    return tuple(additional_forward_args) if isinstance(additional_forward_args, (tuple, list)) else (additional_forward_args,)

@@ -1,0 +1,204 @@
+"""Context-managed capture, replacement and masking of submodule outputs or inputs.
+
+Every hook lives inside a context manager and is removed in ``finally``; the model's parameters
+(identity and ``requires_grad``), buffers and ``training`` flags are restored on exit, also when
+the forward pass raises.
+
+    >>> with capture(model, ["features.3", "features.8"]) as cap:
+    ...     model(x)
+    >>> cap["features.8"].shape
+"""
+from __future__ import annotations
+
+import difflib
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+LayerSpec = Union[str, nn.Module]
+Edit = Callable[[Tensor], Tensor]
+
+
+class LayerReuseError(ValueError):
+    """A hooked module ran more than once in one forward pass, so 'its output' is ambiguous."""
+
+
+def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> list[tuple[str, nn.Module]]:
+    """Map layer names or module objects to ``(dotted name, module)`` pairs of ``model``.
+
+    An unknown name raises ``ValueError`` listing the closest names from ``model.named_modules()``.
+    """
+    if isinstance(layers, (str, nn.Module)):
+        layers = [layers]
+    if not isinstance(layers, Sequence):
+        raise TypeError("layers must be a layer name, a module, or a list of them")
+    by_name = dict(model.named_modules())
+    by_module = {id(module): name for name, module in reversed(list(model.named_modules()))}
+    resolved: list[tuple[str, nn.Module]] = []
+    for layer in layers:
+        if isinstance(layer, str):
+            if layer not in by_name or layer == "":
+                close = difflib.get_close_matches(layer, [n for n in by_name if n], n=5, cutoff=0.5)
+                hint = f"; closest names: {', '.join(close)}" if close else ""
+                raise ValueError(f"layers: {layer!r} is not a submodule of the model{hint}")
+            resolved.append((layer, by_name[layer]))
+        elif isinstance(layer, nn.Module):
+            if id(layer) not in by_module or by_module[id(layer)] == "":
+                raise ValueError(f"layers: the {type(layer).__name__} module given is not a submodule of the model")
+            resolved.append((by_module[id(layer)], layer))
+        else:
+            raise TypeError(f"layers: expected a name or an nn.Module, got {type(layer).__name__}")
+    names = [name for name, _ in resolved]
+    if len(set(names)) != len(names):
+        raise ValueError(f"layers: a layer is listed twice: {names}")
+    return resolved
+
+
+@contextmanager
+def preserved(model: nn.Module) -> Iterator[None]:
+    """Restore ``training``, parameter objects and ``requires_grad``, and buffer values on exit."""
+    training = [(module, module.training) for module in model.modules()]
+    params = [
+        (module, name, param, param.requires_grad)
+        for module in model.modules()
+        for name, param in module._parameters.items()
+        if param is not None
+    ]
+    buffers = [
+        (module, name, buffer, buffer._version, buffer.detach().clone())
+        for module in model.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
+    try:
+        yield
+    finally:
+        for module, flag in training:
+            module.training = flag
+        for module, name, param, requires_grad in params:
+            module._parameters[name] = param
+            param.requires_grad_(requires_grad)
+        for module, name, buffer, version, saved in buffers:
+            module._buffers[name] = buffer
+            if buffer._version != version:
+                with torch.no_grad():
+                    buffer.copy_(saved)
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Turn ``requires_grad`` off for every parameter (restored by :func:`preserved`).
+
+    The autograd graph then starts at the first tensor that needs a gradient (the input, or the
+    first captured layer), so the part of the network below it keeps no activations for backward.
+    """
+    with preserved(model):
+        for param in model.parameters():
+            param.requires_grad_(False)
+        yield
+
+
+class capture:
+    """Capture (and optionally edit) the output, or the input, of submodules during forward passes.
+
+    Args:
+        model: any ``nn.Module``.
+        layers: dotted names from ``model.named_modules()`` or module objects.
+        on: ``"output"`` or ``"input"`` (the module's first positional argument).
+        edit: ``{name: f}``; ``f(tensor)`` replaces what flows on from that layer (see :func:`mask`).
+        leaf: make each captured tensor that does not already need a gradient a leaf that does, so
+            gradients with respect to it can be taken even when nothing below needs one.
+
+    ``cap[name]`` is the tensor seen in the latest forward pass. What flows on is a clone, so an
+    in-place operation downstream (``ReLU(inplace=True)``) cannot alter the captured tensor. A module
+    that runs twice in one forward pass raises :class:`LayerReuseError`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: LayerSpec | Sequence[LayerSpec],
+        *,
+        on: str = "output",
+        edit: Mapping[str, Edit] | None = None,
+        leaf: bool = False,
+    ) -> None:
+        if on not in ("output", "input"):
+            raise ValueError(f"on must be 'output' or 'input', got {on!r}")
+        self.model = model
+        self.layers = resolve_layers(model, layers)
+        self.on = on
+        self.edit = dict(edit or {})
+        unknown = set(self.edit) - {name for name, _ in self.layers}
+        if unknown:
+            raise ValueError(f"edit: {sorted(unknown)} are not among the captured layers")
+        self.leaf = leaf
+        self.captured: dict[str, Tensor] = {}
+        self._calls: dict[str, int] = {}
+        self._handles: list = []
+        self._guard = None
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self.captured[name]
+
+    def _take(self, name: str, tensor: object) -> Tensor:
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"layer {name!r} {self.on} is a {type(tensor).__name__}, not a tensor")
+        self._calls[name] = self._calls.get(name, 0) + 1
+        if self._calls[name] > 1:
+            raise LayerReuseError(
+                f"layers: module {name!r} runs {self._calls[name]} times in one forward pass (it is reused), "
+                "so its output is ambiguous; choose a module that runs once per forward pass"
+            )
+        if self.leaf and not tensor.requires_grad and torch.is_grad_enabled():
+            tensor = tensor.detach().requires_grad_(True)
+        self.captured[name] = tensor
+        flowing = self.edit[name](tensor) if name in self.edit else tensor
+        return flowing.clone() if flowing is tensor else flowing
+
+    def _output_hook(self, name: str):
+        def hook(module, args, output):
+            return self._take(name, output)
+        return hook
+
+    def _input_hook(self, name: str):
+        def hook(module, args):
+            if len(args) == 0:
+                raise TypeError(f"layer {name!r} was called without a positional input to capture")
+            return (self._take(name, args[0]),) + tuple(args[1:])
+        return hook
+
+    def _reset(self, module, args) -> None:
+        self._calls.clear()
+
+    def __enter__(self) -> "capture":
+        self._guard = preserved(self.model)
+        self._guard.__enter__()
+        try:
+            self._handles.append(self.model.register_forward_pre_hook(self._reset))
+            for name, module in self.layers:
+                if self.on == "output":
+                    self._handles.append(module.register_forward_hook(self._output_hook(name)))
+                else:
+                    self._handles.append(module.register_forward_pre_hook(self._input_hook(name)))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+        finally:
+            guard, self._guard = self._guard, None
+            if guard is not None:
+                guard.__exit__(None, None, None)
+
+
+def mask(weights: Tensor) -> Edit:
+    """An ``edit`` that multiplies what flows on from a layer by ``weights`` (broadcast per example)."""
+    return lambda tensor: tensor * weights

@@ -1,0 +1,68 @@
+"""The result every method returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import torch
+from torch import Tensor
+
+Attributions = Union[Tensor, dict[str, Tensor]]
+
+
+@dataclass
+class Attribution:
+    """Attributions with what is needed to check them.
+
+    ``attributions`` is a tensor (input methods) or a dict keyed by layer name (layer methods).
+    ``delta`` is the signed completeness error ``attributions.sum() - (outputs - baseline_outputs)``
+    per example, (B,) — a dict per layer for layer methods — or ``None`` where no axiom applies.
+    ``evaluations`` counts model evaluations per example (interpolation nodes). ``info`` holds
+    method-specific extras (e.g. ``step_residuals``: per layer, (n_steps, B) — each step's
+    Stieltjes sum minus the score change over that step).
+    """
+
+    attributions: Attributions
+    delta: Union[Tensor, dict[str, Tensor], None] = None
+    outputs: Tensor | None = None
+    baseline_outputs: Tensor | None = None
+    method: str | None = None
+    n_steps: int | None = None
+    evaluations: int | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, layer: str) -> Tensor:
+        if not isinstance(self.attributions, dict):
+            raise TypeError("this result holds one tensor; index it only for layer methods")
+        return self.attributions[layer]
+
+    def filter_scores(self, layer: str | None = None, reduce: str = "sum") -> Tensor:
+        """Per-filter scores (B, C) of a layer's map; see :func:`attrib.filter_scores`."""
+        if isinstance(self.attributions, dict):
+            if layer is None:
+                if len(self.attributions) != 1:
+                    raise ValueError(f"layer: name one of {list(self.attributions)}")
+                layer = next(iter(self.attributions))
+            return filter_scores(self[layer], reduce)
+        return filter_scores(self.attributions, reduce)
+
+
+def filter_scores(attributions: Tensor, reduce: str = "sum") -> Tensor:
+    """Aggregate a (B, C, ...) map per channel: ``"sum"`` (Dhamdhere et al. Eq. 3 summed over the
+    filter's neurons) or ``"max"`` (the neuron-selection paper's max over H x W)."""
+    if attributions.dim() < 2:
+        raise ValueError(f"attributions: need (B, C, ...) to score filters, got shape {tuple(attributions.shape)}")
+    flat = attributions.reshape(attributions.shape[0], attributions.shape[1], -1)
+    if reduce == "sum":
+        return flat.sum(-1)
+    if reduce == "max":
+        return flat.amax(-1)
+    raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+
+
+def top_filters(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k largest scores and their channel indices, per example: ((B, k), (B, k)) or ((k,), (k,))."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= scores.shape[-1]:
+        raise ValueError(f"k must be an int in [1, {scores.shape[-1]}], got {k!r}")
+    values, indices = torch.topk(scores, k, dim=-1)
+    return values, indices

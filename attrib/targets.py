@@ -1,0 +1,92 @@
+"""Targets: which scalar of the model output is explained, one per example.
+
+``target`` may be
+- ``None`` when the model returns one score per example;
+- an ``int`` (a column of a ``(B, C)`` output) or a ``tuple`` of ints (an index into the non-batch
+  dimensions, e.g. ``(class, row, col)`` of a segmentation map);
+- a ``list`` with one int/tuple per example, or a 1-D integer tensor of length B;
+- a callable mapping the model output to one score per example (custom heads, summed segmentation
+  scores); it also accepts outputs that are not tensors (dicts, tuples).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+TargetType = Union[None, int, tuple, Sequence[Union[int, tuple]], Tensor, Callable[[Any], Tensor]]
+
+
+def _index(target: object, shape: torch.Size) -> tuple:
+    """Check one index (int or tuple) against the non-batch shape; return it as a tuple."""
+    index = (target,) if isinstance(target, int) else target
+    if not isinstance(index, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in index):
+        raise TypeError(f"target: expected an int or a tuple of ints, got {target!r}")
+    if len(index) != len(shape):
+        raise ValueError(
+            f"target: {target!r} indexes {len(index)} dimension(s) but the model output has "
+            f"{len(shape)} per example (shape {tuple(shape)})"
+        )
+    for i, size in zip(index, shape):
+        if not -size <= i < size:
+            raise ValueError(f"target: {target!r} is out of range for model output of shape {tuple(shape)} per example")
+    return tuple(i % size for i, size in zip(index, shape))
+
+
+def normalize_target(target: TargetType, n_examples: int) -> TargetType:
+    """Turn a per-example tensor target into a list and check per-example lengths; ints pass."""
+    if isinstance(target, Tensor):
+        if target.dtype.is_floating_point or target.dtype == torch.bool:
+            raise TypeError(f"target: an integer tensor is needed, got dtype {target.dtype}")
+        if target.dim() == 0:
+            return int(target)
+        if target.dim() != 1 or target.shape[0] != n_examples:
+            raise ValueError(f"target: a tensor target needs shape ({n_examples},), got {tuple(target.shape)}")
+        return [int(t) for t in target.tolist()]
+    if isinstance(target, list):
+        if len(target) != n_examples:
+            raise ValueError(f"target: {len(target)} targets given for {n_examples} examples")
+    elif target is not None and not isinstance(target, (int, tuple)) and not callable(target):
+        raise TypeError(f"target: unsupported type {type(target).__name__}")
+    if isinstance(target, bool):
+        raise TypeError("target: a bool is not a class index")
+    return target
+
+
+def target_scores(output: object, target: TargetType, example: Tensor) -> Tensor:
+    """Scores ``(rows,)`` of an output for ``rows`` interpolated rows; ``example[r]`` is row r's example."""
+    rows = example.shape[0]
+    if callable(target):
+        scores = target(output)
+        if not isinstance(scores, Tensor) or scores.shape != (rows,):
+            got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
+            raise ValueError(f"target: the callable must return one score per example, shape ({rows},); got {got}")
+        return scores
+    if not isinstance(output, Tensor):
+        raise TypeError(
+            f"model output is a {type(output).__name__}, not a tensor; pass a callable target that maps it "
+            "to one score per example"
+        )
+    if output.dim() == 0 or output.shape[0] != rows:
+        raise ValueError(f"model output has shape {tuple(output.shape)}; expected {rows} rows (one per input row)")
+    per_example = output.shape[1:]
+    if target is None:
+        if per_example.numel() != 1:
+            raise ValueError(
+                f"target is required: the model returns {per_example.numel()} scores per example "
+                f"(output shape {tuple(output.shape)})"
+            )
+        return output.reshape(rows)
+    flat = output.reshape(rows, -1)
+    strides = torch.tensor(
+        [int(torch.tensor(per_example[d + 1:]).prod()) for d in range(len(per_example))], dtype=torch.long
+    )
+    if isinstance(target, list):
+        columns = torch.tensor(
+            [sum(i * s for i, s in zip(_index(t, per_example), strides.tolist())) for t in target],
+            dtype=torch.long, device=output.device,
+        )
+        return flat.gather(1, columns[example.to(output.device)].unsqueeze(1)).squeeze(1)
+    column = sum(i * s for i, s in zip(_index(target, per_example), strides.tolist()))
+    return flat[:, column]

@@ -1,0 +1,1 @@
+"""Critical-neuron path graphs (networkx), built on attrib."""
