@@ -66,13 +66,13 @@ def check_inputs(model: nn.Module, inputs: Tensor) -> Tensor:
         raise ValueError("inputs must have a batch dimension")
     if not inputs.is_floating_point():
         raise TypeError(f"inputs must be floating point to be interpolated, got {inputs.dtype}")
-    if not torch.isfinite(inputs).all():
-        raise ValueError("inputs contain NaN or infinite values")
     device, dtype = model_device_dtype(model)
     if device is not None and inputs.device != device:
         raise ValueError(f"inputs are on {inputs.device} but the model is on {device}; move one of them")
     if dtype is not None and inputs.dtype != dtype:
         raise TypeError(f"inputs are {inputs.dtype} but the model's parameters are {dtype}")
+    if not torch.isfinite(inputs).all():
+        raise ValueError("inputs contain NaN or infinite values")
     return inputs.detach()
 
 

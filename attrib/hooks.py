@@ -67,7 +67,7 @@ def preserved(model: nn.Module) -> Iterator[None]:
         if param is not None
     ]
     buffers = [
-        (module, name, buffer, buffer._version, buffer.detach().clone())
+        (module, name, buffer, buffer.detach().clone())
         for module in model.modules()
         for name, buffer in module._buffers.items()
         if buffer is not None
@@ -80,9 +80,9 @@ def preserved(model: nn.Module) -> Iterator[None]:
         for module, name, param, requires_grad in params:
             module._parameters[name] = param
             param.requires_grad_(requires_grad)
-        for module, name, buffer, version, saved in buffers:
+        for module, name, buffer, saved in buffers:
             module._buffers[name] = buffer
-            if buffer._version != version:
+            if not torch.equal(buffer, saved):  # kernels such as batch_norm update stats without a version bump
                 with torch.no_grad():
                     buffer.copy_(saved)
 

@@ -55,7 +55,8 @@ class StieltjesSum:
         B = self.n_examples
         carried = 0 if self._carry_scores is None else self._carry_scores.shape[0]
         base = chunk.start - carried  # global row of the first extended row
-        current = torch.arange(max(chunk.start, B), chunk.stop, device=chunk.scores.device) - base
+        first = min(max(chunk.start, B), chunk.stop)  # rows of node 0 have no predecessor
+        current = torch.arange(first, chunk.stop, device=chunk.scores.device) - base
         previous = current - B
         example = (current + base) % B
         step = (current + base) // B - 1
@@ -76,7 +77,7 @@ class StieltjesSum:
                 self.step_sums[name] = y.new_zeros((self.n_steps, B))
             terms = step_terms(self.form, g[previous], g[current], y[previous], y[current])
             self.total[name].index_add_(0, example, terms)
-            self.step_sums[name][step, example] = terms.reshape(terms.shape[0], -1).sum(1)
+            self.step_sums[name][step, example] = terms.flatten(1).sum(1)
             self._carry[name] = (y[-B:], g[-B:])
 
     def residuals(self) -> dict[str, Tensor]:
