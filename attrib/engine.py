@@ -179,11 +179,15 @@ def sweep(
                 if input_grad:
                     tensors[INPUT] = interpolated
                 grads = (differentiate or _gradients)(scores, tensors)
-            yield Chunk(
+            chunk = Chunk(
                 start, stop, node, example, scores.detach(),
                 {name: tensor.detach() for name, tensor in tensors.items()},
                 {name: grad.detach() for name, grad in grads.items()},
             )
+            del interpolated, output, scores, tensors, grads  # nothing of this chunk's graph outlives it
+            cap.captured.clear()
+            yield chunk
+            del chunk
 
 
 def prepare(model: nn.Module, inputs: Tensor, baselines: Any, target: TargetType) -> tuple[Tensor, Tensor, TargetType]:

@@ -1,0 +1,476 @@
+"""Conductance and integrated gradients: attrib vs Captum, side by side in one run.
+
+Random-init VGG16, 1x3x224x224, n_steps=50, threads fixed, one warm-up, median of >= 3 runs.
+Peak memory: each case in a fresh subprocess, peak RSS (ru_maxrss) minus RSS after the model is built.
+Writes benchmarks/results/conductance.json (updated after every section) and conductance.md.
+
+    python benchmarks/conductance.py [--sections all|layers,one_layer,...] [--repeats 3] [--device cpu]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+
+import attrib
+
+warnings.filterwarnings("ignore", module="captum")
+RESULTS = Path(__file__).resolve().parent / "results"
+N_STEPS = 50
+TARGET = 3
+SECTIONS = ["layers", "one_layer", "neuron", "ig", "accuracy", "memory", "refine"]
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def vgg16(bias: str = "zero", device: str = "cpu") -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.vgg16(weights=None).eval()
+    if bias == "random":
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for module in model.modules():
+                if getattr(module, "bias", None) is not None:
+                    module.bias.copy_(0.05 * torch.randn(module.bias.shape, generator=generator))
+    return model.to(device)
+
+
+SIZE = 224  # --size overrides it for a quick smoke run of the script
+
+
+def image(size: int | None = None, device: str = "cpu") -> torch.Tensor:
+    size = size or SIZE
+    return torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(2)).to(device)
+
+
+def convs(model) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, repeats: int, device: str, warmup: bool = True):
+    """(median seconds, all times, last result) after one warm-up call."""
+    if warmup:
+        fn()
+    times, result = [], None
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        result = fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, result
+
+
+def captum_layer(model, name, x, method, n_steps=N_STEPS, **kw):
+    from captum.attr import LayerConductance as CaptumLayerConductance
+
+    return CaptumLayerConductance(model, dict(model.named_modules())[name]).attribute(
+        x, target=TARGET, n_steps=n_steps, method=method, **kw
+    )
+
+
+def total(t):
+    return float(t.double().sum())
+
+
+# ----------------------------------------------------------------------------------------- sections
+
+def section_layers(repeats, device):
+    """All 13 conv layers: one attrib call vs Captum looped over the layers; numbers and completeness."""
+    model, x = vgg16(device=device), image(device=device)
+    layers = convs(model)
+    with torch.no_grad():
+        change = float(model(x)[0, TARGET] - model(torch.zeros_like(x))[0, TARGET])
+    ours_t, ours_all, ours = timed(lambda: attrib.LayerConductance(model, layers).attribute(
+        x, target=TARGET, n_steps=N_STEPS, method="riemann_trapezoid"), repeats, device)
+    default_t, default_all, default = timed(lambda: attrib.LayerConductance(model, layers).attribute(
+        x, target=TARGET, n_steps=N_STEPS), repeats, device, warmup=False)
+    captum_t, captum_all, theirs = timed(lambda: {n: captum_layer(model, n, x, "riemann_trapezoid") for n in layers},
+                                         repeats, device, warmup=False)
+    per_layer = []
+    for name in layers:
+        diff = float((ours[name] - theirs[name].detach()).abs().max())
+        per_layer.append({
+            "layer": name,
+            "captum_delta": total(theirs[name]) - change,
+            "attrib_riemann_trapezoid_delta": float(ours.delta[name]),
+            "attrib_stieltjes_trapezoid_delta": float(default.delta[name]),
+            "max_abs_diff_vs_captum": diff,
+            "max_rel_diff_vs_captum": diff / float(theirs[name].abs().max()),
+        })
+    return {
+        "score_change": change,
+        "attrib_seconds": ours_t, "attrib_runs": ours_all,
+        "attrib_stieltjes_seconds": default_t, "attrib_stieltjes_runs": default_all,
+        "captum_seconds": captum_t, "captum_runs": captum_all,
+        "speedup": captum_t / ours_t, "target_speedup": 8.0,
+        "per_layer": per_layer,
+    }
+
+
+def section_one_layer(repeats, device):
+    model, x = vgg16(device=device), image(device=device)
+    ours_t, ours_all, ours = timed(lambda: attrib.LayerConductance(model, "features.28").attribute(
+        x, target=TARGET, n_steps=N_STEPS, method="riemann_trapezoid"), repeats, device)
+    captum_t, captum_all, theirs = timed(lambda: captum_layer(model, "features.28", x, "riemann_trapezoid"), repeats, device)
+    memory = {case: measure_memory(case, device) for case in ["attrib_one_layer", "captum_one_layer"]}
+    return {
+        "attrib_seconds": ours_t, "attrib_runs": ours_all, "captum_seconds": captum_t, "captum_runs": captum_all,
+        "time_ratio": ours_t / captum_t,
+        "max_rel_diff_vs_captum": float((ours["features.28"] - theirs.detach()).abs().max() / theirs.detach().abs().max()),
+        "peak_mb": memory, "memory_ratio": memory["attrib_one_layer"] / memory["captum_one_layer"],
+    }
+
+
+def neuron_limit(model, layer, x, filters, method):
+    """The floor: one batched forward with a graph to the input, one backward to the layer,
+    one backward from the layer to the input per filter."""
+    alphas, weights = attrib.paths.weighted_rule(method, N_STEPS)
+    module = dict(model.named_modules())[layer]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        batch = (alphas.to(x.dtype).view(-1, 1, 1, 1) * x).requires_grad_(True)
+        seen = {}
+        handle = module.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out) or out.clone())
+        out = model(batch)
+        handle.remove()
+        y = seen["y"]
+        grad_y, = torch.autograd.grad(out[:, TARGET].sum(), y, retain_graph=True)
+        maps = []
+        for i, c in enumerate(filters):
+            masked = torch.zeros_like(grad_y)
+            masked[:, c] = grad_y[:, c]
+            g, = torch.autograd.grad(y, batch, masked, retain_graph=i < len(filters) - 1)
+            maps.append((g * weights.to(g.dtype).view(-1, 1, 1, 1)).sum(0) * x[0])
+        return torch.stack(maps)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+
+def section_neuron(repeats, device):
+    from captum.attr import NeuronConductance as CaptumNeuronConductance
+
+    model, x = vgg16(device=device), image(device=device)
+    out = {}
+    for layer in ["features.28", "features.10"]:
+        scores = attrib.LayerConductance(model, layer).attribute(x, target=TARGET, n_steps=N_STEPS).filter_scores(layer, "max")
+        filters = attrib.top_filters(scores[0], 10)[1].tolist()
+        selectors = [(c, slice(None), slice(None)) for c in filters]
+        method = "riemann_trapezoid"
+        ours_t, ours_all, ours = timed(lambda: attrib.NeuronConductance(model, layer).attribute(
+            x, selectors, target=TARGET, n_steps=N_STEPS, method=method), repeats, device)
+        limit_t, limit_all, limit = timed(lambda: neuron_limit(model, layer, x, filters, method), repeats, device)
+        # Captum: one call per filter; the ten calls are the repeated measurements of one call
+        module = dict(model.named_modules())[layer]
+        captum_calls = []
+        for selector in [selectors[0]] + selectors:  # the first is a warm-up
+            sync(device)
+            start = time.perf_counter()
+            CaptumNeuronConductance(model, module).attribute(x, selector, target=TARGET, n_steps=N_STEPS, method=method)
+            sync(device)
+            captum_calls.append(time.perf_counter() - start)
+        captum_calls = captum_calls[1:]
+        out.setdefault("layers", {})[layer] = {
+            "filters": filters,
+            "attrib_seconds": ours_t, "attrib_runs": ours_all,
+            "limit_seconds": limit_t, "limit_runs": limit_all, "ratio_to_limit": ours_t / limit_t, "target_ratio": 1.2,
+            "captum_10_calls_seconds": sum(captum_calls), "captum_call_seconds": captum_calls,
+            "speedup_vs_captum": sum(captum_calls) / ours_t,
+            "max_rel_diff_vs_limit": float((ours.attributions[:, 0] - limit).abs().max() / limit.abs().max()),
+        }
+    return out
+
+
+def section_ig(repeats, device):
+    from captum.attr import IntegratedGradients as CaptumIG
+
+    model, x = vgg16(device=device), image(device=device)
+    method = "gausslegendre"
+    alphas, _ = attrib.paths.weighted_rule(method, N_STEPS)
+
+    def limit():
+        for p in model.parameters():
+            p.requires_grad_(False)
+        try:
+            batch = (alphas.to(x.dtype).view(-1, 1, 1, 1) * x).requires_grad_(True)
+            return torch.autograd.grad(model(batch)[:, TARGET].sum(), batch)[0]
+        finally:
+            for p in model.parameters():
+                p.requires_grad_(True)
+
+    ours_t, ours_all, ours = timed(lambda: attrib.IntegratedGradients(model).attribute(
+        x, target=TARGET, n_steps=N_STEPS, method=method), repeats, device)
+    limit_t, limit_all, _ = timed(limit, repeats, device)
+    captum_t, captum_all, theirs = timed(lambda: CaptumIG(model).attribute(
+        x, target=TARGET, n_steps=N_STEPS, method=method), repeats, device)
+    return {
+        "attrib_seconds": ours_t, "attrib_runs": ours_all, "limit_seconds": limit_t, "limit_runs": limit_all,
+        "captum_seconds": captum_t, "captum_runs": captum_all,
+        "ratio_to_limit": ours_t / limit_t, "target_ratio_to_limit": 1.10, "ratio_to_captum": ours_t / captum_t,
+        "attrib_delta": float(ours.delta[0]),
+        "max_rel_diff_vs_captum": float((ours.attributions - theirs.detach()).abs().max() / theirs.detach().abs().max()),
+    }
+
+
+def section_accuracy(repeats, device):
+    """(a) bias-free VGG16: stieltjes_trapezoid exact, Captum's left form misses a fixed share;
+    (b) random biases: our completeness error vs Captum's riemann_trapezoid (attrib's riemann_trapezoid
+    mode reproduces Captum's numbers; checked in the 'layers' section)."""
+    out = {}
+    for bias in ["zero", "random"]:
+        model, x = vgg16(bias, device), image(device=device)
+        layers = convs(model)
+        ours = attrib.LayerConductance(model, layers).attribute(x, target=TARGET, n_steps=N_STEPS)
+        left = attrib.LayerConductance(model, layers).attribute(x, target=TARGET, n_steps=N_STEPS, method="riemann_trapezoid")
+        rows = [{"layer": n, "stieltjes_trapezoid_delta": float(ours.delta[n]), "captum_riemann_trapezoid_delta": float(left.delta[n])}
+                for n in layers]
+        ratios = [abs(r["stieltjes_trapezoid_delta"]) / abs(r["captum_riemann_trapezoid_delta"]) for r in rows]
+        out[bias] = {
+            "score_change": float(ours.outputs - ours.baseline_outputs), "per_layer": rows,
+            "max_ratio": max(ratios), "median_ratio": statistics.median(ratios),
+            "mean_abs_stieltjes": statistics.mean(abs(r["stieltjes_trapezoid_delta"]) for r in rows),
+            "mean_abs_captum": statistics.mean(abs(r["captum_riemann_trapezoid_delta"]) for r in rows),
+        }
+    return out
+
+
+def section_memory(repeats, device):
+    """Peak memory with internal_batch_size=32: n_steps=1000 vs 50 (VGG16 at 64 px to keep the
+    1000-step run short; the chunk, not the resolution, is what bounds memory)."""
+    return {case: measure_memory(case, device) for case in ["attrib_steps50", "attrib_steps1000", "captum_steps50", "captum_steps1000"]}
+
+
+def section_refine(repeats, device):
+    """Evaluations to reach a tolerance: bisect the worst steps vs uniform doubling (VGG16 with random
+    biases at 64 px, all 13 conv layers; the refinement keeps every node's activations)."""
+    model, x = vgg16("random", device), image(64, device)
+    layers = convs(model)
+    run = attrib.LayerConductance(model, layers)
+    out = {}
+    change = None
+    for tolerance_share in [1e-3, 1e-4]:
+        if change is None:
+            change = abs(float(run.attribute(x, target=TARGET, n_steps=1).outputs - run.attribute(x, target=TARGET, n_steps=1).baseline_outputs))
+        tolerance = tolerance_share * change
+        entry = {"tolerance": tolerance, "tolerance_share_of_score_change": tolerance_share}
+        for refine in ["bisect", "double"]:
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = run.attribute(x, target=TARGET, n_steps=8, tolerance=tolerance, refine=refine, max_steps=2048)
+            entry[refine] = {
+                "evaluations": res.evaluations, "converged": res.info["converged"], "seconds": time.perf_counter() - start,
+                "worst_abs_delta": max(float(d.abs().max()) for d in res.delta.values()),
+            }
+        out[str(tolerance_share)] = entry
+    return out
+
+
+# ------------------------------------------------------------------------------------ memory cases
+
+def memory_case(case: str, device: str) -> None:
+    """Run one case in this (fresh) process and print its peak memory in MB above the post-setup level."""
+    size = SIZE if "one_layer" in case else 64
+    model, x = vgg16(device=device), image(size, device)
+    steps = 1000 if case.endswith("steps1000") else N_STEPS
+    chunk = None if "one_layer" in case else 32
+    layer = "features.28"
+
+    def run(n_steps):
+        if case.startswith("attrib"):
+            attrib.LayerConductance(model, layer).attribute(x, target=TARGET, n_steps=n_steps, method="riemann_trapezoid",
+                                                            internal_batch_size=chunk)
+        else:
+            captum_layer(model, layer, x, "riemann_trapezoid", n_steps=n_steps, internal_batch_size=chunk)
+
+    # warm-up with one chunk of the same shape: torch/oneDNN keep ~20 MB of caches after a first pass,
+    # whatever n_steps is; the peak measured is the steady state
+    run(31 if chunk else 1)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+        before = rss_mb()
+    run(steps)
+    if device.startswith("cuda"):
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    else:
+        peak = peak_rss_mb() - before
+    print(json.dumps({"peak_mb": peak}))
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def measure_memory(case: str, device: str) -> float:
+    # Every allocation above 64 KiB gets its own mapping, returned to the OS when freed, so RSS follows
+    # live tensors instead of what glibc's heap keeps after fragmentation (same for attrib and Captum).
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run([sys.executable, __file__, "--memory-case", case, "--device", device, "--size", str(SIZE)],
+                          capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+# ------------------------------------------------------------------------------------------- report
+
+def write_markdown(results: dict, path: Path) -> None:
+    m = results["machine"]
+    lines = [
+        f"# Conductance benchmark ({m['device']})",
+        "",
+        f"Random-init VGG16, 1×3×{m['size']}×{m['size']}, n_steps={N_STEPS}, target {TARGET}; {m['cpu']}, {m['threads']} threads, "
+        f"torch {m['torch']}, captum {m['captum']}; median of {m['repeats']} runs after a warm-up. "
+        "Generated by `benchmarks/conductance.py`.",
+        "",
+        "| measurement | attrib | Captum / limit | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def row(name, ours, other, ratio, target, met):
+        lines.append(f"| {name} | {ours} | {other} | {ratio} | {target} | {'yes' if met else '**no**'} |")
+
+    r = results.get("layers")
+    if r:
+        row("13 conv layers: one attrib call vs Captum looped (riemann_trapezoid)", f"{r['attrib_seconds']:.1f} s",
+            f"{r['captum_seconds']:.1f} s", f"{r['speedup']:.1f}× faster", "≥ 8×", r["speedup"] >= 8)
+        worst = max(p["max_rel_diff_vs_captum"] for p in r["per_layer"])
+        lines.append(f"| same numbers as Captum (largest relative difference over 13 layers) | | | {worst:.1e} | float32 | |")
+        lines.append(f"| 13 layers, attrib's default stieltjes_trapezoid | {r['attrib_stieltjes_seconds']:.1f} s | | | | |")
+    r = results.get("one_layer")
+    if r:
+        row("one layer (features.28): time", f"{r['attrib_seconds']:.1f} s", f"{r['captum_seconds']:.1f} s",
+            f"{r['time_ratio']:.2f}", "≤ 1", r["time_ratio"] <= 1)
+        row("one layer (features.28): peak memory", f"{r['peak_mb']['attrib_one_layer']:.0f} MB",
+            f"{r['peak_mb']['captum_one_layer']:.0f} MB", f"{r['memory_ratio']:.2f}", "≤ 0.5", r["memory_ratio"] <= 0.5)
+    r = results.get("neuron")
+    if r:
+        for layer, e in r["layers"].items():
+            row(f"NeuronConductance, top-10 filters of {layer}: vs its limit", f"{e['attrib_seconds']:.1f} s",
+                f"{e['limit_seconds']:.1f} s (limit)", f"{e['ratio_to_limit']:.2f}", "≤ 1.2", e["ratio_to_limit"] <= 1.2)
+            row(f"NeuronConductance, top-10 filters of {layer}: vs 10 Captum calls", f"{e['attrib_seconds']:.1f} s",
+                f"{e['captum_10_calls_seconds']:.1f} s", f"{e['speedup_vs_captum']:.1f}× faster", "> 1×", e["speedup_vs_captum"] > 1)
+    r = results.get("ig")
+    if r:
+        row("IntegratedGradients vs n_steps forward+backward (limit)", f"{r['attrib_seconds']:.1f} s",
+            f"{r['limit_seconds']:.1f} s (limit)", f"{r['ratio_to_limit']:.3f}", "≤ 1.10", r["ratio_to_limit"] <= 1.10)
+        row("IntegratedGradients vs Captum", f"{r['attrib_seconds']:.1f} s", f"{r['captum_seconds']:.1f} s",
+            f"{r['ratio_to_captum']:.3f}", "≤ 1", r["ratio_to_captum"] <= 1)
+    r = results.get("memory")
+    if r:
+        row("peak memory, internal_batch_size=32: n_steps=1000 vs 50 (64 px)", f"{r['attrib_steps1000']:.0f} MB vs {r['attrib_steps50']:.0f} MB",
+            f"Captum: {r['captum_steps1000']:.0f} MB vs {r['captum_steps50']:.0f} MB", f"{r['attrib_steps1000'] / r['attrib_steps50']:.2f}",
+            "≤ 1 + margin", r["attrib_steps1000"] <= 1.1 * r["attrib_steps50"] + 20)
+    r = results.get("accuracy")
+    if r:
+        z, b = r["zero"], r["random"]
+        row("bias-free VGG16: worst |delta| / |F(x)−F(x')|, stieltjes_trapezoid vs Captum's riemann_trapezoid",
+            f"{max(abs(p['stieltjes_trapezoid_delta']) for p in z['per_layer']) / abs(z['score_change']):.1e}",
+            f"{max(abs(p['captum_riemann_trapezoid_delta']) for p in z['per_layer']) / abs(z['score_change']):.1e}",
+            "", "exact (float32)", max(abs(p['stieltjes_trapezoid_delta']) for p in z['per_layer']) <= 1e-5 * abs(z['score_change']))
+        row("VGG16 with random biases: |delta| ours / Captum's, worst layer (median)", f"{b['mean_abs_stieltjes']:.2e} mean",
+            f"{b['mean_abs_captum']:.2e} mean", f"{b['max_ratio']:.2f} ({b['median_ratio']:.2f})", "≤ 0.5", b["max_ratio"] <= 0.5)
+    r = results.get("refine")
+    if r:
+        for share, e in r.items():
+            row(f"refinement to |delta| ≤ {share}·|F(x)−F(x')| (64 px, 13 layers): evaluations, bisect vs double",
+                f"{e['bisect']['evaluations']}{'' if e['bisect']['converged'] else ' (not converged)'}",
+                f"{e['double']['evaluations']}{'' if e['double']['converged'] else ' (not converged)'}",
+                f"{e['bisect']['evaluations'] / e['double']['evaluations']:.2f}", "fewer", e["bisect"]["evaluations"] < e["double"]["evaluations"])
+    for key in ["layers", "accuracy"]:
+        r = results.get(key)
+        if not r:
+            continue
+        if key == "layers":
+            lines += ["", f"## Completeness per layer, bias-free VGG16 (F(x) − F(x') = {r['score_change']:.6f})", "",
+                      "| layer | Captum delta | attrib delta (riemann_trapezoid) | attrib delta (stieltjes_trapezoid) | max rel. diff vs Captum |",
+                      "|---|---|---|---|---|"]
+            for p in r["per_layer"]:
+                lines.append(f"| {p['layer']} | {p['captum_delta']:.3e} | {p['attrib_riemann_trapezoid_delta']:.3e} | "
+                             f"{p['attrib_stieltjes_trapezoid_delta']:.3e} | {p['max_rel_diff_vs_captum']:.1e} |")
+        else:
+            b = r["random"]
+            lines += ["", f"## Completeness per layer, VGG16 with random biases (F(x) − F(x') = {b['score_change']:.6f})", "",
+                      "| layer | Captum's riemann_trapezoid delta | stieltjes_trapezoid delta | ratio |", "|---|---|---|---|"]
+            for p in b["per_layer"]:
+                lines.append(f"| {p['layer']} | {p['captum_riemann_trapezoid_delta']:.3e} | {p['stieltjes_trapezoid_delta']:.3e} | "
+                             f"{abs(p['stieltjes_trapezoid_delta']) / abs(p['captum_riemann_trapezoid_delta']):.2f} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--sections", default="all")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--memory-case")
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--size", type=int, default=224)
+    args = parser.parse_args()
+    global SIZE
+    SIZE = args.size
+    torch.set_num_threads(args.threads)
+    if args.memory_case:
+        memory_case(args.memory_case, args.device)
+        return
+    import captum
+
+    stem = "conductance" if args.device == "cpu" else f"conductance_{args.device.split(':')[0]}"
+    out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU: {cpu_model()}"
+    results["machine"] = {
+        "device": device_name, "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "captum": captum.__version__, "python": platform.python_version(),
+        "repeats": args.repeats, "size": SIZE,
+    }
+    sections = SECTIONS if args.sections == "all" else args.sections.split(",")
+    for name in sections:
+        start = time.perf_counter()
+        print(f"[{name}] ...", flush=True)
+        results[name] = globals()[f"section_{name}"](args.repeats, args.device)
+        results[name]["section_seconds"] = time.perf_counter() - start
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        write_markdown(results, out.with_suffix(".md"))
+        print(f"[{name}] done in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
