@@ -69,15 +69,16 @@ class LayerConductance:
         if tolerance is not None:
             return self._refine(inputs, baselines, outputs, baseline_outputs, run, method, n_steps, tolerance, refine, max_steps)
         sums = StieltjesSum(form, alphas.shape[0], inputs.shape[0])
-        with closing(sweep(self.model, inputs, baselines, alphas, **run)) as chunks:
+        with closing(sweep(self.model, inputs, baselines, alphas, consume=sums.add_layer, **run)) as chunks:
             for chunk in chunks:
-                sums.add(chunk)
+                sums.add_scores(chunk)
         change = outputs - baseline_outputs
+        totals, residuals = sums.total, sums.residuals()
         return Attribution(
-            attributions=sums.total,
-            delta={name: total.reshape(total.shape[0], -1).sum(1) - change for name, total in sums.total.items()},
+            attributions={name: totals[name] for name in self.layers},
+            delta={name: totals[name].reshape(change.shape[0], -1).sum(1) - change for name in self.layers},
             outputs=outputs, baseline_outputs=baseline_outputs, method=method, n_steps=n_steps,
-            evaluations=alphas.shape[0], info={"step_residuals": sums.residuals()},
+            evaluations=alphas.shape[0], info={"step_residuals": {name: residuals[name] for name in self.layers}},
         )
 
     def _refine(self, inputs, baselines, outputs, baseline_outputs, run, method, n_steps, tolerance, refine, max_steps):

@@ -36,6 +36,7 @@ class Chunk:
 
 
 Differentiate = Callable[[Tensor, dict[str, Tensor]], dict[str, Tensor]]
+Consume = Callable[[Chunk, str, Tensor, Tensor], None]
 
 
 def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
@@ -119,11 +120,76 @@ def expand_args(args: Sequence[Any], example: Tensor, n_examples: int) -> tuple:
 def _gradients(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """dF/dt for every tensor at once (zeros where F does not depend on it)."""
     names = [name for name, tensor in tensors.items() if tensor.requires_grad]
-    grads = {name: torch.zeros_like(tensor) for name, tensor in tensors.items()}
+    found: dict[str, Tensor] = {}
     if names and scores.requires_grad:
-        found = torch.autograd.grad(scores.sum(), [tensors[n] for n in names], allow_unused=True)
-        grads.update({n: g for n, g in zip(names, found) if g is not None})
-    return grads
+        grads = torch.autograd.grad(scores.sum(), [tensors[n] for n in names], allow_unused=True)
+        found = {n: g for n, g in zip(names, grads) if g is not None}
+    return {name: found[name] if name in found else torch.zeros_like(tensor) for name, tensor in tensors.items()}
+
+
+def _reaching(roots: list, targets: list[Tensor]) -> set[int]:
+    """ids of the autograd nodes, among those below ``roots``, from which a leaf in ``targets`` is reached."""
+    target_ids = {id(t) for t in targets}
+    order, seen, children = [], set(), {}
+    stack = [(root, False) for root in roots]
+    while stack:  # iterative post-order DFS (graphs of deep nets exceed the recursion limit)
+        node, finished = stack.pop()
+        if finished:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        children[id(node)] = [child for child, _ in node.next_functions if child is not None]
+        stack.extend((child, False) for child in children[id(node)])
+    reach: set[int] = set()
+    for node in order:
+        variable = getattr(node, "variable", None)  # AccumulateGrad nodes hold their leaf
+        if (variable is not None and id(variable) in target_ids) or any(id(c) in reach for c in children[id(node)]):
+            reach.add(id(node))
+    return reach
+
+
+def _streamed_gradients(
+    scores: Tensor, streamed: dict[str, Tensor], others: dict[str, Tensor], consume: Callable[[str, Tensor, Tensor], None]
+) -> dict[str, Tensor]:
+    """One backward pass; each streamed tensor's (value, gradient) goes to ``consume`` as soon as the
+    gradient is complete (a tensor hook), so neither is kept for the rest of the pass. The gradients of
+    ``others`` are returned. Leaves, and tensors whose graph reaches none of the leaves, are
+    differentiated directly."""
+    pending = dict(streamed)
+    direct = [name for name, t in streamed.items() if t.requires_grad and t.grad_fn is None]
+    leaves = [streamed[n] for n in direct] + [t for t in others.values() if t.requires_grad and t.grad_fn is None]
+    inner = [name for name, t in streamed.items() if t.grad_fn is not None]
+    if inner:
+        reach = _reaching([streamed[n].grad_fn for n in inner], leaves)
+        direct += [name for name in inner if id(streamed[name].grad_fn) not in reach]
+    handles = []
+
+    def deliver(name: str) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            consume(name, pending.pop(name).detach(), grad.detach())
+        return hook
+
+    try:
+        for name in inner:
+            if name not in direct:
+                handles.append(streamed[name].register_hook(deliver(name)))
+        wanted = {name: streamed[name] for name in direct}
+        wanted.update(others)
+        wanted_names = list(wanted)
+        del streamed
+        grads = _gradients(scores, wanted)
+    finally:
+        for handle in handles:
+            handle.remove()
+    for name in direct:
+        consume(name, pending.pop(name).detach(), grads.pop(name).detach())
+    for name in list(pending):  # F does not depend on it: its hook never ran
+        value = pending.pop(name).detach()
+        consume(name, value, torch.zeros_like(value))
+    return {name: grads[name] for name in wanted_names if name in grads}
 
 
 def endpoint_scores(
@@ -151,12 +217,18 @@ def sweep(
     internal_batch_size: int | None = None,
     additional_forward_args: Sequence[Any] = (),
     differentiate: Differentiate | None = None,
+    consume: Consume | None = None,
 ) -> Iterator[Chunk]:
     """Evaluate the path in chunks; yields a :class:`Chunk` per forward+backward pass.
 
     ``differentiate(scores, tensors)`` replaces the default backward (dF/d every captured tensor);
     ``tensors`` holds the captured layers and, when ``input_grad``, the interpolated input as INPUT.
+    ``consume(chunk, name, value, grad)`` instead receives each captured layer during the backward
+    pass, as soon as its gradient is complete; those layers are then left out of the yielded chunk,
+    and no layer's activations and gradients are all held at once.
     """
+    if consume is not None and differentiate is not None:
+        raise ValueError("sweep: give differentiate or consume, not both")
     n = inputs.shape[0]
     rows = alphas.shape[0] * n
     chunk_rows = check_internal_batch_size(internal_batch_size, rows)
@@ -176,16 +248,20 @@ def sweep(
                 output = model(interpolated, *expand_args(additional_forward_args, example, n))
                 scores = target_scores(output, target, example)
                 tensors = {name: cap.captured[name] for name in names}
+                cap.captured.clear()
+                chunk = Chunk(start, stop, node, example, scores.detach(), {}, {})
                 if input_grad:
                     tensors[INPUT] = interpolated
-                grads = (differentiate or _gradients)(scores, tensors)
-            chunk = Chunk(
-                start, stop, node, example, scores.detach(),
-                {name: tensor.detach() for name, tensor in tensors.items()},
-                {name: grad.detach() for name, grad in grads.items()},
-            )
+                if consume is not None:
+                    grads = _streamed_gradients(  # no reference to the streamed layers stays here
+                        scores, {name: tensors.pop(name) for name in names}, tensors,
+                        lambda name, value, grad: consume(chunk, name, value, grad),
+                    )
+                else:
+                    grads = (differentiate or _gradients)(scores, tensors)
+            chunk.values.update({name: tensor.detach() for name, tensor in tensors.items()})
+            chunk.grads.update({name: grad.detach() for name, grad in grads.items()})
             del interpolated, output, scores, tensors, grads  # nothing of this chunk's graph outlives it
-            cap.captured.clear()
             yield chunk
             del chunk
 

@@ -48,12 +48,12 @@ class InternalInfluence(_LayerMethod):
         with closing(sweep(
             self.model, inputs, baselines, alphas, target=target, layers=self.layers,
             attribute_to_layer_input=attribute_to_layer_input, internal_batch_size=internal_batch_size,
-            additional_forward_args=args,
+            additional_forward_args=args, consume=lambda chunk, name, value, grad: integral.add_layer(chunk, name, grad),
         )) as chunks:
-            for chunk in chunks:
-                integral.add(chunk)
+            for _ in chunks:
+                pass
         return Attribution(
-            attributions=integral.total, outputs=outputs, baseline_outputs=baseline_outputs,
+            attributions={name: integral.total[name] for name in self.layers}, outputs=outputs, baseline_outputs=baseline_outputs,
             method=method, n_steps=n_steps, evaluations=alphas.shape[0],
         )
 

@@ -1,14 +1,29 @@
-"""Streaming path sums over step-major chunks, with memory independent of the number of steps."""
+"""Streaming path sums over step-major chunks, with memory independent of the number of steps.
+
+Work is done in blocks of rows small enough (``BLOCK_ELEMENTS``) that the temporaries of one block
+are reused by the allocator instead of being fresh pages for every product: on CPU, page faults on
+large fresh tensors cost as much as the arithmetic.
+"""
 from __future__ import annotations
+
+from typing import Iterator
 
 import torch
 from torch import Tensor
 
 from .engine import Chunk
 
+BLOCK_ELEMENTS = 1 << 21
+
 
 def _per_row(weights: Tensor, like: Tensor) -> Tensor:
     return weights.to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+
+def _blocks(rows: int, row_elements: int) -> Iterator[slice]:
+    step = max(1, BLOCK_ELEMENTS // max(1, row_elements))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
 
 
 class WeightedSum:
@@ -21,10 +36,14 @@ class WeightedSum:
 
     def add(self, chunk: Chunk, grads: dict[str, Tensor] | None = None) -> None:
         for name, grad in (grads if grads is not None else chunk.grads).items():
-            if name not in self.total:
-                self.total[name] = grad.new_zeros((self.n_examples,) + grad.shape[1:])
-            weights = self.weights.to(grad.device)[chunk.node]
-            self.total[name].index_add_(0, chunk.example, grad * _per_row(weights, grad))
+            self.add_layer(chunk, name, grad)
+
+    def add_layer(self, chunk: Chunk, name: str, grad: Tensor) -> None:
+        weights = self.weights.to(chunk.example.device)[chunk.node]
+        if name not in self.total:
+            self.total[name] = grad.new_zeros((self.n_examples,) + grad.shape[1:])
+        for rows in _blocks(grad.shape[0], grad[0].numel()):
+            self.total[name].index_add_(0, chunk.example[rows], grad[rows] * _per_row(weights[rows], grad))
 
 
 def step_terms(form: str, g_start: Tensor, g_end: Tensor, y_start: Tensor, y_end: Tensor) -> Tensor:
@@ -36,9 +55,10 @@ def step_terms(form: str, g_start: Tensor, g_end: Tensor, y_start: Tensor, y_end
 class StieltjesSum:
     """``sum_k G_k (y_{k+1} - y_k)`` per example and layer, streamed over chunks.
 
-    Row ``r``'s predecessor on the path is row ``r - B``; the last B rows of a chunk are carried to
-    the next, so chunks need not overlap and the result does not depend on the chunk size. Each
-    step's sum and score change are kept, (n_steps, B), for the completeness residual per step.
+    Row ``r``'s predecessor on the path is row ``r - B``. Within a chunk, steps pair the slices
+    ``rows[B:]`` and ``rows[:-B]``; the last B rows of a chunk are kept (copied) for the first steps of
+    the next, so the result does not depend on the chunk size. Each step's sum and score change are
+    kept, (n_steps, B), for the completeness residual per step.
     """
 
     def __init__(self, form: str, n_nodes: int, n_examples: int) -> None:
@@ -48,37 +68,63 @@ class StieltjesSum:
         self.total: dict[str, Tensor] = {}
         self.step_sums: dict[str, Tensor] = {}
         self.step_score_change: Tensor | None = None
-        self._carry: dict[str, tuple[Tensor, Tensor]] = {}
-        self._carry_scores: Tensor | None = None
+        self._kept: dict[str, tuple[Tensor, Tensor]] = {}  # per layer, the rows just before the next chunk: (y, g)
+        self._kept_scores: Tensor | None = None
+
+    def _pairs(self, chunk: Chunk, kept_rows: int) -> list[tuple[slice, slice, int, bool]]:
+        """(rows of the predecessors, rows of the successors, global row of the first successor,
+        whether the predecessors are among the ``kept_rows`` rows kept from earlier chunks)."""
+        B, start, stop = self.n_examples, chunk.start, chunk.stop
+        pairs = []
+        first = max(start, B)  # rows of node 0 have no predecessor
+        last_from_kept = min(start + B, stop)
+        if first < last_from_kept:  # predecessors among the kept rows [start - kept_rows, start)
+            offset = kept_rows - start
+            pairs.append((slice(first - B + offset, last_from_kept - B + offset),
+                          slice(first - start, last_from_kept - start), first, True))
+        if start + B < stop:
+            pairs.append((slice(0, stop - start - B), slice(B, stop - start), start + B, False))
+        return pairs
+
+    def _keep(self, kept: Tensor | None, current: Tensor) -> Tensor:
+        """The last (up to) B rows of ``kept`` followed by ``current``, as a copy."""
+        B = self.n_examples
+        if current.shape[0] >= B or kept is None:
+            return current[-B:].clone()
+        return torch.cat([kept, current])[-B:]
 
     def add(self, chunk: Chunk, names: list[str] | None = None) -> None:
-        B = self.n_examples
-        carried = 0 if self._carry_scores is None else self._carry_scores.shape[0]
-        base = chunk.start - carried  # global row of the first extended row
-        first = min(max(chunk.start, B), chunk.stop)  # rows of node 0 have no predecessor
-        current = torch.arange(first, chunk.stop, device=chunk.scores.device) - base
-        previous = current - B
-        example = (current + base) % B
-        step = (current + base) // B - 1
-
-        scores = chunk.scores if self._carry_scores is None else torch.cat([self._carry_scores, chunk.scores])
-        if self.step_score_change is None:
-            self.step_score_change = scores.new_zeros((self.n_steps, B))
-        self.step_score_change[step, example] = scores[current] - scores[previous]
-        self._carry_scores = scores[-B:]
-
+        """The chunk's scores and its layers (all captured ones, or ``names``)."""
+        self.add_scores(chunk)
         for name in names if names is not None else list(chunk.values):
-            y, g = chunk.values[name], chunk.grads[name]
-            if name in self._carry:
-                y = torch.cat([self._carry[name][0], y])
-                g = torch.cat([self._carry[name][1], g])
-            else:
-                self.total[name] = y.new_zeros((B,) + y.shape[1:])
-                self.step_sums[name] = y.new_zeros((self.n_steps, B))
-            terms = step_terms(self.form, g[previous], g[current], y[previous], y[current])
-            self.total[name].index_add_(0, example, terms)
-            self.step_sums[name][step, example] = terms.flatten(1).sum(1)
-            self._carry[name] = (y[-B:], g[-B:])
+            self.add_layer(chunk, name, chunk.values[name], chunk.grads[name])
+
+    def add_scores(self, chunk: Chunk) -> None:
+        B = self.n_examples
+        if self.step_score_change is None:
+            self.step_score_change = chunk.scores.new_zeros((self.n_steps, B))
+        kept = self._kept_scores
+        for before, after, first_row, from_kept in self._pairs(chunk, 0 if kept is None else kept.shape[0]):
+            row = torch.arange(first_row, first_row + after.stop - after.start, device=chunk.scores.device)
+            self.step_score_change[row // B - 1, row % B] = chunk.scores[after] - (kept if from_kept else chunk.scores)[before]
+        self._kept_scores = self._keep(kept, chunk.scores)
+
+    def add_layer(self, chunk: Chunk, name: str, y: Tensor, g: Tensor) -> None:
+        """One layer's activations ``y`` and gradients ``g`` on the chunk's rows."""
+        B = self.n_examples
+        if name not in self.total:
+            self.total[name] = y.new_zeros((B,) + y.shape[1:])
+            self.step_sums[name] = y.new_zeros((self.n_steps, B))
+        y_kept, g_kept = self._kept.get(name, (None, None))
+        for before, after, first_row, from_kept in self._pairs(chunk, 0 if y_kept is None else y_kept.shape[0]):
+            y0, g0 = (y_kept, g_kept) if from_kept else (y, g)
+            y0, g0, y1, g1 = y0[before], g0[before], y[after], g[after]
+            for rows in _blocks(y1.shape[0], y1[0].numel()):
+                terms = step_terms(self.form, g0[rows], g1[rows], y0[rows], y1[rows])
+                row = torch.arange(first_row + rows.start, first_row + rows.stop, device=terms.device)
+                self.total[name].index_add_(0, row % B, terms)
+                self.step_sums[name][row // B - 1, row % B] = terms.flatten(1).sum(1)
+        self._kept[name] = (self._keep(y_kept, y), self._keep(g_kept, g))
 
     def residuals(self) -> dict[str, Tensor]:
         """Per layer, (n_steps, B): each step's sum minus the change of the score over that step."""

@@ -70,18 +70,21 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, repeats: int, device: str, warmup: bool = True):
-    """(median seconds, all times, last result) after one warm-up call."""
+def side_by_side(fns: dict, repeats: int, device: str, warmup: bool = True) -> dict:
+    """{name: (median seconds, all times, last result)}: one warm-up call each, then ``repeats``
+    rounds calling every function in turn, so drift in the machine's speed hits all of them alike."""
     if warmup:
-        fn()
-    times, result = [], None
+        for fn in fns.values():
+            fn()
+    runs, results = {name: [] for name in fns}, {}
     for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        result = fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, result
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            results[name] = fn()
+            sync(device)
+            runs[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(runs[name]), runs[name], results[name]) for name in fns}
 
 
 def captum_layer(model, name, x, method, n_steps=N_STEPS, **kw):
@@ -105,12 +108,13 @@ def section_layers(repeats, device):
     layers = convs(model)
     with torch.no_grad():
         change = float(model(x)[0, TARGET] - model(torch.zeros_like(x))[0, TARGET])
-    ours_t, ours_all, ours = timed(lambda: attrib.LayerConductance(model, layers).attribute(
-        x, target=TARGET, n_steps=N_STEPS, method="riemann_trapezoid"), repeats, device)
-    default_t, default_all, default = timed(lambda: attrib.LayerConductance(model, layers).attribute(
-        x, target=TARGET, n_steps=N_STEPS), repeats, device, warmup=False)
-    captum_t, captum_all, theirs = timed(lambda: {n: captum_layer(model, n, x, "riemann_trapezoid") for n in layers},
-                                         repeats, device, warmup=False)
+    timings = side_by_side({
+        "attrib": lambda: attrib.LayerConductance(model, layers).attribute(x, target=TARGET, n_steps=N_STEPS, method="riemann_trapezoid"),
+        "attrib_stieltjes": lambda: attrib.LayerConductance(model, layers).attribute(x, target=TARGET, n_steps=N_STEPS),
+        "captum": lambda: {n: captum_layer(model, n, x, "riemann_trapezoid") for n in layers},
+    }, repeats, device)
+    (ours_t, ours_all, ours), (default_t, default_all, default), (captum_t, captum_all, theirs) = (
+        timings["attrib"], timings["attrib_stieltjes"], timings["captum"])
     per_layer = []
     for name in layers:
         diff = float((ours[name] - theirs[name].detach()).abs().max())
@@ -134,10 +138,14 @@ def section_layers(repeats, device):
 
 def section_one_layer(repeats, device):
     model, x = vgg16(device=device), image(device=device)
-    ours_t, ours_all, ours = timed(lambda: attrib.LayerConductance(model, "features.28").attribute(
-        x, target=TARGET, n_steps=N_STEPS, method="riemann_trapezoid"), repeats, device)
-    captum_t, captum_all, theirs = timed(lambda: captum_layer(model, "features.28", x, "riemann_trapezoid"), repeats, device)
-    memory = {case: measure_memory(case, device) for case in ["attrib_one_layer", "captum_one_layer"]}
+    timings = side_by_side({
+        "attrib": lambda: attrib.LayerConductance(model, "features.28").attribute(
+            x, target=TARGET, n_steps=N_STEPS, method="riemann_trapezoid"),
+        "captum": lambda: captum_layer(model, "features.28", x, "riemann_trapezoid"),
+    }, repeats, device)
+    (ours_t, ours_all, ours), (captum_t, captum_all, theirs) = timings["attrib"], timings["captum"]
+    cases = ["attrib_one_layer", "captum_one_layer", "forward_one_layer", "attrib_one_layer_chunk17", "captum_one_layer_chunk17"]
+    memory = {case: measure_memory(case, device) for case in cases}
     return {
         "attrib_seconds": ours_t, "attrib_runs": ours_all, "captum_seconds": captum_t, "captum_runs": captum_all,
         "time_ratio": ours_t / captum_t,
@@ -183,9 +191,12 @@ def section_neuron(repeats, device):
         filters = attrib.top_filters(scores[0], 10)[1].tolist()
         selectors = [(c, slice(None), slice(None)) for c in filters]
         method = "riemann_trapezoid"
-        ours_t, ours_all, ours = timed(lambda: attrib.NeuronConductance(model, layer).attribute(
-            x, selectors, target=TARGET, n_steps=N_STEPS, method=method), repeats, device)
-        limit_t, limit_all, limit = timed(lambda: neuron_limit(model, layer, x, filters, method), repeats, device)
+        timings = side_by_side({
+            "attrib": lambda: attrib.NeuronConductance(model, layer).attribute(
+                x, selectors, target=TARGET, n_steps=N_STEPS, method=method),
+            "limit": lambda: neuron_limit(model, layer, x, filters, method),
+        }, repeats, device)
+        (ours_t, ours_all, ours), (limit_t, limit_all, limit) = timings["attrib"], timings["limit"]
         # Captum: one call per filter; the ten calls are the repeated measurements of one call
         module = dict(model.named_modules())[layer]
         captum_calls = []
@@ -224,11 +235,13 @@ def section_ig(repeats, device):
             for p in model.parameters():
                 p.requires_grad_(True)
 
-    ours_t, ours_all, ours = timed(lambda: attrib.IntegratedGradients(model).attribute(
-        x, target=TARGET, n_steps=N_STEPS, method=method), repeats, device)
-    limit_t, limit_all, _ = timed(limit, repeats, device)
-    captum_t, captum_all, theirs = timed(lambda: CaptumIG(model).attribute(
-        x, target=TARGET, n_steps=N_STEPS, method=method).detach(), repeats, device)
+    timings = side_by_side({
+        "attrib": lambda: attrib.IntegratedGradients(model).attribute(x, target=TARGET, n_steps=N_STEPS, method=method),
+        "limit": limit,
+        "captum": lambda: CaptumIG(model).attribute(x, target=TARGET, n_steps=N_STEPS, method=method).detach(),
+    }, max(repeats, 5), device)
+    (ours_t, ours_all, ours), (limit_t, limit_all, _), (captum_t, captum_all, theirs) = (
+        timings["attrib"], timings["limit"], timings["captum"])
     return {
         "attrib_seconds": ours_t, "attrib_runs": ours_all, "limit_seconds": limit_t, "limit_runs": limit_all,
         "captum_seconds": captum_t, "captum_runs": captum_all,
@@ -257,6 +270,17 @@ def section_accuracy(repeats, device):
             "mean_abs_stieltjes": statistics.mean(abs(r["stieltjes_trapezoid_delta"]) for r in rows),
             "mean_abs_captum": statistics.mean(abs(r["captum_riemann_trapezoid_delta"]) for r in rows),
         }
+    # the planning measurement: random-init alexnet (default init: biases non-zero), features.10, 2 images
+    torch.manual_seed(0)
+    model = torchvision.models.alexnet(weights=None).eval().to(device)
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3)).to(device)
+    ours = attrib.LayerConductance(model, "features.10").attribute(x, target=TARGET, n_steps=N_STEPS)
+    left = attrib.LayerConductance(model, "features.10").attribute(x, target=TARGET, n_steps=N_STEPS, method="riemann_trapezoid")
+    out["alexnet_features10"] = {
+        "score_change": (ours.outputs - ours.baseline_outputs).tolist(),
+        "stieltjes_trapezoid_delta": ours.delta["features.10"].tolist(),
+        "captum_riemann_trapezoid_delta": left.delta["features.10"].tolist(),
+    }
     return out
 
 
@@ -299,11 +323,14 @@ def memory_case(case: str, device: str) -> None:
     size = SIZE if "one_layer" in case else 64
     model, x = vgg16(device=device), image(size, device)
     steps = 1000 if case.endswith("steps1000") else N_STEPS
-    chunk = None if "one_layer" in case else 32
+    chunk = (17 if case.endswith("chunk17") else None) if "one_layer" in case else 32
     layer = "features.28"
 
     def run(n_steps):
-        if case.startswith("attrib"):
+        if case.startswith("forward"):  # the floor: the same rows through the model, no graph, nothing kept
+            with torch.no_grad():
+                model(x.expand(n_steps + 1, -1, -1, -1).contiguous())
+        elif case.startswith("attrib"):
             attrib.LayerConductance(model, layer).attribute(x, target=TARGET, n_steps=n_steps, method="riemann_trapezoid",
                                                             internal_batch_size=chunk)
         else:
@@ -311,7 +338,7 @@ def memory_case(case: str, device: str) -> None:
 
     # warm-up with one chunk of the same shape: torch/oneDNN keep ~20 MB of caches after a first pass,
     # whatever n_steps is; the peak measured is the steady state
-    run(31 if chunk else 1)
+    run(chunk - 1 if chunk else 1)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -377,8 +404,15 @@ def write_markdown(results: dict, path: Path) -> None:
     if r:
         row("one layer (features.28): time", f"{r['attrib_seconds']:.1f} s", f"{r['captum_seconds']:.1f} s",
             f"{r['time_ratio']:.2f}", "≤ 1", r["time_ratio"] <= 1)
-        row("one layer (features.28): peak memory", f"{r['peak_mb']['attrib_one_layer']:.0f} MB",
-            f"{r['peak_mb']['captum_one_layer']:.0f} MB", f"{r['memory_ratio']:.2f}", "≤ 0.5", r["memory_ratio"] <= 0.5)
+        mb = r["peak_mb"]
+        row("one layer (features.28): peak memory", f"{mb['attrib_one_layer']:.0f} MB",
+            f"{mb['captum_one_layer']:.0f} MB", f"{r['memory_ratio']:.2f}", "≤ 0.5", r["memory_ratio"] <= 0.5)
+        if "forward_one_layer" in mb:
+            lines.append(f"| the same 51 rows through the model under no_grad, nothing kept (the floor without chunking) "
+                         f"| {mb['forward_one_layer']:.0f} MB | | {mb['forward_one_layer'] / mb['captum_one_layer']:.2f} of Captum | | |")
+            ratio = mb["attrib_one_layer_chunk17"] / mb["captum_one_layer_chunk17"]
+            row("one layer, both with internal_batch_size=17 (3 chunks): peak memory", f"{mb['attrib_one_layer_chunk17']:.0f} MB",
+                f"{mb['captum_one_layer_chunk17']:.0f} MB", f"{ratio:.2f}", "≤ 0.5", ratio <= 0.5)
     r = results.get("neuron")
     if r:
         for layer, e in r["layers"].items():
@@ -407,6 +441,12 @@ def write_markdown(results: dict, path: Path) -> None:
         mean_ratio = b["mean_abs_stieltjes"] / b["mean_abs_captum"]
         row("VGG16 with random biases: mean abs(delta) over the 13 layers, ours vs Captum's riemann_trapezoid",
             f"{b['mean_abs_stieltjes']:.2e}", f"{b['mean_abs_captum']:.2e}", f"{mean_ratio:.2f}", "≤ 0.5", mean_ratio <= 0.5)
+        a = r.get("alexnet_features10")
+        if a:
+            ours_abs = sum(abs(d) for d in a["stieltjes_trapezoid_delta"])
+            theirs_abs = sum(abs(d) for d in a["captum_riemann_trapezoid_delta"])
+            row("random-init alexnet features.10, 2 images: summed abs(delta), ours vs Captum's riemann_trapezoid",
+                f"{ours_abs:.2e}", f"{theirs_abs:.2e}", f"{ours_abs / theirs_abs:.2f}", "≤ 0.5", ours_abs <= 0.5 * theirs_abs)
         worst = max(b["per_layer"], key=lambda p: abs(p["stieltjes_trapezoid_delta"]) / abs(p["captum_riemann_trapezoid_delta"]))
         row(f"VGG16 with random biases: worst single layer ({worst['layer']}); median layer ratio {b['median_ratio']:.2f}",
             f"{abs(worst['stieltjes_trapezoid_delta']):.2e}", f"{abs(worst['captum_riemann_trapezoid_delta']):.2e}",
