@@ -7,6 +7,7 @@ Neuron conductance, Eq. 2 — input i's attribution through unit j:
 """
 from __future__ import annotations
 
+import bisect
 import warnings
 from contextlib import closing
 from typing import Any, Callable, Sequence, Union
@@ -118,16 +119,20 @@ class LayerConductance:
 
 
 class _NodeStore:
-    """Activations, gradients and scores at every evaluated node, kept sorted by alpha."""
+    """Activations, gradients and scores at every evaluated node, kept sorted by alpha.
+
+    Each step's Stieltjes sum is computed once, when both of its ends exist, and cached by the
+    step's two alphas, so an iteration costs only the steps it creates.
+    """
 
     def __init__(self, model, inputs, baselines, run) -> None:
         self.model, self.inputs, self.baselines, self.run = model, inputs, baselines, run
         self.alphas: list[float] = []
         self.states: list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]] = []
+        self._steps: dict[tuple[float, float], tuple[dict[str, Tensor], Tensor]] = {}
 
     def evaluate(self, alphas: list[float]) -> None:
         B = self.inputs.shape[0]
-        pieces = []
         with closing(sweep(self.model, self.inputs, self.baselines, torch.tensor(alphas, dtype=torch.float64), **self.run)) as chunks:
             pieces = list(chunks)
         scores = torch.cat([c.scores for c in pieces]).view(len(alphas), B)
@@ -135,30 +140,29 @@ class _NodeStore:
         grads = {n: torch.cat([c.grads[n] for c in pieces]) for n in pieces[0].grads}
         for k, alpha in enumerate(alphas):
             rows = slice(k * B, (k + 1) * B)
-            state = (scores[k], {n: v[rows] for n, v in values.items()}, {n: g[rows] for n, g in grads.items()})
-            position = sum(a < alpha for a in self.alphas)
+            position = bisect.bisect_left(self.alphas, alpha)
             self.alphas.insert(position, alpha)
-            self.states.insert(position, state)
+            self.states.insert(position, (scores[k], {n: v[rows] for n, v in values.items()}, {n: g[rows] for n, g in grads.items()}))
 
-    def _steps(self):
-        return zip(self.states[:-1], self.states[1:])
+    def _step(self, k: int) -> tuple[dict[str, Tensor], Tensor]:
+        """Step k's Stieltjes sum per layer, (B,), and the score change over it."""
+        key = (self.alphas[k], self.alphas[k + 1])
+        if key not in self._steps:
+            (f0, y0, g0), (f1, y1, g1) = self.states[k], self.states[k + 1]
+            sums = {name: step_terms("trapezoid", g0[name], g1[name], y0[name], y1[name]).flatten(1).sum(1) for name in y0}
+            self._steps[key] = (sums, f1 - f0)
+        return self._steps[key]
 
     def step_sums(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per layer, (steps, B): each step's Stieltjes sum, and that minus the score change."""
-        sums: dict[str, list[Tensor]] = {name: [] for name in self.states[0][1]}
-        changes = []
-        for (f0, y0, g0), (f1, y1, g1) in self._steps():
-            changes.append(f1 - f0)
-            for name in sums:
-                terms = step_terms("trapezoid", g0[name], g1[name], y0[name], y1[name])
-                sums[name].append(terms.reshape(terms.shape[0], -1).sum(1))
-        change = torch.stack(changes)
-        stacked = {name: torch.stack(s) for name, s in sums.items()}
+        steps = [self._step(k) for k in range(len(self.alphas) - 1)]
+        change = torch.stack([c for _, c in steps])
+        stacked = {name: torch.stack([s[name] for s, _ in steps]) for name in steps[0][0]}
         return stacked, {name: s - change for name, s in stacked.items()}
 
     def totals(self) -> dict[str, Tensor]:
         totals = {name: torch.zeros_like(y) for name, y in self.states[0][1].items()}
-        for (_, y0, g0), (_, y1, g1) in self._steps():
+        for (_, y0, g0), (_, y1, g1) in zip(self.states[:-1], self.states[1:]):
             for name in totals:
                 totals[name] += step_terms("trapezoid", g0[name], g1[name], y0[name], y1[name])
         return totals
