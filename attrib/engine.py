@@ -178,7 +178,6 @@ def _streamed_gradients(
                 handles.append(streamed[name].register_hook(deliver(name)))
         wanted = {name: streamed[name] for name in direct}
         wanted.update(others)
-        wanted_names = list(wanted)
         del streamed
         grads = _gradients(scores, wanted)
     finally:
@@ -189,7 +188,7 @@ def _streamed_gradients(
     for name in list(pending):  # F does not depend on it: its hook never ran
         value = pending.pop(name).detach()
         consume(name, value, torch.zeros_like(value))
-    return {name: grads[name] for name in wanted_names if name in grads}
+    return {name: grads[name] for name in others}
 
 
 def endpoint_scores(
