@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import warnings
 from contextlib import closing
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +20,8 @@ from .hooks import LayerSpec, resolve_layers
 from .paths import STIELTJES, check_method, stieltjes_rule, uniform_nodes, weighted_rule
 from .result import Attribution
 from .sums import StieltjesSum, WeightedSum, step_terms
-from .targets import TargetType
+from .targets import NeuronSelector, TargetType, selector_weights
 
-NeuronSelector = Union[int, tuple, Callable[[Tensor], Tensor]]
 
 
 class LayerConductance:
@@ -168,30 +167,6 @@ class _NodeStore:
         return totals
 
 
-def _selector_weights(selector: NeuronSelector, layer_value: Tensor) -> Tensor:
-    """Weights on the layer's units that define 'the neuron': a one-hot, a 0/1 mask for slices,
-    or the gradient of a callable's per-example value (a mask for linear selections)."""
-    if callable(selector):
-        with torch.enable_grad():
-            probe = layer_value.detach().requires_grad_(True)
-            value = selector(probe)
-            if not isinstance(value, Tensor) or value.shape != (layer_value.shape[0],):
-                raise ValueError("neuron_selector: a callable must return one value per example")
-            return torch.autograd.grad(value.sum(), probe)[0]
-    index = (selector,) if isinstance(selector, int) else selector
-    if not isinstance(index, tuple) or len(index) != layer_value.dim() - 1:
-        raise ValueError(
-            f"neuron_selector: {selector!r} must index all {layer_value.dim() - 1} non-batch dimensions "
-            f"of the layer (shape {tuple(layer_value.shape[1:])})"
-        )
-    weights = torch.zeros(layer_value.shape[1:], dtype=layer_value.dtype, device=layer_value.device)
-    try:
-        weights[index] = 1
-    except IndexError as error:
-        raise ValueError(f"neuron_selector: {selector!r} is out of range for layer shape {tuple(layer_value.shape[1:])}") from error
-    return weights.unsqueeze(0)
-
-
 class NeuronConductance:
     """Input attribution through selected neurons (Dhamdhere et al. Eq. 2), many selections per call.
 
@@ -241,7 +216,7 @@ class NeuronConductance:
                 return grads
             grads[layer], = torch.autograd.grad(scores.sum(), value, retain_graph=True)
             for i, selector in enumerate(selectors):
-                outgoing = grads[layer] * _selector_weights(selector, value)
+                outgoing = grads[layer] * selector_weights(selector, value)
                 found, = torch.autograd.grad(value, interpolated, outgoing, retain_graph=i < len(selectors) - 1, allow_unused=True)
                 if found is not None:
                     grads[i] = found
@@ -265,7 +240,7 @@ class NeuronConductance:
             conductance = layer_sum.total[layer]
             delta = torch.stack([
                 maps[i].reshape(maps.shape[1], -1).sum(1)
-                - (conductance * _selector_weights(s, conductance)).reshape(conductance.shape[0], -1).sum(1)
+                - (conductance * selector_weights(s, conductance)).reshape(conductance.shape[0], -1).sum(1)
                 for i, s in enumerate(selectors)
             ])
         if not isinstance(neuron_selector, list):

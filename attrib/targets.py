@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 TargetType = Union[None, int, tuple, Sequence[Union[int, tuple]], Tensor, Callable[[Any], Tensor]]
+NeuronSelector = Union[int, tuple, Callable[[Tensor], Tensor]]
 
 
 def _index(target: object, shape: torch.Size) -> tuple:
@@ -90,3 +91,27 @@ def target_scores(output: object, target: TargetType, example: Tensor) -> Tensor
         return flat.gather(1, columns[example.to(output.device)].unsqueeze(1)).squeeze(1)
     column = sum(i * s for i, s in zip(_index(target, per_example), strides.tolist()))
     return flat[:, column]
+
+
+def selector_weights(selector: NeuronSelector, layer_value: Tensor) -> Tensor:
+    """Weights on the layer's units that define 'the neuron': a one-hot, a 0/1 mask for slices,
+    or the gradient of a callable's per-example value (a mask for linear selections)."""
+    if callable(selector):
+        with torch.enable_grad():
+            probe = layer_value.detach().requires_grad_(True)
+            value = selector(probe)
+            if not isinstance(value, Tensor) or value.shape != (layer_value.shape[0],):
+                raise ValueError("neuron_selector: a callable must return one value per example")
+            return torch.autograd.grad(value.sum(), probe)[0]
+    index = (selector,) if isinstance(selector, int) else selector
+    if not isinstance(index, tuple) or len(index) != layer_value.dim() - 1:
+        raise ValueError(
+            f"neuron_selector: {selector!r} must index all {layer_value.dim() - 1} non-batch dimensions "
+            f"of the layer (shape {tuple(layer_value.shape[1:])})"
+        )
+    weights = torch.zeros(layer_value.shape[1:], dtype=layer_value.dtype, device=layer_value.device)
+    try:
+        weights[index] = 1
+    except IndexError as error:
+        raise ValueError(f"neuron_selector: {selector!r} is out of range for layer shape {tuple(layer_value.shape[1:])}") from error
+    return weights.unsqueeze(0)
