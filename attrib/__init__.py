@@ -2,6 +2,7 @@
 from .conductance import LayerConductance, NeuronConductance
 from .gradients import IntegratedGradients
 from .hooks import LayerReuseError, capture, mask, preserved, resolve_layers
+from .lrp import LRP
 from .layer import InternalInfluence, LayerActivation, LayerGradientXActivation
 from .paths import METHODS
 from .result import Attribution, filter_scores, top_filters
@@ -13,6 +14,7 @@ __all__ = [
     "LayerActivation",
     "LayerConductance",
     "LayerGradientXActivation",
+    "LRP",
     "LayerReuseError",
     "METHODS",
     "NeuronConductance",

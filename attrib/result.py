@@ -19,7 +19,8 @@ class Attribution:
     per example, (B,) — a dict per layer for layer methods — or ``None`` where no axiom applies.
     ``evaluations`` counts model evaluations per example (interpolation nodes). ``info`` holds
     method-specific extras (e.g. ``step_residuals``: per layer, (n_steps, B) — each step's
-    Stieltjes sum minus the score change over that step).
+    Stieltjes sum minus the score change over that step). ``layers`` holds per-layer maps of input
+    methods that also record layers (LRP), keyed by layer name; ``result[name]`` reads either.
     """
 
     attributions: Attributions
@@ -30,11 +31,14 @@ class Attribution:
     n_steps: int | None = None
     evaluations: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    layers: dict[str, Tensor] = field(default_factory=dict)
 
     def __getitem__(self, layer: str) -> Tensor:
-        if not isinstance(self.attributions, dict):
-            raise TypeError("this result holds one tensor; index it only for layer methods")
-        return self.attributions[layer]
+        if isinstance(self.attributions, dict):
+            return self.attributions[layer]
+        if layer in self.layers:
+            return self.layers[layer]
+        raise KeyError(f"{layer!r}: this result holds one input map" + (f" and layers {list(self.layers)}" if self.layers else ""))
 
     def filter_scores(self, layer: str | None = None, reduce: str = "sum") -> Tensor:
         """Per-filter scores (B, C) of a layer's map; see :func:`attrib.filter_scores`."""

@@ -1,0 +1,57 @@
+"""Canonizers: make a model's functional operations LRP-correct without editing the model.
+
+- **BatchNorm merging** (``Composite.merge_batchnorm``): a BatchNorm whose input is exactly the output
+  of a Linear/Conv is folded into it for the relevance pass (``w' = w * scale``,
+  ``b' = b * scale + shift``); the forward values are the model's own. Nothing is written to the
+  model: the folded parameters are new tensors. Done by the engine when the BatchNorm runs.
+- **Residual additions** (``Composite.split_additions``): while the model's forward runs, a
+  ``TorchFunctionMode`` catches ``a + b``, ``torch.add`` and ``a += b`` between two computed
+  tensors (both on the input's graph) outside any leaf module, e.g. torchvision ResNet's
+  ``out += identity``; relevance is then shared in proportion, ``R_a = a R / stab(a + b)``, instead of
+  being copied to both branches as the gradient would. Functional average pooling
+  (``F.adaptive_avg_pool2d`` in DenseNet and MobileNetV2) gets the ``Norm`` rule the same way.
+  Concatenation needs nothing: its gradient already hands each branch its own share.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+if TYPE_CHECKING:
+    from .engine import _Run
+
+ADDITIONS = {torch.add, Tensor.add, Tensor.__add__}
+INPLACE_ADDITIONS = {Tensor.add_, Tensor.__iadd__}
+FUNCTIONAL_POOLS = {
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d,
+}
+
+
+def _computed(value: object) -> bool:
+    """A tensor produced on the input's graph (not a parameter, buffer or constant)."""
+    return isinstance(value, Tensor) and value.requires_grad and value.grad_fn is not None
+
+
+class FunctionalOps(TorchFunctionMode):
+    """Routes residual additions and functional average pooling of one forward pass to the run."""
+
+    def __init__(self, run: "_Run", additions: bool) -> None:
+        super().__init__()
+        self.run = run
+        self.additions = additions
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.run.depth == 0 and torch.is_grad_enabled():
+            if (
+                self.additions and (func in ADDITIONS or func in INPLACE_ADDITIONS) and len(args) == 2
+                and not kwargs and _computed(args[0]) and _computed(args[1])
+            ):
+                return self.run.addition(args[0], args[1], inplace=func in INPLACE_ADDITIONS)
+            if func in FUNCTIONAL_POOLS and args and _computed(args[0]):
+                return self.run.functional(func, args, kwargs)
+        return func(*args, **kwargs)

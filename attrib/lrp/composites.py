@@ -1,0 +1,172 @@
+"""Composites: which rule each layer gets, by dotted name (glob patterns), by position (the first
+Linear/Conv layer in ``named_modules()`` order) and by type; named presets in :data:`COMPOSITES`.
+
+    >>> composite = COMPOSITES["epsilon_gamma_box"](low=-2.1, high=2.6)
+    >>> LRP(model, composite=composite)
+
+Lookup order for a layer: ``names`` (first matching pattern), then ``first`` (for the first
+Linear/Conv), then ``types`` (first matching type), then the defaults: elementwise activations
+``Pass``, average pooling ``Norm``, max pooling winner-take-all (``maxpool="average"`` shares like
+average pooling, as the LRP tutorial does), BatchNorm taken on its own ``Epsilon(1e-6)``. BatchNorms
+right after a Linear/Conv are folded into it (``merge_batchnorm``) and that layer's rule applies to
+the folded layer; residual additions of two computed tensors share relevance in proportion to
+each branch's contribution (``split_additions``; see :mod:`attrib.lrp.canonizers`).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Callable, Sequence, Union
+
+import torch
+from torch import nn
+
+from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, ZBox, ZPlus
+
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+ACTIVATIONS = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
+    nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink,
+    nn.Threshold, nn.LogSigmoid,
+)
+AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+WINNER_POOLS = MAX_POOLS + (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# leaves whose gradient already moves relevance without changing it (reshapes, eval-mode dropout)
+TRANSPARENT = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+TypeRules = Sequence[tuple[Union[type, tuple[type, ...]], Rule]]
+
+
+@dataclass
+class Composite:
+    """A mapping from layers to rules. See the module docstring for the lookup order."""
+
+    types: TypeRules = ()
+    names: dict[str, Rule] = field(default_factory=dict)
+    first: Rule | None = None
+    maxpool: str = "winner"
+    merge_batchnorm: bool = True
+    split_additions: bool = True
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.maxpool not in ("winner", "average"):
+            raise ValueError(f"maxpool must be 'winner' or 'average', got {self.maxpool!r}")
+        for pattern, rule in self.names.items():
+            if not isinstance(rule, Rule):
+                raise TypeError(f"names[{pattern!r}]: expected a Rule, got {type(rule).__name__}")
+        for entry in self.types:
+            if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Rule)):
+                raise TypeError(f"types: expected (type, Rule) pairs, got {entry!r}")
+
+    def rule_for(self, name: str, module: nn.Module, first: bool) -> Rule | None:
+        """The rule of a leaf module; ``None`` for transparent ones; raises for unknown leaves."""
+        for pattern, rule in self.names.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                return rule
+        if first and self.first is not None:
+            return self.first
+        for types, rule in self.types:
+            if isinstance(module, types):
+                return rule
+        if isinstance(module, ACTIVATIONS):
+            return Pass()
+        if isinstance(module, AVERAGE_POOLS):
+            return Norm()
+        if isinstance(module, WINNER_POOLS):
+            return Norm() if self.maxpool == "average" and isinstance(module, MAX_POOLS) else Gradient()
+        if isinstance(module, BATCHNORMS):
+            return Epsilon(1e-6)
+        if isinstance(module, TRANSPARENT):
+            return None
+        if isinstance(module, LINEAR_TYPES):
+            raise ValueError(
+                f"composite {self.name!r}: no rule for layer {name!r} ({type(module).__name__}); "
+                "map its type or name to a rule"
+            )
+        raise ValueError(
+            f"LRP has no rule for layer {name!r} ({type(module).__name__}); map it in the composite, e.g. "
+            f"Composite(names={{{name!r}: Pass()}}) for an elementwise layer"
+        )
+
+    def unused_patterns(self, names: Sequence[str]) -> list[str]:
+        return [pattern for pattern in self.names if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]
+
+
+COMPOSITES: dict[str, Callable[..., Composite]] = {}
+
+
+def register_composite(name: str):
+    """Register a composite factory under ``name`` (the CLI lists :data:`COMPOSITES`)."""
+    def decorate(factory: Callable[..., Composite]) -> Callable[..., Composite]:
+        def named(*args, **kwargs) -> Composite:
+            composite = factory(*args, **kwargs)
+            composite.name = name
+            return composite
+        named.__doc__ = factory.__doc__
+        named.__name__ = factory.__name__
+        COMPOSITES[name] = named
+        return named
+    return decorate
+
+
+def _bounds(low, high) -> tuple:
+    if (low is None) != (high is None):
+        raise ValueError("low and high: give both or neither")
+    if low is None:
+        mean, std = torch.tensor(IMAGENET_MEAN, dtype=torch.float64), torch.tensor(IMAGENET_STD, dtype=torch.float64)
+        return -mean / std, (1 - mean) / std
+    return low, high
+
+
+@register_composite("epsilon")
+def epsilon(epsilon: float = 1e-6) -> Composite:
+    """LRP-epsilon on every Linear and Conv layer."""
+    return Composite(types=[(LINEAR_TYPES, Epsilon(epsilon))])
+
+
+@register_composite("epsilon_plus")
+def epsilon_plus(epsilon: float = 1e-6) -> Composite:
+    """z+ on convolutions, epsilon on dense layers."""
+    return Composite(types=[(CONV_TYPES, ZPlus()), (nn.Linear, Epsilon(epsilon))])
+
+
+@register_composite("epsilon_plus_flat")
+def epsilon_plus_flat(epsilon: float = 1e-6) -> Composite:
+    """Flat on the first layer, z+ on convolutions, epsilon on dense layers."""
+    return Composite(types=[(CONV_TYPES, ZPlus()), (nn.Linear, Epsilon(epsilon))], first=Flat())
+
+
+@register_composite("epsilon_gamma_box")
+def epsilon_gamma_box(low=None, high=None, epsilon: float = 1e-6, gamma: float = 0.25) -> Composite:
+    """z^B on the first layer (default bounds: [0, 1] pixels after ImageNet normalisation), gamma on
+    convolutions, epsilon on dense layers."""
+    low, high = _bounds(low, high)
+    return Composite(types=[(CONV_TYPES, Gamma(gamma)), (nn.Linear, Epsilon(epsilon))], first=ZBox(low, high))
+
+
+@register_composite("epsilon_alpha2_beta1")
+def epsilon_alpha2_beta1(epsilon: float = 1e-6) -> Composite:
+    """alpha=2, beta=1 on convolutions, epsilon on dense layers."""
+    return Composite(types=[(CONV_TYPES, AlphaBeta(2.0, 1.0)), (nn.Linear, Epsilon(epsilon))])
+
+
+@register_composite("vgg16_tutorial")
+def vgg16_tutorial(low=None, high=None, gamma: float = 0.25, epsilon: float = 0.25) -> Composite:
+    """The LRP tutorial's torchvision VGG16 recipe: z^B on conv1_1, gamma on conv1_2..conv3_3
+    (``features.2``-``features.16``), epsilon = 0.25 * RMS(z) on conv4_1..conv5_3 and the pools
+    between them (``features.17``-``features.30``), LRP-0 on the dense layers; max pooling shared like
+    average pooling."""
+    low, high = _bounds(low, high)
+    upper = Epsilon(epsilon, relative=True)
+    names: dict[str, Rule] = {"features.0": ZBox(low, high)}
+    names.update({f"features.{i}": Gamma(gamma) for i in (2, 5, 7, 10, 12, 14)})
+    names.update({f"features.{i}": upper for i in (17, 19, 21, 23, 24, 26, 28, 30)})
+    names.update({f"classifier.{i}": LRP0() for i in (0, 3, 6)})
+    return Composite(names=names, maxpool="average", types=[])

@@ -1,0 +1,158 @@
+"""Views of layers as affine maps ``z = forward(x, weight, bias)`` that rules can re-evaluate with
+modified parameters, and ``backward(x, weight, s)``, the vector-Jacobian product with respect to the
+input (``sum_k w_jk s_k``). Nothing here changes a module: modified parameters are new tensors.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _autograd_vjp(function: Callable[[Tensor], Tensor], x: Tensor, s: Tensor) -> Tensor:
+    with torch.enable_grad():
+        probe = x.detach().requires_grad_(True)
+        return torch.autograd.grad(function(probe), probe, s)[0]
+
+
+class LayerView:
+    """Base: a module seen as ``forward(x, weight, bias)``; ``weight``/``bias`` are the effective ones."""
+
+    kind = "layer"
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+
+    def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def backward(self, x: Tensor, weight: Tensor | None, s: Tensor) -> Tensor:
+        return _autograd_vjp(lambda probe: self.forward(probe, weight, None), x, s)
+
+    def reference_output(self, x: Tensor, z: Tensor) -> Tensor:
+        """The output the proportions are taken from (the forward output, unless redefined)."""
+        return z
+
+
+class LinearView(LayerView):
+    def __init__(self, module: nn.Linear) -> None:
+        self.module = module
+        self.kind = type(module).__name__
+        self.weight, self.bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def backward(self, x, weight, s):
+        return s @ weight
+
+
+class ConvView(LayerView):
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+        self.kind = type(module).__name__
+        self.weight, self.bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+        # the direct input-gradient kernel needs integer padding and zero padding mode
+        self._direct = module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+    def forward(self, x, weight, bias):
+        return self.module._conv_forward(x, weight, bias)
+
+    def backward(self, x, weight, s):
+        if not self._direct:
+            return super().backward(x, weight, s)
+        module = self.module
+        dims = x.dim() - 2
+        return torch.ops.aten.convolution_backward(
+            s, x, weight, None, list(module.stride), list(module.padding), list(module.dilation),
+            False, [0] * dims, module.groups, [True, False, False],
+        )[0]
+
+
+def batchnorm_affine(module: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` per channel of an eval-mode BatchNorm: ``y = scale * x + shift``."""
+    scale = torch.rsqrt(module.running_var.detach() + module.eps)
+    shift = -module.running_mean.detach() * scale
+    if module.weight is not None:
+        scale = scale * module.weight.detach()
+        shift = shift * module.weight.detach() + module.bias.detach()
+    return scale, shift
+
+
+class FoldedView(LayerView):
+    """A Linear/Conv followed by a BatchNorm, as one layer: ``w' = w * scale``, ``b' = b * scale + shift``."""
+
+    def __init__(self, base: LinearView | ConvView, batchnorm: nn.modules.batchnorm._BatchNorm) -> None:
+        self.base = base
+        self.kind = f"{base.kind}+{type(batchnorm).__name__}"
+        scale, shift = batchnorm_affine(batchnorm)
+        self.weight = base.weight * scale.reshape((-1,) + (1,) * (base.weight.dim() - 1))
+        self.bias = shift if base.bias is None else base.bias * scale + shift
+
+    def forward(self, x, weight, bias):
+        return self.base.forward(x, weight, bias)
+
+    def backward(self, x, weight, s):
+        return self.base.backward(x, weight, s)
+
+
+class AffineView(LayerView):
+    """A BatchNorm with no Linear/Conv right before it: a per-channel affine map (a diagonal layer)."""
+
+    def __init__(self, module: nn.modules.batchnorm._BatchNorm) -> None:
+        self.kind = type(module).__name__
+        self.weight, self.bias = batchnorm_affine(module)
+
+    @staticmethod
+    def _shaped(param: Tensor, x: Tensor) -> Tensor:
+        return param.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+    def forward(self, x, weight, bias):
+        out = x * self._shaped(weight, x)
+        return out if bias is None else out + self._shaped(bias, x)
+
+    def backward(self, x, weight, s):
+        return s * self._shaped(weight, x)
+
+
+class FunctionView(LayerView):
+    """A parameter-free linear map given as a function (pooling, a functional op)."""
+
+    def __init__(self, function: Callable[[Tensor], Tensor], kind: str) -> None:
+        self.function = function
+        self.kind = kind
+
+    def forward(self, x, weight, bias):
+        return self.function(x)
+
+
+class MaxAsAveragePoolView(FunctionView):
+    """A max pooling seen, for relevance, as the average pooling with the same window (LRP tutorial)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(module)]
+        if module.dilation not in (1, (1,) * dims):
+            raise ValueError(f"maxpool='average' needs dilation 1, got {module.dilation!r}")
+        average = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
+        stride = module.stride if module.stride is not None else module.kernel_size
+        super().__init__(
+            lambda x: average(x, module.kernel_size, stride, module.padding, module.ceil_mode, count_include_pad=True),
+            f"{type(module).__name__} as average",
+        )
+
+    def reference_output(self, x, z):
+        return self.function(x)
+
+
+def view_of(module: nn.Module) -> LayerView:
+    """The view of a leaf module that has a rule."""
+    if isinstance(module, nn.Linear):
+        return LinearView(module)
+    if isinstance(module, _CONVS):
+        return ConvView(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return AffineView(module)
+    return FunctionView(module.forward, type(module).__name__)

@@ -1,0 +1,328 @@
+"""LRP rules, each written as its formula (Montavon et al., "Layer-wise relevance propagation: an
+overview", 2019; Bach et al., 2015; Montavon et al., "Explaining nonlinear classification
+decisions with deep Taylor decomposition", 2017).
+
+A rule maps the relevance ``R_k`` at a layer's output to relevance ``R_j`` at its input. The layer is
+an affine map ``z_k = sum_j x_j w_jk + b_k`` (Linear, ConvNd, a BatchNorm folded into one of them, a
+BatchNorm on its own, an average pooling with fixed weights), seen through a
+:class:`~attrib.lrp.layers.LayerView`: ``forward(x, weight, bias)`` and ``backward(x, weight, s)``,
+the latter the vector-Jacobian product ``sum_k w_jk s_k``. Every product rule then reads
+
+    R_j = x_j * sum_k w'_jk * R_k / stab(z'_k)       computed as  x * backward(x, w', R / stab(z'))
+
+with its own modified weights ``w'`` (and inputs). Stabiliser: ``stab(z) = z + eps * sign(z)`` with
+``sign(0) = +1``, so a zero denominator becomes ``+eps``.
+
+Bias convention (``bias=True``, the default): the bias takes part in the denominator and absorbs
+relevance, with the same modification as the weights: ``Gamma`` uses ``b + gamma * b^+`` (for
+positive outputs; ``b + gamma * b^-`` for negative ones), ``ZPlus``/``AlphaBeta`` count ``b^+`` as a
+positive and ``b^-`` as a negative contribution, ``ZBox``'s bias cancels (as in the tutorial).
+``bias=False`` leaves the bias out of the denominator, which makes the rule conservative.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Union
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .layers import LayerView
+
+Number = Union[float, int]
+
+
+def stabilize(z: Tensor, epsilon: Union[Number, Tensor]) -> Tensor:
+    """``z + epsilon * sign(z)`` with ``sign(0) = +1``."""
+    return torch.where(z >= 0, z + epsilon, z - epsilon)
+
+
+def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor]) -> Tensor:
+    """``relevance / stab(z)`` with a single temporary (fresh large tensors cost page faults on CPU)."""
+    denominator = (z >= 0).to(z.dtype).mul_(2 * epsilon).sub_(epsilon).add_(z)
+    return torch.div(relevance, denominator, out=denominator)
+
+
+def _rms(z: Tensor) -> Tensor:
+    """Root mean square of each example's ``z``, shaped to broadcast against ``z``."""
+    return z.pow(2).reshape(z.shape[0], -1).mean(1).sqrt().reshape((-1,) + (1,) * (z.dim() - 1))
+
+
+def _positive(param: Tensor | None) -> Tensor | None:
+    return None if param is None else param.clamp(min=0)
+
+
+def _negative(param: Tensor | None) -> Tensor | None:
+    return None if param is None else param.clamp(max=0)
+
+
+class Rule:
+    """Base class. ``relevance(layer, x, z, R)`` returns the relevance at the layer's input.
+
+    ``x`` is the layer's input, ``z`` its output in the forward pass, ``R`` the relevance at ``z``.
+    """
+
+    needs_weight = False
+    needs_output = False  # whether ``z`` is used (else the engine need not keep it)
+
+    def relevance(self, layer: "LayerView", x: Tensor, z: Tensor, relevance: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def check(self, layer: "LayerView", name: str) -> None:
+        """Raise ValueError if this rule cannot be used on ``layer``."""
+        if self.needs_weight and layer.weight is None:
+            raise ValueError(
+                f"composite: rule {self!r} needs weights, but layer {name!r} ({layer.kind}) has none"
+            )
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if not key.startswith("_"))
+        return f"{type(self).__name__}({params})"
+
+
+class _BiasRule(Rule):
+    def __init__(self, bias: bool = True) -> None:
+        self.bias = bias
+
+    def _bias(self, layer: "LayerView") -> Tensor | None:
+        return layer.bias if self.bias else None
+
+
+class Epsilon(_BiasRule):
+    """LRP-epsilon: ``R_j = x_j sum_k w_jk R_k / (z_k + eps sign(z_k))``.
+
+    ``relative=True`` scales ``epsilon`` per example by the root mean square of ``z`` (the LRP
+    tutorial's ``0.25 * std`` is ``Epsilon(0.25, relative=True)``).
+
+    >>> Epsilon(1e-6)
+    """
+
+    def __init__(self, epsilon: float = 1e-6, relative: bool = False, bias: bool = True) -> None:
+        if not epsilon >= 0:
+            raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+        super().__init__(bias)
+        self.epsilon = epsilon
+        self.relative = relative
+
+    needs_output = True
+
+    def relevance(self, layer, x, z, relevance):
+        if not self.bias and layer.bias is not None:
+            z = layer.forward(x, layer.weight, None)
+        epsilon = self.epsilon * _rms(z) if self.relative else self.epsilon
+        return layer.backward(x, layer.weight, divide(relevance, z, epsilon)).mul_(x)
+
+
+class LRP0(_BiasRule):
+    """LRP-0: ``R_j = x_j sum_k w_jk R_k / z_k``. Where ``z_k = 0`` its relevance is dropped (with
+    ReLU above, the relevance there is already 0)."""
+
+    needs_output = True
+
+    def relevance(self, layer, x, z, relevance):
+        if not self.bias and layer.bias is not None:
+            z = layer.forward(x, layer.weight, None)
+        zero = z == 0
+        share = torch.div(relevance, z.masked_fill(zero, 1)).masked_fill_(zero, 0)
+        return layer.backward(x, layer.weight, share).mul_(x)
+
+
+class Gamma(_BiasRule):
+    """LRP-gamma, favouring positive contributions: for ``z_k > 0``
+    ``R_j = sum_k x_j (w_jk + gamma w_jk^+) R_k / sum_j x_j (w_jk + gamma w_jk^+) (+ b_k + gamma b_k^+)``.
+
+    Written for inputs of either sign (Andeol et al., 2021): for ``z_k > 0`` the contributions
+    ``x^+ (w + gamma w^+)`` and ``x^- (w + gamma w^-)`` are used; for ``z_k < 0`` the roles of ``w^+`` and
+    ``w^-`` swap, favouring negative contributions. With non-negative inputs and positive outputs
+    (a ReLU network) this is the overview's formula; zennit's ``Gamma`` uses the same convention.
+    """
+
+    needs_weight = True
+    needs_output = True
+
+    def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6, bias: bool = True) -> None:
+        if not gamma >= 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+        super().__init__(bias)
+        self.gamma = gamma
+        self.epsilon = epsilon
+
+    def _tilted(self, param: Tensor | None, part) -> Tensor | None:
+        return None if param is None else param + self.gamma * part(param)
+
+    def relevance(self, layer, x, z, relevance):
+        signed_in = bool((x < 0).any())
+        positive_in = x.clamp(min=0) if signed_in else x
+        total = None
+        for sign, favoured, other in ((1, _positive, _negative), (-1, _negative, _positive)):
+            share = relevance * (z > 0 if sign > 0 else z < 0)
+            if not bool(share.any()):
+                continue
+            weight_a = self._tilted(layer.weight, favoured)   # for x^+
+            weight_b = self._tilted(layer.weight, other)      # for x^-
+            denominator = layer.forward(positive_in, weight_a, self._tilted(self._bias(layer), favoured))
+            if signed_in:
+                negative_in = x.clamp(max=0)
+                denominator += layer.forward(negative_in, weight_b, None)
+            share = divide(share, denominator, self.epsilon)
+            part = layer.backward(x, weight_a, share).mul_(positive_in)
+            if signed_in:
+                part += layer.backward(x, weight_b, share).mul_(negative_in)
+            total = part if total is None else total.add_(part)
+        return torch.zeros_like(x) if total is None else total
+
+
+class AlphaBeta(_BiasRule):
+    """LRP-alpha-beta: ``R_j = sum_k (alpha (x_j w_jk)^+ / sum_j (x_j w_jk)^+ - beta (x_j w_jk)^- /
+    sum_j (x_j w_jk)^-) R_k`` with ``alpha - beta = 1``; positive contributions are ``x^+ w^+`` and
+    ``x^- w^-`` (plus ``b^+``), negative ones ``x^+ w^-`` and ``x^- w^+`` (plus ``b^-``)."""
+
+    needs_weight = True
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6, bias: bool = True) -> None:
+        if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
+            raise ValueError(f"alpha and beta must be >= 0 with alpha - beta = 1, got alpha={alpha!r}, beta={beta!r}")
+        super().__init__(bias)
+        self.alpha = alpha
+        self.beta = beta
+        self.epsilon = epsilon
+
+    def _part(self, layer, x, relevance, for_positive_in, for_negative_in, bias_part) -> Tensor:
+        """One signed part: contributions ``x^+ w1 + x^- w2 (+ b')``, relevance shared in proportion."""
+        signed_in = bool((x < 0).any())
+        positive_in = x.clamp(min=0) if signed_in else x
+        weight_a, weight_b = for_positive_in(layer.weight), for_negative_in(layer.weight)
+        denominator = layer.forward(positive_in, weight_a, bias_part(self._bias(layer)))
+        if signed_in:
+            negative_in = x.clamp(max=0)
+            denominator += layer.forward(negative_in, weight_b, None)
+        share = divide(relevance, denominator, self.epsilon)
+        part = layer.backward(x, weight_a, share).mul_(positive_in)
+        if signed_in:
+            part += layer.backward(x, weight_b, share).mul_(negative_in)
+        return part
+
+    def relevance(self, layer, x, z, relevance):
+        total = self._part(layer, x, relevance, _positive, _negative, _positive)
+        if self.alpha != 1:
+            total = self.alpha * total
+        if self.beta:
+            total -= self.beta * self._part(layer, x, relevance, _negative, _positive, _negative)
+        return total
+
+
+class ZPlus(AlphaBeta):
+    """z+ rule (``AlphaBeta(1, 0)``): ``R_j = sum_k (x_j w_jk)^+ / sum_j (x_j w_jk)^+ R_k``."""
+
+    def __init__(self, epsilon: float = 1e-6, bias: bool = True) -> None:
+        super().__init__(1.0, 0.0, epsilon, bias)
+
+    def __repr__(self) -> str:
+        return f"ZPlus(epsilon={self.epsilon!r}, bias={self.bias!r})"
+
+
+class ZBox(Rule):
+    """z^B for a bounded input layer, ``low <= x <= high`` (deep Taylor decomposition):
+    ``R_j = sum_k (x_j w_jk - l_j w_jk^+ - h_j w_jk^-) R_k / sum_j (x_j w_jk - l_j w_jk^+ - h_j w_jk^-)``.
+
+    ``low``/``high``: floats, or per-channel tensors of shape (C,), or tensors broadcasting to one
+    example's shape. :meth:`from_normalization` derives them from a normalisation's mean and std.
+    """
+
+    needs_weight = True
+
+    def __init__(self, low: Union[Number, Tensor], high: Union[Number, Tensor], epsilon: float = 1e-6) -> None:
+        self.low = low
+        self.high = high
+        self.epsilon = epsilon
+
+    @classmethod
+    def from_normalization(cls, mean, std, epsilon: float = 1e-6) -> "ZBox":
+        """Bounds of ``(x - mean) / std`` for ``x`` in [0, 1]: ``low = -mean/std``, ``high = (1-mean)/std``."""
+        mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
+        return cls(-mean / std, (1 - mean) / std, epsilon)
+
+    @staticmethod
+    def _bound(bound: Union[Number, Tensor], x: Tensor, name: str) -> Tensor:
+        bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device)
+        if bound.dim() == 1 and x.dim() > 2 and bound.shape[0] == x.shape[1]:
+            bound = bound.reshape((-1,) + (1,) * (x.dim() - 2))
+        try:
+            return torch.broadcast_to(bound, x.shape[1:]).expand_as(x)
+        except RuntimeError:
+            raise ValueError(
+                f"ZBox {name}: shape {tuple(bound.shape)} does not broadcast to the input layer's shape "
+                f"{tuple(x.shape[1:])} per example"
+            ) from None
+
+    def relevance(self, layer, x, z, relevance):
+        low, high = self._bound(self.low, x, "low"), self._bound(self.high, x, "high")
+        weight, weight_pos, weight_neg = layer.weight, layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+        denominator = (
+            layer.forward(x, weight, None) - layer.forward(low, weight_pos, None) - layer.forward(high, weight_neg, None)
+        )
+        share = divide(relevance, denominator, self.epsilon)
+        result = layer.backward(x, weight, share).mul_(x)
+        result -= layer.backward(x, weight_pos, share).mul_(low)
+        result -= layer.backward(x, weight_neg, share).mul_(high)
+        return result
+
+
+class Flat(Rule):
+    """Flat: ``R_j = sum_k R_k / N_k``, every input connected to ``k`` gets an equal share
+    (``N_k`` = number of inputs of ``k``, fewer at a padded border)."""
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = epsilon
+
+    def relevance(self, layer, x, z, relevance):
+        ones = torch.ones_like(x)
+        weight = None if layer.weight is None else torch.ones_like(layer.weight)
+        return layer.backward(ones, weight, divide(relevance, layer.forward(ones, weight, None), self.epsilon))
+
+
+class WSquare(Rule):
+    """w^2: ``R_j = sum_k w_jk^2 R_k / sum_j w_jk^2`` (the bias is not used)."""
+
+    needs_weight = True
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = epsilon
+
+    def relevance(self, layer, x, z, relevance):
+        ones = torch.ones_like(x)
+        weight = layer.weight.pow(2)
+        return layer.backward(ones, weight, divide(relevance, layer.forward(ones, weight, None), self.epsilon))
+
+
+class Pass(Rule):
+    """Pass relevance through unchanged (elementwise activations): ``R_j = R_j``."""
+
+    def relevance(self, layer, x, z, relevance):
+        if relevance.shape != x.shape:
+            raise ValueError(f"Pass needs a layer whose output has its input's shape; got {tuple(x.shape)} -> {tuple(relevance.shape)}")
+        return relevance
+
+
+class Norm(Rule):
+    """Share in proportion to contributions without parameters (average pooling, sums):
+    ``R_j = x_j sum_k w_jk R_k / stab(z_k)`` with the layer's fixed weights."""
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        self.epsilon = epsilon
+
+    needs_output = True
+
+    def relevance(self, layer, x, z, relevance):
+        return layer.backward(x, None, divide(relevance, z, self.epsilon)).mul_(x)
+
+
+class Gradient(Rule):
+    """The layer's plain vector-Jacobian product ``R_j = sum_k dz_k/dx_j R_k`` (max pooling: the
+    winner takes all)."""
+
+    def relevance(self, layer, x, z, relevance):
+        return layer.backward(x, layer.weight, relevance)
+
+
+RULES = {cls.__name__: cls for cls in (LRP0, Epsilon, Gamma, ZPlus, AlphaBeta, ZBox, Flat, WSquare, Pass, Norm, Gradient)}
