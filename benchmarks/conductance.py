@@ -23,6 +23,7 @@ import torch
 import torchvision
 
 import attrib
+from common import cpu_model, peak_rss_mb, rss_mb, side_by_side, sync
 
 warnings.filterwarnings("ignore", module="captum")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -30,16 +31,6 @@ N_STEPS = 50
 TARGET = 3
 SECTIONS = ["layers", "one_layer", "neuron", "ig", "accuracy", "accuracy_seeds", "memory", "refine"]
 SEEDS = 12
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def vgg16(bias: str = "zero", device: str = "cpu") -> torch.nn.Module:
@@ -65,28 +56,6 @@ def image(size: int | None = None, device: str = "cpu") -> torch.Tensor:
 
 def convs(model) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)]
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def side_by_side(fns: dict, repeats: int, device: str, warmup: bool = True) -> dict:
-    """{name: (median seconds, all times, last result)}: one warm-up call each, then ``repeats``
-    rounds calling every function in turn, so drift in the machine's speed hits all of them alike."""
-    if warmup:
-        for fn in fns.values():
-            fn()
-    runs, results = {name: [] for name in fns}, {}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            results[name] = fn()
-            sync(device)
-            runs[name].append(time.perf_counter() - start)
-    return {name: (statistics.median(runs[name]), runs[name], results[name]) for name in fns}
 
 
 def captum_layer(model, name, x, method, n_steps=N_STEPS, **kw):
@@ -371,18 +340,6 @@ def memory_case(case: str, device: str) -> None:
     else:
         peak = peak_rss_mb() - before
     print(json.dumps({"peak_mb": peak}))
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def measure_memory(case: str, device: str) -> float:

@@ -10,7 +10,8 @@ Linear/Conv), then ``types`` (first matching type), then the defaults: elementwi
 average pooling, as the LRP tutorial does), BatchNorm taken on its own ``Epsilon(1e-6)``. BatchNorms
 right after a Linear/Conv are folded into it (``merge_batchnorm``) and that layer's rule applies to
 the folded layer; residual additions of two computed tensors share relevance in proportion to
-each branch's contribution (``split_additions``; see :mod:`attrib.lrp.canonizers`).
+each branch's contribution (``split_additions``, with ``addition_rule``, ``Norm(1e-6)`` by default;
+see :mod:`attrib.lrp.canonizers`).
 """
 from __future__ import annotations
 
@@ -53,9 +54,12 @@ class Composite:
     maxpool: str = "winner"
     merge_batchnorm: bool = True
     split_additions: bool = True
+    addition_rule: Norm = field(default_factory=Norm)
     name: str = "custom"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.addition_rule, Norm):
+            raise TypeError(f"addition_rule: expected a Norm rule, got {type(self.addition_rule).__name__}")
         if self.maxpool not in ("winner", "average"):
             raise ValueError(f"maxpool must be 'winner' or 'average', got {self.maxpool!r}")
         for pattern, rule in self.names.items():
@@ -94,6 +98,17 @@ class Composite:
             f"LRP has no rule for layer {name!r} ({type(module).__name__}); map it in the composite, e.g. "
             f"Composite(names={{{name!r}: Pass()}}) for an elementwise layer"
         )
+
+    def rule_for_function(self, label: str, like: type) -> Rule:
+        """The rule of a functional average pooling between modules, looked up as if it were a
+        module of type ``like`` named ``label`` (``Norm()`` by default)."""
+        for pattern, rule in self.names.items():
+            if fnmatch.fnmatchcase(label, pattern):
+                return rule
+        for types, rule in self.types:
+            if issubclass(like, types):
+                return rule
+        return Norm()
 
     def unused_patterns(self, names: Sequence[str]) -> list[str]:
         return [pattern for pattern in self.names if not any(fnmatch.fnmatchcase(n, pattern) for n in names)]

@@ -21,11 +21,11 @@ from ..engine import as_args, check_inputs, check_model
 from ..hooks import LayerReuseError, LayerSpec, preserved, resolve_layers
 from ..result import Attribution
 from ..targets import NeuronSelector, TargetType, normalize_target, selector_weights, target_scores
-from .canonizers import FunctionalOps
+from .canonizers import FUNCTIONAL_POOLS, FunctionalOps
 from .composites import BATCHNORMS, COMPOSITES, LINEAR_TYPES, MAX_POOLS, WINNER_POOLS, Composite
 from .layers import ConvView, FoldedView, FunctionView, LayerView, LinearView, MaxAsAveragePoolView, view_of
 from .report import ConservationReport, LayerBalance, per_example_sum
-from .rules import Gradient, Norm, Rule, divide
+from .rules import Gradient, Norm, Pass, Rule, divide
 
 CHEAP_VIEWS = (FunctionView,)
 
@@ -48,6 +48,17 @@ class _Relay(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, relevance):
         return (None,) + ctx.step.propagate(relevance)
+
+
+class _RelayInPlace(_Relay):
+    """Like :class:`_Relay` for ``a += b``: the addition is done in ``a`` itself (marked dirty), so
+    ``a.add_(b)`` keeps its meaning and no copy is made."""
+
+    @staticmethod
+    def forward(ctx, step, a, b):
+        ctx.step = step
+        ctx.mark_dirty(a)
+        return a.add_(b)
 
 
 def _saved(tensor: Tensor) -> tuple[Tensor, int]:
@@ -119,6 +130,7 @@ class _Run:
         self.calls: dict[str, int] = {}
         self.linear_outputs: dict[int, tuple[Tensor, _Step, Tensor]] = {}
         self.saved_outputs: dict[int, tuple[Tensor, _Step]] = {}
+        self.saved_inputs: dict[int, Tensor] = {}
         self.records: dict[str, Tensor] = {}
         self.start_output: Tensor | None = None
 
@@ -134,6 +146,8 @@ class _Run:
     def _relay(self, row: LayerBalance, view: LayerView, rule: Rule, x: Tensor, output: Tensor, graph_input: Tensor) -> tuple[Tensor, _Step]:
         keep_output = rule.needs_output and not isinstance(view, CHEAP_VIEWS)
         step = _Step(self, row, view, rule, x, output.detach() if keep_output else None)
+        if not isinstance(rule, Pass):
+            self.saved_inputs[id(graph_input)] = graph_input
         step.output = output.detach()
         out = _Relay.apply(step, graph_input)
         if keep_output:
@@ -151,9 +165,14 @@ class _Run:
             return None
         self.inputs.append(x)
         detached = x.detach()
-        if getattr(module, "inplace", False):
-            detached = detached.clone()  # the in-place op must not overwrite what the layer below kept
+        if getattr(module, "inplace", False) and self._kept(x):
+            detached = detached.clone()  # the in-place op must not overwrite what a layer kept
         return (detached,) + tuple(args[1:])
+
+    def _kept(self, tensor: Tensor) -> bool:
+        """Whether a step keeps this tensor (as its input or output) for the backward pass."""
+        output = self.saved_outputs.get(id(tensor))
+        return (output is not None and output[0] is tensor) or self.saved_inputs.get(id(tensor)) is tensor
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
         self.depth -= 1
@@ -207,23 +226,29 @@ class _Run:
             owner = self.saved_outputs.get(id(a))
             if owner is not None and owner[0] is a:  # the layer that produced `a` keeps the old values
                 owner[1].z, owner[1].z_version = _saved(saved_a)
-        row = LayerBalance(self._functional_label("add"), "add", repr(Norm()))
+                del self.saved_outputs[id(a)]
+        else:
+            self.saved_inputs[id(a)] = a
+        self.saved_inputs[id(b)] = b
+        rule = self.composite.addition_rule
+        row = LayerBalance(self._functional_label("add"), "add", repr(rule))
         self.rows.append(row)
-        step = _SumStep(self, row, saved_a, b.detach(), Norm().epsilon)
+        step = _SumStep(self, row, saved_a, b.detach(), rule.epsilon)
+        if inplace:
+            return _RelayInPlace.apply(step, a, b)
         step.output = saved_a + b.detach()
-        out = _Relay.apply(step, a, b)
-        if not inplace:
-            return out
-        a.copy_(out)
-        return a
+        return _Relay.apply(step, a, b)
 
     def functional(self, func: Callable, args: tuple, kwargs: dict) -> Tensor:
         """A functional average pooling between modules: the Norm rule."""
         x, rest = args[0], args[1:]
         view = FunctionView(lambda t: func(t, *rest, **kwargs), func.__name__)
-        row = LayerBalance(self._functional_label(func.__name__), view.kind, repr(Norm()))
+        label = self._functional_label(func.__name__)
+        rule = self.composite.rule_for_function(label, FUNCTIONAL_POOLS[func])
+        rule.check(view, label)
+        row = LayerBalance(label, view.kind, repr(rule))
         self.rows.append(row)
-        out, _ = self._relay(row, view, Norm(), x.detach(), func(x.detach(), *rest, **kwargs), x)
+        out, _ = self._relay(row, view, rule, x.detach(), func(x.detach(), *rest, **kwargs), x)
         return out
 
     def record_hook(self, name: str, side: str) -> Callable:
@@ -264,6 +289,7 @@ class _Run:
     def finish_forward(self) -> None:
         self.linear_outputs.clear()
         self.saved_outputs.clear()
+        self.saved_inputs.clear()
 
     # ----------------------------------------------------------------- backward
     def account(self, step: _Step, relevance: Tensor, result: tuple[Tensor, ...]) -> None:

@@ -38,8 +38,17 @@ def stabilize(z: Tensor, epsilon: Union[Number, Tensor]) -> Tensor:
 
 
 def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor]) -> Tensor:
-    """``relevance / stab(z)`` with a single temporary (fresh large tensors cost page faults on CPU)."""
-    denominator = (z >= 0).to(z.dtype).mul_(2 * epsilon).sub_(epsilon).add_(z)
+    """``relevance / stab(z)``, ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1`` (also for -0.0),
+    written to use a single temporary (fresh large tensors cost page faults on CPU).
+
+    ``epsilon=0`` divides by ``z`` itself and drops the relevance where ``z = 0``.
+    """
+    zero = z == 0
+    if not isinstance(epsilon, Tensor) and epsilon == 0:
+        return torch.div(relevance, z.masked_fill(zero, 1)).masked_fill_(zero, 0)
+    denominator = z.abs().add_(epsilon).copysign_(z)
+    if bool(zero.any()):  # copysign gives -0.0 a negative sign
+        denominator = torch.where(zero, torch.as_tensor(epsilon, dtype=z.dtype, device=z.device), denominator)
     return torch.div(relevance, denominator, out=denominator)
 
 
@@ -122,9 +131,7 @@ class LRP0(_BiasRule):
     def relevance(self, layer, x, z, relevance):
         if not self.bias and layer.bias is not None:
             z = layer.forward(x, layer.weight, None)
-        zero = z == 0
-        share = torch.div(relevance, z.masked_fill(zero, 1)).masked_fill_(zero, 0)
-        return layer.backward(x, layer.weight, share).mul_(x)
+        return layer.backward(x, layer.weight, divide(relevance, z, 0)).mul_(x)
 
 
 class Gamma(_BiasRule):
@@ -148,23 +155,46 @@ class Gamma(_BiasRule):
         self.epsilon = epsilon
 
     def _tilted(self, param: Tensor | None, part) -> Tensor | None:
-        return None if param is None else param + self.gamma * part(param)
+        return None if param is None else part(param).mul_(self.gamma).add_(param)
 
     def relevance(self, layer, x, z, relevance):
-        signed_in = bool((x < 0).any())
+        if bool((x < 0).any()):
+            return self._signed(layer, x, z, relevance)
+        # x >= 0: d+ = (w + g w+) x + b + g b+ on z > 0 and d- = (w + g w-) x + b + g b- on z < 0 add
+        # up to (2 + g) z, so one modified forward gives both; each has the sign of z there
+        weight_up = self._tilted(layer.weight, _positive)
+        up = layer.forward(x, weight_up, self._tilted(self._bias(layer), _positive))
+        down = None
+        if bool((z < 0).logical_and_(relevance != 0).any()):
+            plain = z if self.bias or layer.bias is None else layer.forward(x, layer.weight, None)
+            down = torch.sub(plain * (2 + self.gamma), up)
+            down.sub_(self.epsilon)
+            share = torch.div(relevance, down, out=down).masked_fill_(z >= 0, 0)
+            down = layer.backward(x, self._tilted(layer.weight, _negative), share)
+        up.add_(self.epsilon)
+        share = torch.div(relevance, up, out=up).masked_fill_(z <= 0, 0)
+        total = layer.backward(x, weight_up, share)
+        if down is not None:
+            total += down
+        return total.mul_(x)
+
+    def _signed(self, layer, x, z, relevance):
+        signed_in = True
         positive_in = x.clamp(min=0) if signed_in else x
+        negative_in = x.clamp(max=0) if signed_in else None
         total = None
         for sign, favoured, other in ((1, _positive, _negative), (-1, _negative, _positive)):
-            share = relevance * (z > 0 if sign > 0 else z < 0)
-            if not bool(share.any()):
-                continue
+            if sign < 0 and not bool((z < 0).logical_and_(relevance != 0).any()):
+                continue  # no relevance on negative outputs (the usual case below a ReLU)
             weight_a = self._tilted(layer.weight, favoured)   # for x^+
             weight_b = self._tilted(layer.weight, other)      # for x^-
             denominator = layer.forward(positive_in, weight_a, self._tilted(self._bias(layer), favoured))
             if signed_in:
-                negative_in = x.clamp(max=0)
                 denominator += layer.forward(negative_in, weight_b, None)
-            share = divide(share, denominator, self.epsilon)
+            # the tilt only adds contributions of the output's own sign, so the denominator has the
+            # sign of z there: stab() adds +eps for z > 0 and -eps for z < 0
+            denominator.add_(sign * self.epsilon)
+            share = torch.div(relevance, denominator, out=denominator).masked_fill_(z <= 0 if sign > 0 else z >= 0, 0)
             part = layer.backward(x, weight_a, share).mul_(positive_in)
             if signed_in:
                 part += layer.backward(x, weight_b, share).mul_(negative_in)
@@ -187,8 +217,10 @@ class AlphaBeta(_BiasRule):
         self.beta = beta
         self.epsilon = epsilon
 
-    def _part(self, layer, x, relevance, for_positive_in, for_negative_in, bias_part) -> Tensor:
-        """One signed part: contributions ``x^+ w1 + x^- w2 (+ b')``, relevance shared in proportion."""
+    def _part(self, layer, x, relevance, for_positive_in, for_negative_in, bias_part, sign) -> Tensor:
+        """One signed part: contributions ``x^+ w1 + x^- w2 (+ b')``, all of one sign, relevance shared
+        in proportion. The denominator has that sign (0 only where every contribution is 0, and then
+        the stabiliser's sign does not matter), so stab() adds ``sign * eps``."""
         signed_in = bool((x < 0).any())
         positive_in = x.clamp(min=0) if signed_in else x
         weight_a, weight_b = for_positive_in(layer.weight), for_negative_in(layer.weight)
@@ -196,18 +228,19 @@ class AlphaBeta(_BiasRule):
         if signed_in:
             negative_in = x.clamp(max=0)
             denominator += layer.forward(negative_in, weight_b, None)
-        share = divide(relevance, denominator, self.epsilon)
+        denominator.add_(sign * self.epsilon)
+        share = torch.div(relevance, denominator, out=denominator)
         part = layer.backward(x, weight_a, share).mul_(positive_in)
         if signed_in:
             part += layer.backward(x, weight_b, share).mul_(negative_in)
         return part
 
     def relevance(self, layer, x, z, relevance):
-        total = self._part(layer, x, relevance, _positive, _negative, _positive)
+        total = self._part(layer, x, relevance, _positive, _negative, _positive, 1)
         if self.alpha != 1:
             total = self.alpha * total
         if self.beta:
-            total -= self.beta * self._part(layer, x, relevance, _negative, _positive, _negative)
+            total -= self.beta * self._part(layer, x, relevance, _negative, _positive, _negative, -1)
         return total
 
 
@@ -258,14 +291,13 @@ class ZBox(Rule):
     def relevance(self, layer, x, z, relevance):
         low, high = self._bound(self.low, x, "low"), self._bound(self.high, x, "high")
         weight, weight_pos, weight_neg = layer.weight, layer.weight.clamp(min=0), layer.weight.clamp(max=0)
-        denominator = (
-            layer.forward(x, weight, None) - layer.forward(low, weight_pos, None) - layer.forward(high, weight_neg, None)
-        )
+        denominator = layer.forward(x, weight, None)
+        denominator -= layer.forward(low[:1], weight_pos, None)  # the bounds are the same for every example
+        denominator -= layer.forward(high[:1], weight_neg, None)
         share = divide(relevance, denominator, self.epsilon)
-        result = layer.backward(x, weight, share).mul_(x)
-        result -= layer.backward(x, weight_pos, share).mul_(low)
-        result -= layer.backward(x, weight_neg, share).mul_(high)
-        return result
+        plain, positive = layer.backward(x, weight, share), layer.backward(x, weight_pos, share)
+        # x c - l c+ - h c- with c- = c - c+
+        return plain.mul_(x - high).addcmul_(positive, high - low)
 
 
 class Flat(Rule):
@@ -306,7 +338,8 @@ class Pass(Rule):
 
 class Norm(Rule):
     """Share in proportion to contributions without parameters (average pooling, sums):
-    ``R_j = x_j sum_k w_jk R_k / stab(z_k)`` with the layer's fixed weights."""
+    ``R_j = x_j sum_k w_jk R_k / stab(z_k)`` with the layer's fixed weights (``epsilon=0``: no
+    stabiliser, exactly conservative)."""
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         self.epsilon = epsilon

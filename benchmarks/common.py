@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmark scripts: machine facts, interleaved timing, peak memory."""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def side_by_side(fns: dict, repeats: int, device: str, warmup: bool = True) -> dict:
+    """{name: (median seconds, all times, last result)}: one warm-up call each, then ``repeats``
+    rounds calling every function in turn, so drift in the machine's speed hits all of them alike."""
+    if warmup:
+        for fn in fns.values():
+            fn()
+    runs, results = {name: [] for name in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            results[name] = fn()
+            sync(device)
+            runs[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(runs[name]), runs[name], results[name]) for name in fns}
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
