@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..engine import as_args, check_inputs, check_model
-from ..hooks import LayerReuseError, LayerSpec, preserved, resolve_layers
+from ..hooks import LayerReuseError, LayerSpec, resolve_layers
 from ..result import Attribution
 from ..targets import NeuronSelector, TargetType, normalize_target, selector_weights, target_scores
 from .canonizers import FUNCTIONAL_POOLS, FunctionalOps
@@ -114,14 +114,14 @@ class _SumStep(_Step):
         return result
 
 
-Plan = dict[int, tuple[str, Rule, LayerView]]
+Plan = dict[int, tuple[str, Rule, LayerView, str]]  # id(module) -> (label, rule, view, repr(rule))
 
 
 class _Run:
     """Hooks and bookkeeping for one forward pass and the backward passes that follow it."""
 
     def __init__(self, lrp: "LRP", plan: Plan, record: dict[str, tuple[nn.Module, str]], start: nn.Module | None) -> None:
-        self.model, self.composite, self.plan = lrp.model, lrp.composite, plan
+        self.model, self.composite, self.plan, self.lrp = lrp.model, lrp.composite, plan, lrp
         self.record, self.start_module = record, start
         self.depth = 0
         self.inputs: list[Tensor | None] = []
@@ -179,17 +179,17 @@ class _Run:
         x = self.inputs.pop()
         if x is None:
             return None
-        name, rule, view = self.plan[id(module)]
+        name, rule, view, rule_text = self.plan[id(module)]
         if not isinstance(output, Tensor):
             raise TypeError(f"LRP: layer {name!r} returned a {type(output).__name__}, not a tensor")
         label = self._label(name)
         merged = self.linear_outputs.get(id(x)) if isinstance(module, BATCHNORMS) and self.composite.merge_batchnorm else None
         if merged is not None and merged[0] is x:
             _, below, source = merged
-            view = FoldedView(below.view, module)
+            view = self.lrp.view(("folded", id(below.view.module), id(module)), lambda: FoldedView(below.view, module))
             rule = below.rule
             rule.check(view, label)
-            row = LayerBalance(f"{below.row.name}+{label}", view.kind, repr(rule))
+            row = LayerBalance(f"{below.row.name}+{label}", view.kind, below.row.rule)
             self.rows.append(row)
             out, step = self._relay(row, view, rule, below.x, output, source)
             step.records = [(n, side) for n, side in below.records if side == "in"]
@@ -197,7 +197,7 @@ class _Run:
             if name in self.record:
                 step.records.append((name, "out"))
             return out
-        row = LayerBalance(label, view.kind, repr(rule))
+        row = LayerBalance(label, view.kind, rule_text)
         self.rows.append(row)
         out, step = self._relay(row, view, rule, x.detach(), output, x)
         if name in self.record:
@@ -293,7 +293,9 @@ class _Run:
 
     # ----------------------------------------------------------------- backward
     def account(self, step: _Step, relevance: Tensor, result: tuple[Tensor, ...]) -> None:
-        step.row.add(per_example_sum(relevance), sum(per_example_sum(r) for r in result))
+        entering = per_example_sum(relevance)
+        leaving = entering if result[0] is relevance else sum(per_example_sum(r) for r in result)
+        step.row.add(entering, leaving)
         for name, side in step.records:
             self.records[name] = (relevance if side == "out" else result[0]).detach()
 
@@ -335,6 +337,20 @@ class LRP:
             raise TypeError(f"composite: expected a name or a Composite, got {type(composite).__name__}")
         self.model = model
         self.composite = composite
+        self._views: dict[Any, LayerView] = {}
+
+    def view(self, key: Any, make: Callable[[], LayerView]) -> LayerView:
+        """The view kept under ``key``, rebuilt when a parameter or buffer behind it changed."""
+        view = self._views.get(key)
+        if view is None or view.built != view.signature():
+            view = make()
+            view.built = view.signature()
+            self._views[key] = view
+        return view
+
+    def clear_cache(self) -> None:
+        """Drop the kept views and the parameters derived for rules (folded BatchNorms, w + gamma w^+)."""
+        self._views.clear()
 
     def _plan(self) -> Plan:
         leaves = [(name, m) for name, m in self.model.named_modules() if not any(True for _ in m.children())]
@@ -351,11 +367,11 @@ class LRP:
             if isinstance(module, BATCHNORMS) and (module.running_mean is None or module.running_var is None):
                 raise ValueError(f"LRP: BatchNorm {label!r} keeps no running statistics, so it is not an affine map per example")
             if self.composite.maxpool == "average" and isinstance(module, MAX_POOLS):
-                view = MaxAsAveragePoolView(module)
+                view = self.view(("average", id(module)), lambda: MaxAsAveragePoolView(module))
             else:
-                view = view_of(module)
+                view = self.view(id(module), lambda: view_of(module))
             rule.check(view, label)
-            plan[id(module)] = (label, rule, view)
+            plan[id(module)] = (label, rule, view, repr(rule))
         return plan
 
     def attribute(
@@ -404,7 +420,7 @@ class LRP:
         args = as_args(additional_forward_args)
         run = _Run(self, plan, record, start_module)
         x = inputs.clone().requires_grad_(True)
-        with preserved(model), torch.enable_grad():
+        with torch.enable_grad():  # nothing in the model is written, so nothing needs restoring
             with ExitStack() as stack:
                 run.hooks(stack)
                 stack.enter_context(FunctionalOps(run, self.composite.split_additions))

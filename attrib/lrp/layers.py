@@ -20,11 +20,27 @@ def _autograd_vjp(function: Callable[[Tensor], Tensor], x: Tensor, s: Tensor) ->
 
 
 class LayerView:
-    """Base: a module seen as ``forward(x, weight, bias)``; ``weight``/``bias`` are the effective ones."""
+    """Base: a module seen as ``forward(x, weight, bias)``; ``weight``/``bias`` are the effective ones.
+
+    Views live as long as their :class:`~attrib.lrp.LRP` object, so parameters derived by rules
+    (``w + gamma w^+``, a folded BatchNorm) are computed once; ``signature`` (the identity and
+    version counter of every source tensor) tells when a view is stale and must be rebuilt.
+    """
 
     kind = "layer"
     weight: Tensor | None = None
     bias: Tensor | None = None
+    sources: tuple = ()
+
+    def signature(self) -> tuple:
+        return tuple((id(t), t._version) for t in self.sources if t is not None)
+
+    def derived(self, key: tuple, compute: Callable[[], Tensor | None]) -> Tensor | None:
+        """A tensor computed from the parameters once, then kept with the view."""
+        memo = self.__dict__.setdefault("_derived", {})
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
 
     def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         raise NotImplementedError
@@ -42,6 +58,7 @@ class LinearView(LayerView):
         self.module = module
         self.kind = type(module).__name__
         self.weight, self.bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+        self.sources = (module.weight, module.bias)
 
     def forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
@@ -55,6 +72,7 @@ class ConvView(LayerView):
         self.module = module
         self.kind = type(module).__name__
         self.weight, self.bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
+        self.sources = (module.weight, module.bias)
         # the direct input-gradient kernel needs integer padding and zero padding mode
         self._direct = module.padding_mode == "zeros" and not isinstance(module.padding, str)
 
@@ -72,6 +90,10 @@ class ConvView(LayerView):
         )[0]
 
 
+def _batchnorm_sources(module: nn.modules.batchnorm._BatchNorm) -> tuple:
+    return (module.running_mean, module.running_var, module.weight, module.bias)
+
+
 def batchnorm_affine(module: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` per channel of an eval-mode BatchNorm: ``y = scale * x + shift``."""
     scale = torch.rsqrt(module.running_var.detach() + module.eps)
@@ -86,8 +108,9 @@ class FoldedView(LayerView):
     """A Linear/Conv followed by a BatchNorm, as one layer: ``w' = w * scale``, ``b' = b * scale + shift``."""
 
     def __init__(self, base: LinearView | ConvView, batchnorm: nn.modules.batchnorm._BatchNorm) -> None:
-        self.base = base
+        self.base, self.module = base, batchnorm
         self.kind = f"{base.kind}+{type(batchnorm).__name__}"
+        self.sources = base.sources + _batchnorm_sources(batchnorm)
         scale, shift = batchnorm_affine(batchnorm)
         self.weight = base.weight * scale.reshape((-1,) + (1,) * (base.weight.dim() - 1))
         self.bias = shift if base.bias is None else base.bias * scale + shift
@@ -103,7 +126,9 @@ class AffineView(LayerView):
     """A BatchNorm with no Linear/Conv right before it: a per-channel affine map (a diagonal layer)."""
 
     def __init__(self, module: nn.modules.batchnorm._BatchNorm) -> None:
+        self.module = module
         self.kind = type(module).__name__
+        self.sources = _batchnorm_sources(module)
         self.weight, self.bias = batchnorm_affine(module)
 
     @staticmethod

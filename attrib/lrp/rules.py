@@ -43,13 +43,19 @@ def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor]) -> Tens
 
     ``epsilon=0`` divides by ``z`` itself and drops the relevance where ``z = 0``.
     """
-    zero = z == 0
     if not isinstance(epsilon, Tensor) and epsilon == 0:
+        zero = z == 0
         return torch.div(relevance, z.masked_fill(zero, 1)).masked_fill_(zero, 0)
-    denominator = z.abs().add_(epsilon).copysign_(z)
-    if bool(zero.any()):  # copysign gives -0.0 a negative sign
-        denominator = torch.where(zero, torch.as_tensor(epsilon, dtype=z.dtype, device=z.device), denominator)
+    magnitude = z.abs()
+    zero = bool(magnitude.amin() == 0) if magnitude.numel() else False
+    denominator = magnitude.add_(epsilon).copysign_(z)
+    if zero:  # copysign gives -0.0 a negative sign; the convention says +1
+        denominator = torch.where(z == 0, torch.as_tensor(epsilon, dtype=z.dtype, device=z.device), denominator)
     return torch.div(relevance, denominator, out=denominator)
+
+
+def _has_negative(x: Tensor) -> bool:
+    return x.numel() > 0 and bool(x.amin() < 0)
 
 
 def _rms(z: Tensor) -> Tensor:
@@ -63,6 +69,11 @@ def _positive(param: Tensor | None) -> Tensor | None:
 
 def _negative(param: Tensor | None) -> Tensor | None:
     return None if param is None else param.clamp(max=0)
+
+
+def _part(layer: "LayerView", which: str, part) -> Tensor | None:
+    """``part`` (``_positive``/``_negative``) of the layer's weight or bias, kept with the view."""
+    return layer.derived((which, part.__name__), lambda: part(getattr(layer, which)))
 
 
 class Rule:
@@ -92,9 +103,6 @@ class Rule:
 class _BiasRule(Rule):
     def __init__(self, bias: bool = True) -> None:
         self.bias = bias
-
-    def _bias(self, layer: "LayerView") -> Tensor | None:
-        return layer.bias if self.bias else None
 
 
 class Epsilon(_BiasRule):
@@ -154,25 +162,33 @@ class Gamma(_BiasRule):
         self.gamma = gamma
         self.epsilon = epsilon
 
-    def _tilted(self, param: Tensor | None, part) -> Tensor | None:
-        return None if param is None else part(param).mul_(self.gamma).add_(param)
+    def _tilted(self, layer, which: str, part) -> Tensor | None:
+        """``p + gamma part(p)`` for the layer's weight or (if the rule uses it) bias, kept with the view."""
+        param = getattr(layer, which)
+        if param is None or (which == "bias" and not self.bias):
+            return None
+        return layer.derived(("gamma", self.gamma, which, part.__name__), lambda: part(param).mul_(self.gamma).add_(param))
 
     def relevance(self, layer, x, z, relevance):
-        if bool((x < 0).any()):
+        if _has_negative(x):
             return self._signed(layer, x, z, relevance)
         # x >= 0: d+ = (w + g w+) x + b + g b+ on z > 0 and d- = (w + g w-) x + b + g b- on z < 0 add
         # up to (2 + g) z, so one modified forward gives both; each has the sign of z there
-        weight_up = self._tilted(layer.weight, _positive)
-        up = layer.forward(x, weight_up, self._tilted(self._bias(layer), _positive))
+        weight_up = self._tilted(layer, "weight", _positive)
+        up = layer.forward(x, weight_up, self._tilted(layer, "bias", _positive))
         down = None
-        if bool((z < 0).logical_and_(relevance != 0).any()):
+        # relevance on outputs z <= 0 (none below a ReLU) needs masking, and on z < 0 the second part
+        outside = bool((z <= 0).logical_and_(relevance != 0).any())
+        if outside and bool((z < 0).logical_and_(relevance != 0).any()):
             plain = z if self.bias or layer.bias is None else layer.forward(x, layer.weight, None)
             down = torch.sub(plain * (2 + self.gamma), up)
             down.sub_(self.epsilon)
             share = torch.div(relevance, down, out=down).masked_fill_(z >= 0, 0)
-            down = layer.backward(x, self._tilted(layer.weight, _negative), share)
+            down = layer.backward(x, self._tilted(layer, "weight", _negative), share)
         up.add_(self.epsilon)
-        share = torch.div(relevance, up, out=up).masked_fill_(z <= 0, 0)
+        share = torch.div(relevance, up, out=up)
+        if outside:
+            share.masked_fill_(z <= 0, 0)
         total = layer.backward(x, weight_up, share)
         if down is not None:
             total += down
@@ -186,9 +202,9 @@ class Gamma(_BiasRule):
         for sign, favoured, other in ((1, _positive, _negative), (-1, _negative, _positive)):
             if sign < 0 and not bool((z < 0).logical_and_(relevance != 0).any()):
                 continue  # no relevance on negative outputs (the usual case below a ReLU)
-            weight_a = self._tilted(layer.weight, favoured)   # for x^+
-            weight_b = self._tilted(layer.weight, other)      # for x^-
-            denominator = layer.forward(positive_in, weight_a, self._tilted(self._bias(layer), favoured))
+            weight_a = self._tilted(layer, "weight", favoured)   # for x^+
+            weight_b = self._tilted(layer, "weight", other)      # for x^-
+            denominator = layer.forward(positive_in, weight_a, self._tilted(layer, "bias", favoured))
             if signed_in:
                 denominator += layer.forward(negative_in, weight_b, None)
             # the tilt only adds contributions of the output's own sign, so the denominator has the
@@ -221,10 +237,10 @@ class AlphaBeta(_BiasRule):
         """One signed part: contributions ``x^+ w1 + x^- w2 (+ b')``, all of one sign, relevance shared
         in proportion. The denominator has that sign (0 only where every contribution is 0, and then
         the stabiliser's sign does not matter), so stab() adds ``sign * eps``."""
-        signed_in = bool((x < 0).any())
+        signed_in = _has_negative(x)
         positive_in = x.clamp(min=0) if signed_in else x
-        weight_a, weight_b = for_positive_in(layer.weight), for_negative_in(layer.weight)
-        denominator = layer.forward(positive_in, weight_a, bias_part(self._bias(layer)))
+        weight_a, weight_b = _part(layer, "weight", for_positive_in), _part(layer, "weight", for_negative_in)
+        denominator = layer.forward(positive_in, weight_a, _part(layer, "bias", bias_part) if self.bias else None)
         if signed_in:
             negative_in = x.clamp(max=0)
             denominator += layer.forward(negative_in, weight_b, None)
@@ -290,7 +306,7 @@ class ZBox(Rule):
 
     def relevance(self, layer, x, z, relevance):
         low, high = self._bound(self.low, x, "low"), self._bound(self.high, x, "high")
-        weight, weight_pos, weight_neg = layer.weight, layer.weight.clamp(min=0), layer.weight.clamp(max=0)
+        weight, weight_pos, weight_neg = layer.weight, _part(layer, "weight", _positive), _part(layer, "weight", _negative)
         denominator = layer.forward(x, weight, None)
         denominator -= layer.forward(low[:1], weight_pos, None)  # the bounds are the same for every example
         denominator -= layer.forward(high[:1], weight_neg, None)
@@ -309,7 +325,7 @@ class Flat(Rule):
 
     def relevance(self, layer, x, z, relevance):
         ones = torch.ones_like(x)
-        weight = None if layer.weight is None else torch.ones_like(layer.weight)
+        weight = None if layer.weight is None else layer.derived(("ones",), lambda: torch.ones_like(layer.weight))
         return layer.backward(ones, weight, divide(relevance, layer.forward(ones, weight, None), self.epsilon))
 
 
@@ -323,7 +339,7 @@ class WSquare(Rule):
 
     def relevance(self, layer, x, z, relevance):
         ones = torch.ones_like(x)
-        weight = layer.weight.pow(2)
+        weight = layer.derived(("square",), lambda: layer.weight.pow(2))
         return layer.backward(ones, weight, divide(relevance, layer.forward(ones, weight, None), self.epsilon))
 
 

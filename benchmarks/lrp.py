@@ -1,0 +1,261 @@
+"""LRP: attrib vs zennit 0.5.1 (same composite) vs Captum 0.9.0 (VGG16, epsilon rules), side by side.
+
+Random-init VGG16 and ResNet50 as shipped, 3x224x224, batch 1 and 16, target 3, threads fixed, one
+warm-up, median of >= 3 interleaved rounds. The limit is one plain forward + backward to the input
+(parameters frozen). Peak memory: each case in a fresh subprocess, peak RSS above the level after
+a warm-up run. Writes benchmarks/results/lrp.json (after every case) and lrp.md.
+
+    python benchmarks/lrp.py [--models vgg16,resnet50] [--batches 1,16] [--repeats 3] [--skip-memory]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+import attrib
+from attrib.lrp import LRP
+from common import cpu_model, peak_rss_mb, rss_mb, side_by_side, sync
+
+warnings.filterwarnings("ignore")
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET = 3
+SIZE = 224
+COMPOSITES = ["epsilon", "epsilon_gamma_box", "epsilon_plus_flat"]
+TARGETS = {"epsilon": 1.3, "epsilon_gamma_box": 2.0, "epsilon_plus_flat": 2.0}
+
+
+def build(name: str, device: str) -> nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None).eval().to(device)
+
+
+def pictures(batch: int, device: str) -> torch.Tensor:
+    pixels = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    return ((pixels - mean) / std).to(device)
+
+
+def zennit_composite(name: str, model_name: str):
+    from zennit.composites import EpsilonGammaBox, EpsilonPlusFlat, LayerMapComposite
+    from zennit.layer import Sum
+    from zennit.rules import Epsilon, Norm, Pass
+    from zennit.torchvision import ResNetCanonizer, VGGCanonizer
+    from zennit.types import Activation, AvgPool, Convolution
+
+    canonizers = [ResNetCanonizer()] if model_name.startswith("resnet") else [VGGCanonizer()]
+    if name == "epsilon":  # attrib's "epsilon": epsilon on every Linear/Conv, activations pass, average pools Norm
+        return LayerMapComposite(
+            [(Activation, Pass()), (Sum, Norm()), (AvgPool, Norm()), (Convolution, Epsilon()), (nn.Linear, Epsilon())],
+            canonizers=canonizers
+        )
+    if name == "epsilon_gamma_box":
+        mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        return EpsilonGammaBox(low=(-mean / std).expand(1, 3, SIZE, SIZE), high=((1 - mean) / std).expand(1, 3, SIZE, SIZE),
+                               canonizers=canonizers)
+    return EpsilonPlusFlat(canonizers=canonizers)
+
+
+def runner(tool: str, composite: str | None, model: nn.Module, x: torch.Tensor):
+    """A zero-argument callable computing one input relevance map (or the limit)."""
+    if tool == "limit":
+        def limit():
+            for param in model.parameters():
+                param.requires_grad_(False)
+            try:
+                probe = x.clone().requires_grad_(True)
+                return torch.autograd.grad(model(probe)[:, TARGET].sum(), probe)[0]
+            finally:
+                for param in model.parameters():
+                    param.requires_grad_(True)
+        return limit
+    if tool == "attrib":
+        lrp = LRP(model, composite)
+        return lambda: lrp.attribute(x, target=TARGET).attributions
+    if tool == "zennit":
+        from zennit.attribution import Gradient
+
+        selection = torch.zeros(x.shape[0], 1000, device=x.device)
+        selection[:, TARGET] = 1.0
+        model_name = "resnet" if hasattr(model, "layer1") else "vgg"
+
+        def zennit_run():
+            with Gradient(model=model, composite=zennit_composite(composite, model_name)) as attributor:
+                return attributor(x, lambda output: output * selection)[1]
+        return zennit_run
+    if tool == "captum":
+        from captum.attr import LRP as CaptumLRP
+
+        # Captum's LRP needs out-of-place ReLUs; a copy, so the model the others use stays as shipped
+        twin = copy.deepcopy(model)
+        for module in twin.modules():
+            if isinstance(module, nn.ReLU):
+                module.inplace = False
+        return lambda: CaptumLRP(twin).attribute(x, target=TARGET).detach()
+    raise ValueError(tool)
+
+
+def tools_for(model_name: str) -> list[tuple[str, str | None]]:
+    tools = [("limit", None)]
+    for composite in COMPOSITES:
+        tools += [("attrib", composite), ("zennit", composite)]
+    if model_name == "vgg16":
+        tools.append(("captum", "epsilon"))
+    return tools
+
+
+def key(tool: str, composite: str | None) -> str:
+    return tool if composite is None else f"{tool}:{composite}"
+
+
+def time_case(model_name: str, batch: int, repeats: int, device: str) -> dict:
+    model, x = build(model_name, device), pictures(batch, device)
+    fns = {key(t, c): runner(t, c, model, x) for t, c in tools_for(model_name)}
+    timings = side_by_side(fns, repeats, device)
+    out = {name: {"seconds": t, "runs": runs} for name, (t, runs, _) in timings.items()}
+    results = {name: r.detach().double() for name, (_, _, r) in timings.items()}
+    for composite in COMPOSITES:  # the numbers agree, in float32
+        ours, theirs = results[f"attrib:{composite}"], results[f"zennit:{composite}"]
+        out[f"attrib:{composite}"]["max_rel_diff_vs_zennit"] = float((ours - theirs).abs().max() / theirs.abs().max())
+    if "captum:epsilon" in results:
+        ours, theirs = results["attrib:epsilon"], results["captum:epsilon"]
+        out["attrib:epsilon"]["max_rel_diff_vs_captum"] = float((ours - theirs).abs().max() / theirs.abs().max())
+    return out
+
+
+def memory_case(model_name: str, batch: int, tool: str, composite: str | None, device: str) -> None:
+    """Run one case in this fresh process; print its peak memory in MB above the post-warm-up level."""
+    model, x = build(model_name, device), pictures(batch, device)
+    run = runner(tool, composite, model, x)
+    run()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = rss_mb()
+    result = run()
+    sync(device)
+    del result
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if device.startswith("cuda") else peak_rss_mb() - before
+    print(json.dumps({"peak_mb": peak}))
+
+
+def measure_memory(model_name: str, batch: int, tool: str, composite: str | None, device: str) -> float:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")  # RSS follows live tensors (as in conductance.py)
+    command = [sys.executable, __file__, "--memory-case", model_name, str(batch), tool, composite or "-", "--device", device]
+    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
+    return json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def write_markdown(results: dict, path: Path) -> None:
+    m = results["machine"]
+    lines = [
+        f"# LRP benchmark ({m['device']})", "",
+        f"Random-init torchvision models as shipped, 3×{SIZE}×{SIZE}, target {TARGET}; {m['threads']} threads, torch "
+        f"{m['torch']}, zennit {m['zennit']}, captum {m['captum']}; median of {m['repeats']} interleaved rounds after a "
+        "warm-up. The limit is one plain forward + backward to the input (parameters frozen). zennit runs the same "
+        "composite (its canonizers for ResNet / VGG); Captum runs its default LRP (epsilon rules) on an out-of-place-ReLU "
+        "copy. Generated by `benchmarks/lrp.py`.", "",
+        "| model | batch | composite | attrib | limit | attrib / limit | target | zennit | attrib / zennit | Captum | met |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case, entry in results.get("timing", {}).items():
+        model_name, batch = case.split("@")
+        limit = entry["limit"]["seconds"]
+        for composite in COMPOSITES:
+            ours = entry[f"attrib:{composite}"]["seconds"]
+            theirs = entry[f"zennit:{composite}"]["seconds"]
+            captum = entry.get(f"captum:{composite}", {}).get("seconds")
+            met = ours / limit <= TARGETS[composite] and ours <= theirs
+            lines.append(
+                f"| {model_name} | {batch} | {composite} | {ours:.3f} s | {limit:.3f} s | {ours / limit:.2f} | "
+                f"≤ {TARGETS[composite]} | {theirs:.3f} s | {ours / theirs:.2f} | "
+                f"{'' if captum is None else f'{captum:.3f} s'} | {'yes' if met else '**no**'} |"
+            )
+    lines += ["", "Agreement (float32, largest difference relative to the largest relevance):", ""]
+    for case, entry in results.get("timing", {}).items():
+        parts = [f"{c} vs zennit {entry[f'attrib:{c}']['max_rel_diff_vs_zennit']:.1e}" for c in COMPOSITES]
+        if "max_rel_diff_vs_captum" in entry["attrib:epsilon"]:
+            parts.append(f"epsilon vs Captum {entry['attrib:epsilon']['max_rel_diff_vs_captum']:.1e}")
+        lines.append(f"- {case.replace('@', ', batch ')}: " + "; ".join(parts))
+    memory = results.get("memory", {})
+    if memory:
+        lines += ["", "## Peak memory above the model (MB)", "", "| model | batch | " + " | ".join(memory[next(iter(memory))]) + " |",
+                  "|---|---|" + "---|" * len(memory[next(iter(memory))])]
+        for case, entry in memory.items():
+            model_name, batch = case.split("@")
+            lines.append(f"| {model_name} | {batch} | " + " | ".join(f"{v:.0f}" for v in entry.values()) + " |")
+    if results.get("notes"):
+        lines += ["", *results["notes"]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--models", default="vgg16,resnet50")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-case", nargs=4)
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.memory_case:
+        model_name, batch, tool, composite = args.memory_case
+        memory_case(model_name, int(batch), tool, None if composite == "-" else composite, args.device)
+        return
+    stem = "lrp" if args.device == "cpu" else f"lrp_{args.device.split(':')[0]}"
+    out = RESULTS / f"{stem}.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if args.report_only:
+        write_markdown(results, out.with_suffix(".md"))
+        return
+    from importlib.metadata import version
+
+    import captum
+
+    results["machine"] = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU: {cpu_model()}",
+        "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "torchvision": torchvision.__version__, "zennit": version("zennit"), "captum": captum.__version__,
+        "attrib": attrib.__version__, "python": platform.python_version(), "repeats": args.repeats,
+    }
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+        write_markdown(results, out.with_suffix(".md"))
+
+    for model_name in args.models.split(","):
+        for batch in map(int, args.batches.split(",")):
+            case = f"{model_name}@{batch}"
+            print(f"[timing {case}] ...", flush=True)
+            results.setdefault("timing", {})[case] = time_case(model_name, batch, args.repeats, args.device)
+            save()
+    if not args.skip_memory:
+        for model_name in args.models.split(","):
+            batch = max(map(int, args.batches.split(",")))
+            case = f"{model_name}@{batch}"
+            print(f"[memory {case}] ...", flush=True)
+            entry = results.setdefault("memory", {}).setdefault(case, {})
+            for tool, composite in tools_for(model_name):
+                entry[key(tool, composite)] = measure_memory(model_name, batch, tool, composite, args.device)
+                save()
+
+
+if __name__ == "__main__":
+    main()
