@@ -11,7 +11,7 @@ import attrib
 from attrib.lrp import COMPOSITES, LRP, LRP0, Composite, Epsilon, Gamma, Norm, Pass, ZBox, ZPlus
 from attrib.lrp.composites import AVERAGE_POOLS, BATCHNORMS, LINEAR_TYPES
 
-from conftest import assert_unchanged, make_cnn, model_state, relative
+from conftest import assert_unchanged, make_cnn, make_mlp, model_state, relative
 
 CONSERVING = dict(types=[(LINEAR_TYPES, LRP0()), (AVERAGE_POOLS, Norm(0)), (BATCHNORMS, LRP0())], addition_rule=Norm(0))
 
@@ -76,6 +76,7 @@ def test_hand_computed_zplus_and_one_hot_start():
 
 
 MODELS = {
+    "mlp": lambda: make_mlp(activation=nn.ReLU, bias=False),
     "cnn": lambda: make_cnn(bias=False),
     "vgg11": lambda: torchvision_model("vgg11"),
     "vgg11_bn": lambda: torchvision_model("vgg11_bn"),
@@ -92,7 +93,7 @@ SIZES = {"cnn": 8, "alexnet": 64}
 def test_lrp0_conserves_relevance_through_every_layer_of_bias_free_models(name):
     model = bias_free(MODELS[name]())
     before = model_state(model)
-    x = image(SIZES.get(name, 32), batch=2)
+    x = torch.rand(2, 6, dtype=torch.float64) if name == "mlp" else image(SIZES.get(name, 32), batch=2)
     result = LRP(model, Composite(**CONSERVING)).attribute(x, target=1)
     report = result.info["conservation"]
     scale = report.start.abs().max()
@@ -100,14 +101,14 @@ def test_lrp0_conserves_relevance_through_every_layer_of_bias_free_models(name):
     for row in report.rows:
         assert float(row.difference.abs().max()) <= 1e-6 * scale, (row.name, row.difference)
     assert relative(report.input, report.start) < 1e-6
-    assert relative(result.attributions.sum((1, 2, 3)), result.outputs) < 1e-6
+    assert relative(result.attributions.flatten(1).sum(1), result.outputs) < 1e-6
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("name", ["cnn", "vgg11", "alexnet"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", "vgg11", "alexnet"])
 def test_zplus_conserves_relevance_on_bias_free_relu_networks(name):
     model = bias_free(MODELS[name]())
-    x = image(SIZES.get(name, 32), batch=2)
+    x = torch.rand(2, 6, dtype=torch.float64) if name == "mlp" else image(SIZES.get(name, 32), batch=2)
     composite = Composite(**dict(CONSERVING, types=[(LINEAR_TYPES, ZPlus(epsilon=0)), (AVERAGE_POOLS, Norm(0))]))
     report = LRP(model, composite).attribute(x, target=1).info["conservation"]
     for row in report.rows:

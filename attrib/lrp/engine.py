@@ -439,6 +439,8 @@ class LRP:
     def _from_output(self, run: _Run, x: Tensor, output: Any, target: TargetType, start: str) -> Attribution:
         if not isinstance(output, Tensor):
             raise TypeError(f"model output is a {type(output).__name__}; LRP needs a tensor output")
+        if not output.requires_grad:
+            raise ValueError("inputs: the model output does not depend on the inputs")
         scores = target_scores(output, target, torch.arange(x.shape[0], device=x.device))
         selection, = torch.autograd.grad(scores.sum(), output, retain_graph=True)
         relevance = selection if start == "one_hot" else output.detach() * selection

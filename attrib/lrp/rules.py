@@ -54,6 +54,14 @@ def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor]) -> Tens
     return torch.div(relevance, denominator, out=denominator)
 
 
+def _divide_signed(relevance: Tensor, denominator: Tensor, epsilon: Number, sign: int) -> Tensor:
+    """``relevance / stab(denominator)`` in place for a denominator known to have ``sign`` (or be 0)."""
+    if epsilon == 0:
+        zero = denominator == 0
+        return torch.div(relevance, denominator.masked_fill_(zero, 1), out=denominator).masked_fill_(zero, 0)
+    return torch.div(relevance, denominator.add_(sign * epsilon), out=denominator)
+
+
 def _has_negative(x: Tensor) -> bool:
     return x.numel() > 0 and bool(x.amin() < 0)
 
@@ -117,9 +125,9 @@ class Epsilon(_BiasRule):
     def __init__(self, epsilon: float = 1e-6, relative: bool = False, bias: bool = True) -> None:
         if not epsilon >= 0:
             raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
-        super().__init__(bias)
         self.epsilon = epsilon
         self.relative = relative
+        super().__init__(bias)
 
     needs_output = True
 
@@ -158,9 +166,9 @@ class Gamma(_BiasRule):
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6, bias: bool = True) -> None:
         if not gamma >= 0:
             raise ValueError(f"gamma must be >= 0, got {gamma!r}")
-        super().__init__(bias)
         self.gamma = gamma
         self.epsilon = epsilon
+        super().__init__(bias)
 
     def _tilted(self, layer, which: str, part) -> Tensor | None:
         """``p + gamma part(p)`` for the layer's weight or (if the rule uses it) bias, kept with the view."""
@@ -182,11 +190,9 @@ class Gamma(_BiasRule):
         if outside and bool((z < 0).logical_and_(relevance != 0).any()):
             plain = z if self.bias or layer.bias is None else layer.forward(x, layer.weight, None)
             down = torch.sub(plain * (2 + self.gamma), up)
-            down.sub_(self.epsilon)
-            share = torch.div(relevance, down, out=down).masked_fill_(z >= 0, 0)
+            share = _divide_signed(relevance, down, self.epsilon, -1).masked_fill_(z >= 0, 0)
             down = layer.backward(x, self._tilted(layer, "weight", _negative), share)
-        up.add_(self.epsilon)
-        share = torch.div(relevance, up, out=up)
+        share = _divide_signed(relevance, up, self.epsilon, 1)
         if outside:
             share.masked_fill_(z <= 0, 0)
         total = layer.backward(x, weight_up, share)
@@ -209,8 +215,7 @@ class Gamma(_BiasRule):
                 denominator += layer.forward(negative_in, weight_b, None)
             # the tilt only adds contributions of the output's own sign, so the denominator has the
             # sign of z there: stab() adds +eps for z > 0 and -eps for z < 0
-            denominator.add_(sign * self.epsilon)
-            share = torch.div(relevance, denominator, out=denominator).masked_fill_(z <= 0 if sign > 0 else z >= 0, 0)
+            share = _divide_signed(relevance, denominator, self.epsilon, sign).masked_fill_(z <= 0 if sign > 0 else z >= 0, 0)
             part = layer.backward(x, weight_a, share).mul_(positive_in)
             if signed_in:
                 part += layer.backward(x, weight_b, share).mul_(negative_in)
@@ -228,10 +233,10 @@ class AlphaBeta(_BiasRule):
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6, bias: bool = True) -> None:
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
             raise ValueError(f"alpha and beta must be >= 0 with alpha - beta = 1, got alpha={alpha!r}, beta={beta!r}")
-        super().__init__(bias)
         self.alpha = alpha
         self.beta = beta
         self.epsilon = epsilon
+        super().__init__(bias)
 
     def _part(self, layer, x, relevance, for_positive_in, for_negative_in, bias_part, sign) -> Tensor:
         """One signed part: contributions ``x^+ w1 + x^- w2 (+ b')``, all of one sign, relevance shared
@@ -244,8 +249,7 @@ class AlphaBeta(_BiasRule):
         if signed_in:
             negative_in = x.clamp(max=0)
             denominator += layer.forward(negative_in, weight_b, None)
-        denominator.add_(sign * self.epsilon)
-        share = torch.div(relevance, denominator, out=denominator)
+        share = _divide_signed(relevance, denominator, self.epsilon, sign)
         part = layer.backward(x, weight_a, share).mul_(positive_in)
         if signed_in:
             part += layer.backward(x, weight_b, share).mul_(negative_in)
