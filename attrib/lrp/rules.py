@@ -62,6 +62,13 @@ def _divide_signed(relevance: Tensor, denominator: Tensor, epsilon: Number, sign
     return torch.div(relevance, denominator.add_(sign * epsilon), out=denominator)
 
 
+def _shifted(bias: Tensor | None, layer: "LayerView", epsilon: Number) -> Tensor:
+    """``bias + epsilon`` (a bias of ``epsilon`` if there is none): the layer adds it in the same pass."""
+    if bias is None:
+        return torch.full((layer.weight.shape[0],), epsilon, dtype=layer.weight.dtype, device=layer.weight.device)
+    return bias + epsilon
+
+
 def _has_negative(x: Tensor) -> bool:
     return x.numel() > 0 and bool(x.amin() < 0)
 
@@ -181,23 +188,23 @@ class Gamma(_BiasRule):
         if _has_negative(x):
             return self._signed(layer, x, z, relevance)
         # x >= 0: d+ = (w + g w+) x + b + g b+ on z > 0 and d- = (w + g w-) x + b + g b- on z < 0 add
-        # up to (2 + g) z, so one modified forward gives both; each has the sign of z there
+        # up to (2 + g) z, so one modified forward gives both; each has the sign of z there, so
+        # stab(d+) = d+ + eps (eps rides in the bias) and -stab(d-) = (2 + g) ... = eps - d-
+        if self.epsilon == 0:
+            return self._signed(layer, x, z, relevance)
         weight_up = self._tilted(layer, "weight", _positive)
-        up = layer.forward(x, weight_up, self._tilted(layer, "bias", _positive))
+        up = layer.forward(x, weight_up, _shifted(self._tilted(layer, "bias", _positive), layer, self.epsilon))
+        nonpositive = z <= 0
         down = None
-        # relevance on outputs z <= 0 (none below a ReLU) needs masking, and on z < 0 the second part
-        outside = bool((z <= 0).logical_and_(relevance != 0).any())
-        if outside and bool((z < 0).logical_and_(relevance != 0).any()):
+        if bool(torch.logical_and(relevance, nonpositive).any()):  # relevance on z <= 0: not below a ReLU
             plain = z if self.bias or layer.bias is None else layer.forward(x, layer.weight, None)
-            down = torch.sub(plain * (2 + self.gamma), up)
-            share = _divide_signed(relevance, down, self.epsilon, -1).masked_fill_(z >= 0, 0)
+            flipped = torch.add(up, plain, alpha=-(2 + self.gamma))  # eps - d-, positive where z < 0
+            share = torch.div(relevance, flipped, out=flipped).masked_fill_(z >= 0, 0)
             down = layer.backward(x, self._tilted(layer, "weight", _negative), share)
-        share = _divide_signed(relevance, up, self.epsilon, 1)
-        if outside:
-            share.masked_fill_(z <= 0, 0)
+        share = torch.div(relevance, up, out=up).masked_fill_(nonpositive, 0)
         total = layer.backward(x, weight_up, share)
         if down is not None:
-            total += down
+            total -= down
         return total.mul_(x)
 
     def _signed(self, layer, x, z, relevance):
@@ -245,11 +252,17 @@ class AlphaBeta(_BiasRule):
         signed_in = _has_negative(x)
         positive_in = x.clamp(min=0) if signed_in else x
         weight_a, weight_b = _part(layer, "weight", for_positive_in), _part(layer, "weight", for_negative_in)
-        denominator = layer.forward(positive_in, weight_a, _part(layer, "bias", bias_part) if self.bias else None)
+        bias = _part(layer, "bias", bias_part) if self.bias else None
+        if self.epsilon != 0:  # stab() adds sign * eps: the layer adds it with the bias
+            bias = _shifted(bias, layer, sign * self.epsilon)
+        denominator = layer.forward(positive_in, weight_a, bias)
         if signed_in:
             negative_in = x.clamp(max=0)
             denominator += layer.forward(negative_in, weight_b, None)
-        share = _divide_signed(relevance, denominator, self.epsilon, sign)
+        if self.epsilon != 0:
+            share = torch.div(relevance, denominator, out=denominator)
+        else:
+            share = _divide_signed(relevance, denominator, 0, sign)
         part = layer.backward(x, weight_a, share).mul_(positive_in)
         if signed_in:
             part += layer.backward(x, weight_b, share).mul_(negative_in)
