@@ -372,3 +372,12 @@ def test_recording_a_reused_module_is_refused():
     model = torchvision_model("resnet18")
     with pytest.raises(attrib.LayerReuseError, match="layer1.0.relu"):
         LRP(model).attribute(image(32), target=0, layers=["layer1.0.relu"])
+
+
+def test_conservation_off_gives_the_same_relevance():
+    model = torchvision_model("resnet18")
+    lrp = LRP(model, "epsilon_gamma_box")
+    full = lrp.attribute(image(32), target=2)
+    quick = lrp.attribute(image(32), target=2, conservation=False)
+    assert torch.equal(full.attributions, quick.attributions) and torch.equal(full.delta, quick.delta)
+    assert quick.info["conservation"].rows == [] and len(full.info["conservation"].rows) > 40

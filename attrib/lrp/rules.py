@@ -46,11 +46,13 @@ def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor]) -> Tens
     if not isinstance(epsilon, Tensor) and epsilon == 0:
         zero = z == 0
         return torch.div(relevance, z.masked_fill(zero, 1)).masked_fill_(zero, 0)
-    magnitude = z.abs()
-    zero = bool(magnitude.amin() == 0) if magnitude.numel() else False
-    denominator = magnitude.add_(epsilon).copysign_(z)
-    if zero:  # copysign gives -0.0 a negative sign; the convention says +1
-        denominator = torch.where(z == 0, torch.as_tensor(epsilon, dtype=z.dtype, device=z.device), denominator)
+    if z.numel() and bool(z.amin() >= 0):  # no negative outputs (below a ReLU, say): stab(z) = z + eps
+        denominator = z + epsilon
+        return torch.div(relevance, denominator, out=denominator)
+    denominator = z.abs().add_(epsilon).copysign_(z)
+    zero = z == 0
+    if bool(zero.any()):  # copysign gives -0.0 a negative sign; the convention says +1
+        denominator = torch.where(zero, torch.as_tensor(epsilon, dtype=z.dtype, device=z.device), denominator)
     return torch.div(relevance, denominator, out=denominator)
 
 
@@ -99,6 +101,9 @@ class Rule:
 
     needs_weight = False
     needs_output = False  # whether ``z`` is used (else the engine need not keep it)
+    # whether relu(z) may stand in for z wherever no relevance sits on z <= 0 (then an in-place ReLU
+    # above the layer may overwrite the kept output instead of working on a copy)
+    relu_exact = False
 
     def relevance(self, layer: "LayerView", x: Tensor, z: Tensor, relevance: Tensor) -> Tensor:
         raise NotImplementedError
@@ -135,6 +140,7 @@ class Epsilon(_BiasRule):
         self.epsilon = epsilon
         self.relative = relative
         super().__init__(bias)
+        self.relu_exact = not relative  # the RMS needs the negative outputs too
 
     needs_output = True
 
@@ -150,6 +156,7 @@ class LRP0(_BiasRule):
     ReLU above, the relevance there is already 0)."""
 
     needs_output = True
+    relu_exact = True
 
     def relevance(self, layer, x, z, relevance):
         if not self.bias and layer.bias is not None:
@@ -169,6 +176,7 @@ class Gamma(_BiasRule):
 
     needs_weight = True
     needs_output = True
+    relu_exact = True
 
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6, bias: bool = True) -> None:
         if not gamma >= 0:
