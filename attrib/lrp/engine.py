@@ -86,18 +86,21 @@ class _Step:
 
     def propagate(self, relevance: Tensor) -> tuple[Tensor, ...]:
         x = self._input()
-        z = None
+        z, quiet = None, False
         if self.rule.needs_output:
             z = self.z
             if z is not None and z._version != self.z_version:
                 # relu(z) gives the same relevance as z if none arrives where they differ (z < 0)
-                clobbered = z._version == self.relu_version
-                if not clobbered or bool(torch.logical_and(relevance, z == 0).any()):
+                quiet = z._version == self.relu_version and not bool(torch.logical_and(relevance, z == 0).any())
+                if not quiet:
                     z = None
             if z is None:
                 z = self.view.forward(x, self.view.weight, self.view.bias)
             z = self.view.reference_output(x, z)
-        result = self.rule.relevance(self.view, x, z, relevance)
+        if quiet and self.rule.takes_quiet:
+            result = self.rule.relevance(self.view, x, z, relevance, quiet=True)
+        else:
+            result = self.rule.relevance(self.view, x, z, relevance)
         self.run.account(self, relevance, (result,))
         return (result,)
 

@@ -104,6 +104,8 @@ class Rule:
     # whether relu(z) may stand in for z wherever no relevance sits on z <= 0 (then an in-place ReLU
     # above the layer may overwrite the kept output instead of working on a copy)
     relu_exact = False
+    # whether relevance() takes ``quiet=True``: the caller knows no relevance arrives where z <= 0
+    takes_quiet = False
 
     def relevance(self, layer: "LayerView", x: Tensor, z: Tensor, relevance: Tensor) -> Tensor:
         raise NotImplementedError
@@ -177,6 +179,7 @@ class Gamma(_BiasRule):
     needs_weight = True
     needs_output = True
     relu_exact = True
+    takes_quiet = True
 
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6, bias: bool = True) -> None:
         if not gamma >= 0:
@@ -192,7 +195,7 @@ class Gamma(_BiasRule):
             return None
         return layer.derived(("gamma", self.gamma, which, part.__name__), lambda: part(param).mul_(self.gamma).add_(param))
 
-    def relevance(self, layer, x, z, relevance):
+    def relevance(self, layer, x, z, relevance, quiet: bool = False):
         if _has_negative(x):
             return self._signed(layer, x, z, relevance)
         # x >= 0: d+ = (w + g w+) x + b + g b+ on z > 0 and d- = (w + g w-) x + b + g b- on z < 0 add
@@ -202,14 +205,16 @@ class Gamma(_BiasRule):
             return self._signed(layer, x, z, relevance)
         weight_up = self._tilted(layer, "weight", _positive)
         up = layer.forward(x, weight_up, _shifted(self._tilted(layer, "bias", _positive), layer, self.epsilon))
-        nonpositive = z <= 0
+        nonpositive = None if quiet else z <= 0
         down = None
-        if bool(torch.logical_and(relevance, nonpositive).any()):  # relevance on z <= 0: not below a ReLU
+        if not quiet and bool(torch.logical_and(relevance, nonpositive).any()):  # relevance on z <= 0
             plain = z if self.bias or layer.bias is None else layer.forward(x, layer.weight, None)
             flipped = torch.add(up, plain, alpha=-(2 + self.gamma))  # eps - d-, positive where z < 0
             share = torch.div(relevance, flipped, out=flipped).masked_fill_(z >= 0, 0)
             down = layer.backward(x, self._tilted(layer, "weight", _negative), share)
-        share = torch.div(relevance, up, out=up).masked_fill_(nonpositive, 0)
+        share = torch.div(relevance, up, out=up)
+        if nonpositive is not None:
+            share.masked_fill_(nonpositive, 0)
         total = layer.backward(x, weight_up, share)
         if down is not None:
             total -= down
