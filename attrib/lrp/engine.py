@@ -86,21 +86,25 @@ class _Step:
 
     def propagate(self, relevance: Tensor) -> tuple[Tensor, ...]:
         x = self._input()
-        z, quiet = None, False
+        z, hints = None, {}
         if self.rule.needs_output:
             z = self.z
             if z is not None and z._version != self.z_version:
                 # relu(z) gives the same relevance as z if none arrives where they differ (z < 0)
-                quiet = z._version == self.relu_version and not bool(torch.logical_and(relevance, z == 0).any())
+                quiet = z._version == self.relu_version and not bool((relevance != 0).logical_and_(z == 0).any())
+                hints["quiet"] = quiet
                 if not quiet:
                     z = None
             if z is None:
                 z = self.view.forward(x, self.view.weight, self.view.bias)
-            z = self.view.reference_output(x, z)
-        if quiet and self.rule.takes_quiet:
-            result = self.rule.relevance(self.view, x, z, relevance, quiet=True)
-        else:
-            result = self.rule.relevance(self.view, x, z, relevance)
+                hints["scratch"] = True
+            else:
+                hints["scratch"] = self.run.final_pass  # nothing needs the kept output after this pass
+            reference = self.view.reference_output(x, z)
+            if reference is not z:
+                z, hints["scratch"] = reference, True
+        hints = {key: value for key, value in hints.items() if key in self.rule.hints and value}
+        result = self.rule.relevance(self.view, x, z, relevance, **hints)
         self.run.account(self, relevance, (result,))
         return (result,)
 
@@ -117,8 +121,9 @@ class _SumStep(_Step):
         a = self._input()
         if self.b._version != self.b_version:
             raise RuntimeError(f"LRP: an operand of the addition {self.row.name!r} was modified in place afterwards")
-        share = divide(relevance, a + self.b, self.epsilon)
-        result = ((a * share).sum_to_size(a.shape), (self.b * share).sum_to_size(self.b.shape))
+        share = divide(relevance, a + self.b, self.epsilon, scratch=True)
+        to_b = (self.b * share).sum_to_size(self.b.shape)
+        result = (share.mul_(a).sum_to_size(a.shape), to_b)
         self.run.account(self, relevance, result)
         return result
 
@@ -143,6 +148,7 @@ class _Run:
         self.records: dict[str, Tensor] = {}
         self.start_output: Tensor | None = None
         self.per_layer = True  # sum the relevance entering and leaving every layer for the report
+        self.final_pass = False  # the last backward pass: steps may overwrite what they kept
 
     # ------------------------------------------------------------------ forward
     def _label(self, name: str) -> str:
@@ -324,6 +330,7 @@ class _Run:
         for row in self.rows:
             row.entering = row.leaving = None
         self.records = {}
+        self.final_pass = not retain
         found = torch.autograd.grad(tensor, inputs, relevance, retain_graph=retain, allow_unused=True)[0]
         if found is None:
             raise ValueError("inputs: the explained output does not depend on the inputs")
@@ -469,9 +476,10 @@ class LRP:
         scores = target_scores(output, target, torch.arange(x.shape[0], device=x.device))
         selection, = torch.autograd.grad(scores.sum(), output, retain_graph=True)
         relevance = selection if start == "one_hot" else output.detach() * selection
+        scores = scores.detach().clone()  # the backward pass may overwrite the kept output in place
         found, records, report = run.backward(output, relevance, x, retain=False)
         return Attribution(
-            attributions=found, delta=(report.input - report.start).to(found.dtype), outputs=scores.detach(),
+            attributions=found, delta=(report.input - report.start).to(found.dtype), outputs=scores,
             method=f"lrp:{self.composite.name}", layers=records, info={"conservation": report},
         )
 

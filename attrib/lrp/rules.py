@@ -37,15 +37,20 @@ def stabilize(z: Tensor, epsilon: Union[Number, Tensor]) -> Tensor:
     return torch.where(z >= 0, z + epsilon, z - epsilon)
 
 
-def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor]) -> Tensor:
-    """``relevance / stab(z)``, ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1`` (also for -0.0),
-    written to use a single temporary (fresh large tensors cost page faults on CPU).
+def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor], scratch: bool = False) -> Tensor:
+    """``relevance / stab(z)``, ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1`` (also for -0.0).
 
-    ``epsilon=0`` divides by ``z`` itself and drops the relevance where ``z = 0``.
+    Written to allocate as little as possible: fresh large tensors cost page faults on CPU, often
+    more than the arithmetic. ``scratch=True`` lets it overwrite ``z``. ``epsilon=0`` divides by ``z``
+    itself and drops the relevance where ``z = 0``.
     """
     if not isinstance(epsilon, Tensor) and epsilon == 0:
         zero = z == 0
         return torch.div(relevance, z.masked_fill(zero, 1)).masked_fill_(zero, 0)
+    if scratch and not isinstance(epsilon, Tensor):
+        negative = z < 0  # -0.0 is not negative: sign(0) = +1
+        denominator = z.add_(epsilon).sub_(negative.view(torch.uint8), alpha=2 * epsilon)
+        return torch.div(relevance, denominator, out=denominator)
     if z.numel() and bool(z.amin() >= 0):  # no negative outputs (below a ReLU, say): stab(z) = z + eps
         denominator = z + epsilon
         return torch.div(relevance, denominator, out=denominator)
@@ -104,8 +109,9 @@ class Rule:
     # whether relu(z) may stand in for z wherever no relevance sits on z <= 0 (then an in-place ReLU
     # above the layer may overwrite the kept output instead of working on a copy)
     relu_exact = False
-    # whether relevance() takes ``quiet=True``: the caller knows no relevance arrives where z <= 0
-    takes_quiet = False
+    # keyword hints relevance() accepts: ``quiet`` (no relevance arrives where z <= 0), ``scratch``
+    # (z may be overwritten: the engine will not need it again)
+    hints: frozenset = frozenset()
 
     def relevance(self, layer: "LayerView", x: Tensor, z: Tensor, relevance: Tensor) -> Tensor:
         raise NotImplementedError
@@ -145,12 +151,13 @@ class Epsilon(_BiasRule):
         self.relu_exact = not relative  # the RMS needs the negative outputs too
 
     needs_output = True
+    hints = frozenset({"scratch"})
 
-    def relevance(self, layer, x, z, relevance):
+    def relevance(self, layer, x, z, relevance, scratch: bool = False):
         if not self.bias and layer.bias is not None:
-            z = layer.forward(x, layer.weight, None)
+            z, scratch = layer.forward(x, layer.weight, None), True
         epsilon = self.epsilon * _rms(z) if self.relative else self.epsilon
-        return layer.backward(x, layer.weight, divide(relevance, z, epsilon)).mul_(x)
+        return layer.backward(x, layer.weight, divide(relevance, z, epsilon, scratch)).mul_(x)
 
 
 class LRP0(_BiasRule):
@@ -179,7 +186,7 @@ class Gamma(_BiasRule):
     needs_weight = True
     needs_output = True
     relu_exact = True
-    takes_quiet = True
+    hints = frozenset({"quiet"})
 
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6, bias: bool = True) -> None:
         if not gamma >= 0:
@@ -391,9 +398,10 @@ class Norm(Rule):
         self.epsilon = epsilon
 
     needs_output = True
+    hints = frozenset({"scratch"})
 
-    def relevance(self, layer, x, z, relevance):
-        return layer.backward(x, None, divide(relevance, z, self.epsilon)).mul_(x)
+    def relevance(self, layer, x, z, relevance, scratch: bool = False):
+        return layer.backward(x, None, divide(relevance, z, self.epsilon, scratch)).mul_(x)
 
 
 class Gradient(Rule):
