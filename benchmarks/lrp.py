@@ -5,7 +5,7 @@ warm-up, median of >= 3 interleaved rounds. The limit is one plain forward + bac
 (parameters frozen). Peak memory: each case in a fresh subprocess, peak RSS above the level after
 a warm-up run. Writes benchmarks/results/lrp.json (after every case) and lrp.md.
 
-    python benchmarks/lrp.py [--models vgg16,resnet50] [--batches 1,16] [--repeats 3] [--skip-memory]
+    python benchmarks/lrp.py [--models vgg16,resnet50] [--batches 1,16] [--repeats 3] [--skip-memory] [--skip-timing]
 """
 from __future__ import annotations
 
@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--memory-case", nargs=4)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--captum-only", action="store_true", help="only the Captum agreement check")
@@ -271,12 +272,12 @@ def main() -> None:
         out.write_text(json.dumps(results, indent=1))
         write_markdown(results, out.with_suffix(".md"))
 
-    if "vgg16" in args.models.split(","):
+    if "vgg16" in args.models.split(",") and not args.skip_timing:
         results["captum_agreement"] = captum_agreement(args.device)
         save()
     if args.captum_only:
         return
-    for model_name in args.models.split(","):
+    for model_name in [] if args.skip_timing else args.models.split(","):
         for batch in map(int, args.batches.split(",")):
             case = f"{model_name}@{batch}"
             print(f"[timing {case}] ...", flush=True)
