@@ -155,6 +155,24 @@ def captum_agreement(device: str) -> dict:
     return out
 
 
+def conservation_figures(device: str) -> dict:
+    """The conservation report of VGG16 and ResNet50 under epsilon_gamma_box (batch 1, float32 and
+    float64): relevance at the start and at the input, and the layers that absorb the most."""
+    out = {}
+    for model_name in ("vgg16", "resnet50"):
+        for dtype in (torch.float32, torch.float64):
+            model, x = build(model_name, device).to(dtype), pictures(1, device).to(dtype)
+            report = LRP(model, "epsilon_gamma_box").attribute(x, target=TARGET).info["conservation"]
+            worst = sorted(report.rows, key=lambda row: -abs(float(row.difference[0])))[:3]
+            out[f"{model_name}:{str(dtype).replace('torch.', '')}"] = {
+                "start": float(report.start[0]), "input": float(report.input[0]), "layers": len(report.rows),
+                "worst": [{"name": r.name, "rule": r.rule, "entering": float(r.entering[0]), "difference": float(r.difference[0])}
+                          for r in worst],
+                "largest_relative_change": max(abs(float(r.difference[0])) / max(abs(float(r.entering[0])), 1e-30) for r in report.rows),
+            }
+    return out
+
+
 def memory_case(model_name: str, batch: int, tool: str, composite: str | None, device: str) -> None:
     """Run one case in this fresh process; print its peak memory in MB above the post-warm-up level."""
     model, x = build(model_name, device), pictures(batch, device)
@@ -220,6 +238,15 @@ def write_markdown(results: dict, path: Path) -> None:
                      f"against attrib with that composite: {a['float32']:.1e} in float32, {a['float64']:.1e} in float64. "
                      "The timing rows run attrib's `epsilon` composite (eps 1e-6, max pooling winner-take-all), so the "
                      "Captum column times the same work but not the same numbers.")
+    figures = results.get("conservation", {})
+    if figures:
+        lines += ["", "## Conservation under epsilon_gamma_box (batch 1)", "",
+                  "| model | dtype | start | input | input / start | layers listed | largest absorbers (difference) |", "|---|---|---|---|---|---|---|"]
+        for key, f in figures.items():
+            model_name, dtype = key.split(":")
+            worst = "; ".join(f"{w['name']} {w['difference']:+.2e}" for w in f["worst"])
+            lines.append(f"| {model_name} | {dtype} | {f['start']:+.4e} | {f['input']:+.4e} | {f['input'] / f['start']:.4f} | "
+                         f"{f['layers']} | {worst} |")
     memory = results.get("memory", {})
     if memory:
         lines += ["", "## Peak memory above the model (MB)", "", "| model | batch | " + " | ".join(memory[next(iter(memory))]) + " |",
@@ -244,6 +271,7 @@ def main() -> None:
     parser.add_argument("--memory-case", nargs=4)
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--captum-only", action="store_true", help="only the Captum agreement check")
+    parser.add_argument("--conservation-only", action="store_true", help="only the conservation figures")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.memory_case:
@@ -276,6 +304,10 @@ def main() -> None:
         results["captum_agreement"] = captum_agreement(args.device)
         save()
     if args.captum_only:
+        return
+    results["conservation"] = conservation_figures(args.device)
+    save()
+    if args.conservation_only:
         return
     for model_name in [] if args.skip_timing else args.models.split(","):
         for batch in map(int, args.batches.split(",")):
