@@ -304,7 +304,7 @@ class Raising(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x):
-        y = self.relu(self.conv(x))
+        self.relu(self.conv(x))
         raise RuntimeError("boom")
 
 

@@ -32,11 +32,6 @@ if TYPE_CHECKING:
 Number = Union[float, int]
 
 
-def stabilize(z: Tensor, epsilon: Union[Number, Tensor]) -> Tensor:
-    """``z + epsilon * sign(z)`` with ``sign(0) = +1``."""
-    return torch.where(z >= 0, z + epsilon, z - epsilon)
-
-
 def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor], scratch: bool = False) -> Tensor:
     """``relevance / stab(z)``, ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1`` (also for -0.0).
 
