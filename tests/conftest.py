@@ -35,7 +35,8 @@ def vgg11_convs(vgg11):
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.detach().abs().max().clamp_min(1e-300))
+    a, b = a.detach(), b.detach()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 def model_state(model: nn.Module):
