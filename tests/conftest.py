@@ -23,6 +23,17 @@ def make_mlp(seed: int = 0, activation=nn.Softplus, widths=(6, 8, 7, 3), bias: b
     return nn.Sequential(*layers).double().eval()
 
 
+class DictOutput(nn.Module):
+    """A model whose output is a dict, not a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 3).double()
+
+    def forward(self, x):
+        return {"logits": self.body(x)}
+
+
 @pytest.fixture(scope="session")
 def vgg11():
     torch.manual_seed(0)

@@ -1,11 +1,10 @@
 """Bad input: a clear ValueError/TypeError naming the argument, and the model left untouched."""
 import pytest
 import torch
-from torch import nn
 
 import attrib
 
-from conftest import assert_unchanged, make_cnn, model_state
+from conftest import DictOutput, assert_unchanged, make_cnn, model_state
 
 X = torch.randn(2, 3, 8, 8, dtype=torch.float64)
 
@@ -65,15 +64,7 @@ def test_inputs_on_another_device_than_the_model(model):
 
 
 def test_model_output_that_is_not_a_tensor():
-    class DictNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body = nn.Linear(4, 3).double()
-
-        def forward(self, x):
-            return {"logits": self.body(x)}
-
-    model = DictNet()
+    model = DictOutput()
     x = torch.randn(2, 4, dtype=torch.float64)
     check(model, TypeError, r"model output is a dict, not a tensor; pass a callable target",
           lambda: attrib.LayerConductance(model, "body").attribute(x, target=1))

@@ -11,7 +11,7 @@ import attrib
 from attrib.lrp import COMPOSITES, LRP, LRP0, Composite, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
 from attrib.lrp.composites import AVERAGE_POOLS, BATCHNORMS, LINEAR_TYPES
 
-from conftest import assert_unchanged, make_cnn, make_mlp, model_state, relative
+from conftest import DictOutput, assert_unchanged, make_cnn, make_mlp, model_state, relative
 
 CONSERVING = dict(types=[(LINEAR_TYPES, LRP0()), (AVERAGE_POOLS, Norm(0)), (BATCHNORMS, LRP0())], addition_rule=Norm(0))
 
@@ -355,16 +355,7 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="training mode"):
         LRP(nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train())
     with pytest.raises(TypeError, match="model output"):
-        LRP(_DictModel()).attribute(torch.rand(1, 2, dtype=torch.float64), target=0)
-
-
-class _DictModel(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.linear = nn.Linear(2, 2).double()
-
-    def forward(self, x):
-        return {"logits": self.linear(x)}
+        LRP(DictOutput()).attribute(torch.rand(1, 4, dtype=torch.float64), target=0)
 
 
 def test_layer_without_a_rule_is_named():

@@ -69,11 +69,15 @@ class Composite:
             if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Rule)):
                 raise TypeError(f"types: expected (type, Rule) pairs, got {entry!r}")
 
+    def _named(self, name: str) -> Rule | None:
+        """The rule of the first pattern in ``names`` that matches ``name``."""
+        return next((rule for pattern, rule in self.names.items() if fnmatch.fnmatchcase(name, pattern)), None)
+
     def rule_for(self, name: str, module: nn.Module, first: bool) -> Rule | None:
         """The rule of a leaf module; ``None`` for transparent ones; raises for unknown leaves."""
-        for pattern, rule in self.names.items():
-            if fnmatch.fnmatchcase(name, pattern):
-                return rule
+        named = self._named(name)
+        if named is not None:
+            return named
         if first and self.first is not None:
             return self.first
         for types, rule in self.types:
@@ -102,9 +106,9 @@ class Composite:
     def rule_for_function(self, label: str, like: type) -> Rule:
         """The rule of a functional average pooling between modules, looked up as if it were a
         module of type ``like`` named ``label`` (``Norm()`` by default)."""
-        for pattern, rule in self.names.items():
-            if fnmatch.fnmatchcase(label, pattern):
-                return rule
+        named = self._named(label)
+        if named is not None:
+            return named
         for types, rule in self.types:
             if issubclass(like, types):
                 return rule

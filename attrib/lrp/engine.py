@@ -115,13 +115,12 @@ class _SumStep(_Step):
     def __init__(self, run, row, a: Tensor, b: Tensor, epsilon: float) -> None:
         super().__init__(run, row, FunctionView(lambda t: t, "add"), Norm(epsilon), a, None)
         self.b, self.b_version = _saved(b)
-        self.epsilon = epsilon
 
     def propagate(self, relevance):
         a = self._input()
         if self.b._version != self.b_version:
             raise RuntimeError(f"LRP: an operand of the addition {self.row.name!r} was modified in place afterwards")
-        share = divide(relevance, a + self.b, self.epsilon, scratch=True)
+        share = divide(relevance, a + self.b, self.rule.epsilon, scratch=True)
         to_b = (self.b * share).sum_to_size(self.b.shape)
         result = (share.mul_(a).sum_to_size(a.shape), to_b)
         self.run.account(self, relevance, result)

@@ -53,13 +53,17 @@ class LayerView:
         return z
 
 
-class LinearView(LayerView):
-    def __init__(self, module: nn.Linear) -> None:
+class _ParameterView(LayerView):
+    """A module whose own ``weight`` and ``bias`` are the layer's parameters."""
+
+    def __init__(self, module: nn.Module) -> None:
         self.module = module
         self.kind = type(module).__name__
         self.weight, self.bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
         self.sources = (module.weight, module.bias)
 
+
+class LinearView(_ParameterView):
     def forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
@@ -67,12 +71,9 @@ class LinearView(LayerView):
         return s @ weight
 
 
-class ConvView(LayerView):
+class ConvView(_ParameterView):
     def __init__(self, module: nn.Module) -> None:
-        self.module = module
-        self.kind = type(module).__name__
-        self.weight, self.bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
-        self.sources = (module.weight, module.bias)
+        super().__init__(module)
         # the direct input-gradient kernel needs integer padding and zero padding mode
         self._direct = module.padding_mode == "zeros" and not isinstance(module.padding, str)
 

@@ -59,8 +59,7 @@ def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor], scratch
 def _divide_signed(relevance: Tensor, denominator: Tensor, epsilon: Number, sign: int) -> Tensor:
     """``relevance / stab(denominator)`` in place for a denominator known to have ``sign`` (or be 0)."""
     if epsilon == 0:
-        zero = denominator == 0
-        return torch.div(relevance, denominator.masked_fill_(zero, 1), out=denominator).masked_fill_(zero, 0)
+        return divide(relevance, denominator, 0)
     return torch.div(relevance, denominator.add_(sign * epsilon), out=denominator)
 
 
@@ -223,9 +222,8 @@ class Gamma(_BiasRule):
         return total.mul_(x)
 
     def _signed(self, layer, x, z, relevance):
-        signed_in = True
-        positive_in = x.clamp(min=0) if signed_in else x
-        negative_in = x.clamp(max=0) if signed_in else None
+        """The general form, for inputs of either sign (or epsilon = 0)."""
+        positive_in, negative_in = x.clamp(min=0), x.clamp(max=0)
         total = None
         for sign, favoured, other in ((1, _positive, _negative), (-1, _negative, _positive)):
             if sign < 0 and not bool((z < 0).logical_and_(relevance != 0).any()):
@@ -233,14 +231,12 @@ class Gamma(_BiasRule):
             weight_a = self._tilted(layer, "weight", favoured)   # for x^+
             weight_b = self._tilted(layer, "weight", other)      # for x^-
             denominator = layer.forward(positive_in, weight_a, self._tilted(layer, "bias", favoured))
-            if signed_in:
-                denominator += layer.forward(negative_in, weight_b, None)
+            denominator += layer.forward(negative_in, weight_b, None)
             # the tilt only adds contributions of the output's own sign, so the denominator has the
             # sign of z there: stab() adds +eps for z > 0 and -eps for z < 0
             share = _divide_signed(relevance, denominator, self.epsilon, sign).masked_fill_(z <= 0 if sign > 0 else z >= 0, 0)
             part = layer.backward(x, weight_a, share).mul_(positive_in)
-            if signed_in:
-                part += layer.backward(x, weight_b, share).mul_(negative_in)
+            part += layer.backward(x, weight_b, share).mul_(negative_in)
             total = part if total is None else total.add_(part)
         return torch.zeros_like(x) if total is None else total
 
