@@ -405,3 +405,20 @@ def test_inplace_relu_overwriting_a_kept_output_falls_back_when_relevance_sits_b
     below_zero = LRP(plain, composite).attribute(x, target=1, layers=["0"]).layers["0"]
     z = plain[0](x)
     assert float(below_zero[z < 0].abs().max()) > 0  # the case this test is about does occur
+
+
+def test_gamma_survives_a_denominator_that_rounds_to_zero_below_an_inplace_relu():
+    """Below an in-place ReLU the gamma rule skips masking (no relevance arrives where z <= 0); where
+    (w + gamma w+) x + eps is exactly 0 there (float32 cancellation on a ResNet50 did this), 0 / 0
+    must not leak NaN. Hand calculation: unit 0 is dead (z = -1e-6), unit 1 carries
+    1.25 / (1.25 + eps) of the top's relevance, and the input 1.25 / (1.25 + eps) of that."""
+    eps = torch.tensor(1e-6)
+    model = nn.Sequential(nn.Linear(1, 2, bias=False), nn.ReLU(inplace=True), nn.Linear(2, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.stack([-eps, torch.tensor(1.0)]).view(2, 1))
+        model[2].weight.fill_(1.0)
+    composite = Composite(types=[(nn.Linear, Gamma(0.25, epsilon=1e-6))])
+    relevance = LRP(model, composite).attribute(torch.ones(1, 1), target=0).attributions
+    expected = (1.25 / (1.25 + 1e-6)) ** 2
+    assert torch.isfinite(relevance).all()
+    assert abs(float(relevance) - expected) < 5e-7  # float32

@@ -211,11 +211,13 @@ class Gamma(_BiasRule):
         if not quiet and bool(torch.logical_and(relevance, nonpositive).any()):  # relevance on z <= 0
             plain = z if self.bias or layer.bias is None else layer.forward(x, layer.weight, None)
             flipped = torch.add(up, plain, alpha=-(2 + self.gamma))  # eps - d-, positive where z < 0
-            share = torch.div(relevance, flipped, out=flipped).masked_fill_(z >= 0, 0)
+            share = torch.div(relevance, flipped, out=flipped).masked_fill_(z >= 0, 0).nan_to_num_(0.0, 0.0, 0.0)
             down = layer.backward(x, self._tilted(layer, "weight", _negative), share)
         share = torch.div(relevance, up, out=up)
         if nonpositive is not None:
             share.masked_fill_(nonpositive, 0)
+        else:  # where z <= 0, d+ + eps can round to exactly 0 (cancellation in float32): 0 / 0 there
+            share.nan_to_num_(0.0, 0.0, 0.0)
         total = layer.backward(x, weight_up, share)
         if down is not None:
             total -= down
