@@ -1,6 +1,11 @@
 """attrib: attribution for PyTorch — batched Riemann-Stieltjes conductance, integrated gradients and more."""
+from .ascent import AscentResult, aggregated_conductance, conductance_ascent
+from .backprop import DeconvNet, GuidedBackprop
+from .cam import GradCAM, GuidedGradCAM
 from .conductance import LayerConductance, NeuronConductance
-from .gradients import IntegratedGradients
+from .deconv import DeconvReconstruction
+from .deeplift import DeepLift
+from .gradients import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from .hooks import LayerReuseError, capture, mask, preserved, resolve_layers
 from .lrp import LRP
 from .layer import InternalInfluence, LayerActivation, LayerGradientXActivation
@@ -8,7 +13,19 @@ from .paths import METHODS
 from .result import Attribution, filter_scores, top_filters
 
 __all__ = [
+    "AscentResult",
     "Attribution",
+    "DeconvNet",
+    "DeconvReconstruction",
+    "DeepLift",
+    "GradCAM",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "InputXGradient",
+    "Saliency",
+    "SmoothGrad",
+    "aggregated_conductance",
+    "conductance_ascent",
     "IntegratedGradients",
     "InternalInfluence",
     "LayerActivation",

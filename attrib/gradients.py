@@ -1,16 +1,22 @@
-"""Integrated gradients (Sundararajan et al., 2017)."""
+"""Gradient methods on the input: integrated gradients (Sundararajan et al., 2017), saliency,
+input x gradient and SmoothGrad."""
 from __future__ import annotations
 
-from contextlib import closing
+from contextlib import closing, nullcontext
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
-from .engine import INPUT, as_args, endpoint_scores, prepare, sweep
+from .engine import (
+    INPUT, as_args, check_inputs, check_internal_batch_size, check_model, endpoint_scores, expand_args, prepare, sweep,
+)
+from .hooks import frozen_parameters
 from .paths import weighted_rule
 from .result import Attribution
 from .sums import WeightedSum
-from .targets import TargetType
+from .targets import TargetType, normalize_target, target_scores
 
 
 class IntegratedGradients:
@@ -54,3 +60,132 @@ class IntegratedGradients:
             outputs=outputs, baseline_outputs=baseline_outputs, method=method, n_steps=n_steps,
             evaluations=alphas.shape[0],
         )
+
+
+def input_gradients(
+    model: nn.Module, inputs: Tensor, target: TargetType, additional_forward_args: Any = None,
+    mode: TorchFunctionMode | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(dF/dx, F(x))`` for every example from one forward and one backward pass.
+
+    Parameters are frozen for the pass (restored afterwards), so no parameter gradient is built or
+    accumulated. ``mode`` (a ``TorchFunctionMode``) is active during the forward pass: the backprop
+    methods use it to give ReLU another backward rule.
+    """
+    check_model(model)
+    inputs = check_inputs(model, inputs)
+    target = normalize_target(target, inputs.shape[0])
+    example = torch.arange(inputs.shape[0], device=inputs.device)
+    args = expand_args(as_args(additional_forward_args), example, inputs.shape[0])
+    with frozen_parameters(model), torch.enable_grad():
+        probe = inputs.clone().requires_grad_(True)
+        with mode if mode is not None else nullcontext():
+            output = model(probe, *args)
+        scores = target_scores(output, target, example)
+        (grads,) = torch.autograd.grad(scores.sum(), probe, allow_unused=True)
+    if grads is None:
+        raise ValueError("inputs: the explained output does not depend on the inputs")
+    return grads, scores.detach()
+
+
+class Saliency:
+    """Simonyan et al. (2014): ``|dF/dx|`` (``abs=True``, Captum's default) or the signed gradient.
+
+    >>> Saliency(model).attribute(x, target=3).attributions
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def attribute(self, inputs: Tensor, target: TargetType = None, abs: bool = True,
+                  additional_forward_args: Any = None) -> Attribution:
+        grads, scores = input_gradients(self.model, inputs, target, additional_forward_args)
+        return Attribution(attributions=grads.abs() if abs else grads, outputs=scores, method="saliency", evaluations=1)
+
+
+class InputXGradient:
+    """``x * dF/dx`` (Shrikumar et al., 2016); exact completeness for bias-free ReLU networks with a zero baseline."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def attribute(self, inputs: Tensor, target: TargetType = None, additional_forward_args: Any = None) -> Attribution:
+        grads, scores = input_gradients(self.model, inputs, target, additional_forward_args)
+        return Attribution(attributions=inputs.detach() * grads, outputs=scores, method="input_x_gradient", evaluations=1)
+
+
+class SmoothGrad:
+    """Smilkov et al. (2017): the gradient averaged over ``n_samples`` noisy copies ``x + N(0, sigma^2)``.
+
+    ``stdevs`` is relative to each example's input range: ``sigma = stdevs * (x.max() - x.min())``
+    (the paper's 10-20 %). All copies of all examples are one batch, evaluated in chunks of
+    ``internal_batch_size`` rows. ``square=True`` averages squared gradients (SmoothGrad-squared),
+    ``abs=True`` absolute ones (Captum's ``NoiseTunnel(Saliency(model))``), ``multiply_by_inputs``
+    multiplies the mean by ``x``. ``generator`` makes the noise reproducible.
+
+    >>> SmoothGrad(model).attribute(x, target=3, n_samples=50, stdevs=0.15).attributions
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def noise(self, inputs: Tensor, n_samples: int, stdevs: float, generator: torch.Generator | None = None) -> Tensor:
+        """The noise ``(n_samples, B, ...)`` that :meth:`attribute` adds (sample-major)."""
+        sigma = self.noise_sigma(inputs, stdevs)
+        noise = torch.randn((n_samples,) + tuple(inputs.shape), generator=generator, dtype=inputs.dtype,
+                            device=inputs.device if generator is None else generator.device)
+        return noise.to(inputs.device).mul_(sigma.view((1, -1) + (1,) * (inputs.dim() - 1)))
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        n_samples: int = 50,
+        stdevs: float = 0.15,
+        square: bool = False,
+        abs: bool = False,
+        multiply_by_inputs: bool = False,
+        internal_batch_size: int | None = None,
+        generator: torch.Generator | None = None,
+        additional_forward_args: Any = None,
+    ) -> Attribution:
+        check_model(self.model)
+        inputs = check_inputs(self.model, inputs)
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)) or not stdevs >= 0:
+            raise ValueError(f"stdevs must be a number >= 0 (a fraction of the input range), got {stdevs!r}")
+        if square and abs:
+            raise ValueError("square and abs: choose one")
+        n = inputs.shape[0]
+        target = normalize_target(target, n)
+        rows = n_samples * n
+        chunk_rows = check_internal_batch_size(internal_batch_size, rows)
+        noise = self.noise(inputs, n_samples, stdevs, generator).reshape((rows,) + tuple(inputs.shape[1:]))
+        args = as_args(additional_forward_args)
+        total = torch.zeros_like(inputs)
+        for start in range(0, rows, chunk_rows):
+            example = torch.arange(start, min(start + chunk_rows, rows), device=inputs.device) % n
+            rows_target = [target[e] for e in example.tolist()] if isinstance(target, list) else target
+            grads, _ = input_gradients(
+                self.model, inputs[example] + noise[start:start + chunk_rows], rows_target,
+                expand_args(args, example, n),
+            )
+            if square:
+                grads = grads.square_()
+            elif abs:
+                grads = grads.abs_()
+            total.index_add_(0, example, grads)
+        mean = total / n_samples
+        with torch.no_grad():
+            scores = target_scores(self.model(inputs, *expand_args(args, torch.arange(n, device=inputs.device), n)),
+                                   target, torch.arange(n, device=inputs.device))
+        return Attribution(
+            attributions=mean * inputs if multiply_by_inputs else mean, outputs=scores, method="smoothgrad",
+            n_steps=n_samples, evaluations=n_samples + 1, info={"sigma": self.noise_sigma(inputs, stdevs)},
+        )
+
+    @staticmethod
+    def noise_sigma(inputs: Tensor, stdevs: float) -> Tensor:
+        spread = inputs.reshape(inputs.shape[0], -1)
+        return (spread.amax(1) - spread.amin(1)) * stdevs

@@ -1,0 +1,191 @@
+"""Conductance gradient ascent (the seed "layer conductance as a pathway to visual interpretability").
+
+A filter's aggregated conductance is the maximum over its H x W positions of the layer conductance
+(Dhamdhere et al.) at a layer, here the trapezoid Riemann-Stieltjes sum over uniform nodes. The
+ascent changes the input image to raise one filter's aggregated conductance, differentiating
+through the conductance computation itself (a double backward), and keeps the image inside the
+valid pixel range of the model's normalised space.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from .engine import as_args, check_baselines, check_inputs, check_model, expand_args
+from .hooks import LayerSpec, capture, frozen_parameters, preserved, resolve_layers
+from .targets import TargetType, normalize_target, target_scores
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+Bounds = Union[str, tuple, None]
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+def last_conv(model: nn.Module) -> str:
+    """The dotted name of the model's last convolution (in registration order)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    if not names:
+        raise ValueError("layer: the model has no convolution; name the layer")
+    return names[-1]
+
+
+def conductance_map(
+    model: nn.Module, inputs: Tensor, layer: str, target: TargetType, n_steps: int = 20,
+    baselines: Tensor | float | None = None, create_graph: bool = False, additional_forward_args: Any = None,
+) -> Tensor:
+    """Layer conductance ``(B, C, ...)`` of ``layer``'s output, differentiable w.r.t. ``inputs`` when
+    ``create_graph``: ``sum_k (g_k + g_{k+1}) / 2 * (y_{k+1} - y_k)`` over nodes ``k / n_steps``."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    n = inputs.shape[0]
+    baselines = check_baselines(baselines, inputs.detach())
+    alphas = torch.linspace(0, 1, n_steps + 1, dtype=inputs.dtype, device=inputs.device)
+    rows = (baselines.unsqueeze(0) + alphas.view((-1,) + (1,) * inputs.dim()) * (inputs - baselines).unsqueeze(0))
+    rows = rows.reshape((-1,) + tuple(inputs.shape[1:]))
+    example = torch.arange(rows.shape[0], device=inputs.device) % n
+    with frozen_parameters(model), capture(model, [layer], leaf=True) as cap, torch.enable_grad():
+        output = model(rows, *expand_args(as_args(additional_forward_args), example, n))
+        values = cap[layer]
+        scores = target_scores(output, target, example)
+        (grads,) = torch.autograd.grad(scores.sum(), values, create_graph=create_graph)
+    values = values.reshape((n_steps + 1, n) + tuple(values.shape[1:]))
+    grads = grads.reshape(values.shape)
+    return ((grads[1:] + grads[:-1]) * 0.5 * (values[1:] - values[:-1])).sum(0)
+
+
+def aggregated_conductance(
+    model: nn.Module, inputs: Tensor, layer: LayerSpec, target: TargetType, n_steps: int = 20,
+    baselines: Tensor | float | None = None, create_graph: bool = False, additional_forward_args: Any = None,
+) -> Tensor:
+    """Per filter ``(B, C)``: the maximum over positions of the layer conductance (differentiable)."""
+    ((name, _),) = resolve_layers(model, layer)
+    conductance = conductance_map(model, inputs, name, target, n_steps, baselines, create_graph, additional_forward_args)
+    return conductance.flatten(2).amax(-1)
+
+
+def _bounds(bounds: Bounds, inputs: Tensor) -> tuple[Tensor, Tensor] | None:
+    if bounds is None:
+        return None
+    if isinstance(bounds, str):
+        if bounds != "imagenet":
+            raise ValueError(f"bounds must be 'imagenet', (low, high) or None, got {bounds!r}")
+        if inputs.dim() != 4 or inputs.shape[1] != 3:
+            raise ValueError("bounds: 'imagenet' needs (B, 3, H, W) inputs; give bounds=(low, high) for this model")
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        low, high = -mean / std, (1 - mean) / std
+    elif isinstance(bounds, tuple) and len(bounds) == 2:
+        low, high = (torch.as_tensor(b, dtype=torch.float64) for b in bounds)
+    else:
+        raise ValueError(f"bounds must be 'imagenet', (low, high) or None, got {bounds!r}")
+    if low.dim() == 1 and inputs.dim() > 1:
+        if low.numel() != inputs.shape[1]:
+            raise ValueError(f"bounds: {low.numel()} per-channel values for {inputs.shape[1]} channels")
+        low, high = (b.view((1, -1) + (1,) * (inputs.dim() - 2)) for b in (low, high))
+    if bool((low > high).any()):
+        raise ValueError("bounds: low must not exceed high")
+    return low.to(inputs), high.to(inputs)
+
+
+@dataclass
+class AscentResult:
+    """``image``: the optimised input; ``objective`` ``(steps + 1, B)``: the filter's aggregated
+    conductance before each step and after the last; ``filter`` ``(B,)``; ``conductance`` ``(B, C)``:
+    every filter's aggregated conductance at the original input; ``neuron`` ``(B, spatial...)``: the
+    position of the selected filter's strongest conductance there; ``gradient_effect``: the input
+    gradient of that neuron's activation at the original input; ``mask``: where it is non-zero."""
+
+    image: Tensor
+    objective: Tensor
+    filter: Tensor
+    conductance: Tensor
+    neuron: Tensor
+    gradient_effect: Tensor
+    mask: Tensor
+    layer: str
+
+
+def conductance_ascent(
+    model: nn.Module,
+    inputs: Tensor,
+    layer: LayerSpec | None = None,
+    target: TargetType = None,
+    filter: int | Sequence[int] | None = None,
+    steps: int = 50,
+    lr: float = 0.1,
+    optimizer: str | Callable[..., torch.optim.Optimizer] = "adam",
+    n_steps: int = 20,
+    baselines: Tensor | float | None = None,
+    bounds: Bounds = "imagenet",
+    additional_forward_args: Any = None,
+) -> AscentResult:
+    """Maximise one filter's aggregated conductance at ``layer`` (default: the last convolution) by
+    gradient ascent on the input. ``filter=None`` takes each example's top filter. ``bounds``: the
+    valid range in the model's input space, ``"imagenet"`` (``(0 - mean) / std`` to ``(1 - mean) / std``
+    per channel), ``(low, high)`` numbers or per-channel sequences, or ``None``; the image is clamped
+    to it after every step.
+
+    >>> out = conductance_ascent(vgg, x, target=3, steps=50, lr=0.1)
+    >>> out.objective[-1] > out.objective[0]
+    """
+    check_model(model)
+    inputs = check_inputs(model, inputs)
+    n = inputs.shape[0]
+    target = normalize_target(target, n)
+    name = last_conv(model) if layer is None else resolve_layers(model, layer)[0][0]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        raise ValueError(f"lr must be a positive number, got {lr!r}")
+    limits = _bounds(bounds, inputs)
+    make = OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
+    if make is None:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable(params, lr=...), got {optimizer!r}")
+
+    def objective_of(image: Tensor, create_graph: bool) -> Tensor:
+        return aggregated_conductance(model, image, name, target, n_steps, baselines, create_graph, additional_forward_args)
+
+    with preserved(model):
+        conductance = conductance_map(model, inputs, name, target, n_steps, baselines, False, additional_forward_args)
+        scores = conductance.flatten(2).amax(-1)
+        if filter is None:
+            chosen = scores.argmax(1)
+        else:
+            chosen = torch.as_tensor(filter, device=inputs.device).reshape(-1).expand(n).long()
+            if bool(((chosen < 0) | (chosen >= scores.shape[1])).any()):
+                raise ValueError(f"filter: {filter!r} is out of range for {scores.shape[1]} filters at {name!r}")
+        picked = conductance[torch.arange(n), chosen].flatten(1).argmax(1)
+        neuron = torch.stack(torch.unravel_index(picked, conductance.shape[2:]), 1)
+        effect = _neuron_gradient(model, inputs, name, chosen, picked, additional_forward_args)
+
+        image = inputs.clone().requires_grad_(True)
+        opt = make([image], lr=lr)
+        history = []
+        for _ in range(steps):
+            opt.zero_grad()
+            value = objective_of(image, True).gather(1, chosen.view(-1, 1)).squeeze(1)
+            history.append(value.detach())
+            (-value.sum()).backward()
+            opt.step()
+            if limits is not None:
+                with torch.no_grad():
+                    image.copy_(torch.maximum(torch.minimum(image, limits[1]), limits[0]))
+        final = objective_of(image.detach(), False).gather(1, chosen.view(-1, 1)).squeeze(1)
+        history.append(final.detach())
+    return AscentResult(
+        image=image.detach(), objective=torch.stack(history), filter=chosen, conductance=scores, neuron=neuron,
+        gradient_effect=effect, mask=effect != 0, layer=name,
+    )
+
+
+def _neuron_gradient(model: nn.Module, inputs: Tensor, layer: str, channel: Tensor, position: Tensor, args: Any) -> Tensor:
+    """d y[b, channel_b, position_b] / d x for each example."""
+    example = torch.arange(inputs.shape[0], device=inputs.device)
+    with frozen_parameters(model), capture(model, [layer]) as cap, torch.enable_grad():
+        probe = inputs.clone().requires_grad_(True)
+        model(probe, *expand_args(as_args(args), example, inputs.shape[0]))
+        values = cap[layer]
+        picked = values[example, channel].flatten(1).gather(1, position.view(-1, 1))
+        return torch.autograd.grad(picked.sum(), probe)[0]

@@ -1,0 +1,104 @@
+"""Grad-CAM (Selvaraju et al., 2017) and guided Grad-CAM."""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .backprop import GuidedBackprop
+from .engine import as_args, prepare, sweep
+from .hooks import LayerSpec, resolve_layers
+from .result import Attribution
+from .targets import TargetType
+
+_MODES = ("nearest", "bilinear", "bicubic", "area", "linear", "trilinear", "nearest-exact")
+
+
+def upsample(maps: Tensor, size: tuple[int, ...], mode: str) -> Tensor:
+    """Resize ``(B, 1, *spatial)`` maps to ``size`` (``align_corners=False`` where the mode has it)."""
+    if mode not in _MODES:
+        raise ValueError(f"interpolate_mode must be one of {_MODES} or None, got {mode!r}")
+    if len(size) != maps.dim() - 2:
+        raise ValueError(f"cannot resize a map with {maps.dim() - 2} spatial dims to input size {tuple(size)}")
+    corners = False if mode in ("bilinear", "bicubic", "linear", "trilinear") else None
+    return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=corners)
+
+
+class GradCAM:
+    """``L = ReLU(sum_c a_c A_c)`` with ``a_c`` the gradient of the target at layer output ``A``,
+    averaged over its spatial positions; resized to the input's spatial size.
+
+    ``relu_attributions=False`` keeps negative evidence; ``interpolate_mode=None`` returns the map at
+    the layer's resolution. With both set so, the numbers are Captum's ``LayerGradCam``'s. ``info``
+    holds the channel weights ``(B, C)`` and the layer-resolution map.
+
+    >>> GradCAM(model, "features.28").attribute(x, target=3).attributions  # (B, 1, H, W)
+    """
+
+    def __init__(self, model: nn.Module, layer: LayerSpec) -> None:
+        self.model = model
+        ((self.layer, _),) = resolve_layers(model, layer)
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        relu_attributions: bool = True,
+        interpolate_mode: str | None = "bilinear",
+        attribute_to_layer_input: bool = False,
+        additional_forward_args: Any = None,
+    ) -> Attribution:
+        inputs, _, target = prepare(self.model, inputs, None, target)
+        (chunk,) = list(sweep(
+            self.model, inputs, inputs, torch.ones(1, dtype=torch.float64), target=target, layers=[self.layer],
+            attribute_to_layer_input=attribute_to_layer_input, additional_forward_args=as_args(additional_forward_args),
+        ))
+        activation, grads = chunk.values[self.layer], chunk.grads[self.layer]
+        if activation.dim() < 2:
+            raise ValueError(f"layer: {self.layer!r} gives shape {tuple(activation.shape)}; Grad-CAM needs (B, C, ...)")
+        spatial = tuple(range(2, grads.dim()))
+        weights = grads.mean(spatial) if spatial else grads
+        cam = (weights.view(weights.shape + (1,) * len(spatial)) * activation).sum(1, keepdim=True)
+        if relu_attributions:
+            cam = cam.clamp(min=0)
+        layer_map = cam
+        if interpolate_mode is not None and spatial:
+            cam = upsample(cam, tuple(inputs.shape[2:]), interpolate_mode)
+        return Attribution(
+            attributions=cam, outputs=chunk.scores, method="gradcam", evaluations=1,
+            info={"layer": self.layer, "weights": weights, "layer_map": layer_map},
+        )
+
+
+class GuidedGradCAM:
+    """Guided backprop times Grad-CAM resized to the input (nearest, as Captum's ``GuidedGradCam``).
+
+    >>> GuidedGradCAM(model, "features.28").attribute(x, target=3).attributions  # shaped like x
+    """
+
+    def __init__(self, model: nn.Module, layer: LayerSpec) -> None:
+        self.model = model
+        self.gradcam = GradCAM(model, layer)
+        self.guided = GuidedBackprop(model)
+
+    def attribute(
+        self,
+        inputs: Tensor,
+        target: TargetType = None,
+        interpolate_mode: str = "nearest",
+        attribute_to_layer_input: bool = False,
+        additional_forward_args: Any = None,
+    ) -> Attribution:
+        cam = self.gradcam.attribute(
+            inputs, target, relu_attributions=True, interpolate_mode=interpolate_mode,
+            attribute_to_layer_input=attribute_to_layer_input, additional_forward_args=additional_forward_args,
+        )
+        if cam.attributions.shape[2:] != inputs.shape[2:]:
+            raise ValueError(f"layer: {self.gradcam.layer!r} has no spatial dimensions to map onto the input")
+        guided = self.guided.attribute(inputs, target, additional_forward_args)
+        return Attribution(
+            attributions=guided.attributions * cam.attributions, outputs=guided.outputs, method="guided_gradcam",
+            evaluations=2, info={"gradcam": cam.attributions, "guided_backprop": guided.attributions},
+        )
