@@ -52,3 +52,18 @@ def peak_rss_mb() -> float:
 def rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def limit_fn(model, x: torch.Tensor, target: int):
+    """One plain forward + backward to the input with the parameters frozen: the floor every
+    gradient-based method is measured against."""
+    def limit():
+        for param in model.parameters():
+            param.requires_grad_(False)
+        try:
+            probe = x.clone().requires_grad_(True)
+            return torch.autograd.grad(model(probe)[:, target].sum(), probe)[0]
+        finally:
+            for param in model.parameters():
+                param.requires_grad_(True)
+    return limit

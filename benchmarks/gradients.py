@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 
 import attrib
-from common import cpu_model, side_by_side, sync
+from common import cpu_model, limit_fn, side_by_side, sync
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -86,23 +86,10 @@ def cases(model: nn.Module, twin: nn.Module, x: torch.Tensor) -> dict:
     }
 
 
-def limit_fn(model: nn.Module, x: torch.Tensor):
-    def limit():
-        for param in model.parameters():
-            param.requires_grad_(False)
-        try:
-            probe = x.clone().requires_grad_(True)
-            return torch.autograd.grad(model(probe)[:, TARGET].sum(), probe)[0]
-        finally:
-            for param in model.parameters():
-                param.requires_grad_(True)
-    return limit
-
-
 def time_methods(repeats: int, device: str) -> dict:
     model, twin, x = build(device)
     out = {}
-    limit = limit_fn(model, x)
+    limit = limit_fn(model, x, TARGET)
     for name, (ours, theirs, comparable) in cases(model, twin, x).items():
         print(f"[{name}] ...", flush=True)
         timings = side_by_side({"limit": limit, "attrib": ours, "captum": theirs}, repeats, device)

@@ -25,7 +25,7 @@ from torch import nn
 
 import attrib
 from attrib.lrp import LRP
-from common import cpu_model, peak_rss_mb, rss_mb, side_by_side, sync
+from common import cpu_model, limit_fn, peak_rss_mb, rss_mb, side_by_side, sync
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -69,16 +69,7 @@ def zennit_composite(name: str, model_name: str):
 def runner(tool: str, composite: str | None, model: nn.Module, x: torch.Tensor):
     """A zero-argument callable computing one input relevance map (or the limit)."""
     if tool == "limit":
-        def limit():
-            for param in model.parameters():
-                param.requires_grad_(False)
-            try:
-                probe = x.clone().requires_grad_(True)
-                return torch.autograd.grad(model(probe)[:, TARGET].sum(), probe)[0]
-            finally:
-                for param in model.parameters():
-                    param.requires_grad_(True)
-        return limit
+        return limit_fn(model, x, TARGET)
     if tool == "attrib":
         lrp = LRP(model, composite)
         return lambda: lrp.attribute(x, target=TARGET).attributions
