@@ -4,10 +4,11 @@ The inputs and baselines go through the model as one batch ``[x; x']``. A ``Torc
 catches every elementwise nonlinearity and max pooling the forward pass calls (modules, reused
 modules, in-place and functional forms alike) and gives it the multiplier of its own pair of rows:
 
-- elementwise ``f``: ``m = (f(x) - f(x')) / (x - x')``, or ``f'(x)`` where ``|x - x'| < eps``;
+- elementwise ``f``: ``m = (f(x) - f(x')) / (x - x')``, or ``f'(x)`` where ``|x - x'|`` is below
+  ``sqrt(machine eps) * max(|x|, |x'|)`` (Captum: below 1e-10, absolute);
 - max pooling: in each window the output change ``y - y'`` is split between x's winner, which
   takes ``max(y, y') - y'``, and x''s winner, which takes ``y - max(y, y')``; each input's
-  multiplier is its share over ``x - x'`` (the gradient where ``|x - x'| < eps``, which only
+  multiplier is its share over ``x - x'`` (the gradient where ``x - x'`` is that small, which only
   happens where its share is 0).
 
 Linear layers keep their gradient, so the multipliers compose by the chain rule and
@@ -30,7 +31,6 @@ from .hooks import frozen_parameters
 from .result import Attribution
 from .targets import TargetType, target_scores
 
-EPS = 1e-10
 ELEMENTWISE: set[Callable] = {
     F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
     F.celu, F.gelu, F.silu, F.softplus, F.hardtanh, F.sigmoid, torch.sigmoid, Tensor.sigmoid, F.tanh, torch.tanh,
@@ -39,6 +39,13 @@ ELEMENTWISE: set[Callable] = {
 MAX_POOLS = {  # caught function -> the form with a signature that returns the winners
     F.max_pool1d: F.max_pool1d_with_indices, F.max_pool2d: F.max_pool2d_with_indices, F.max_pool3d: F.max_pool3d_with_indices,
 }
+
+
+def _small(delta_in: Tensor, x_in: Tensor, x_ref: Tensor) -> Tensor:
+    """Where ``x - x'`` is too small against ``x`` and ``x'`` for a difference quotient (relative, so
+    that models whose activations are tiny, e.g. random-init MobileNetV2 at ~1e-10, stay exact)."""
+    tolerance = torch.finfo(delta_in.dtype).eps ** 0.5
+    return delta_in.abs() <= tolerance * torch.maximum(x_in.abs(), x_ref.abs())
 
 
 def _halves(tensor: Tensor) -> tuple[Tensor, Tensor]:
@@ -64,7 +71,7 @@ class _Rescale(torch.autograd.Function):
         with torch.enable_grad():
             probe = x_in.detach().requires_grad_(True)
             slope = torch.autograd.grad(ctx.function(probe), probe, torch.ones_like(probe))[0]
-        small = delta_in.abs() < EPS
+        small = _small(delta_in, x_in, x_ref)
         multiplier = torch.where(small, slope, (y_in - y_ref) / torch.where(small, torch.ones_like(delta_in), delta_in))
         grad_in, _ = _halves(grad)
         return torch.cat([grad_in * multiplier, torch.zeros_like(grad_in)]), None
@@ -90,7 +97,7 @@ class _MaxPoolRescale(torch.autograd.Function):
 
         share = scatter(grad_in * (top - y_ref), won_in) + scatter(grad_in * (y_in - top), won_ref)
         delta_in = x_in - x_ref
-        small = delta_in.abs() < EPS
+        small = _small(delta_in, x_in, x_ref)
         multiplier = torch.where(small, scatter(grad_in, won_in), share / torch.where(small, torch.ones_like(delta_in), delta_in))
         return torch.cat([multiplier, torch.zeros_like(multiplier)]), None
 

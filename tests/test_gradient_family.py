@@ -146,11 +146,13 @@ def test_gradcam_by_hand_on_a_tiny_model():
     assert torch.equal(attrib.GradCAM(model, "0").attribute(x, interpolate_mode=None).attributions, torch.zeros_like(x))
 
 
-def test_resnet18_deeplift_is_complete_with_reused_and_inplace_relus():
-    """Captum refuses this model (one ReLU module per block, used twice); the rescale rule per call
-    keeps completeness to rounding, also through the overlapping 3x3/2 max pooling."""
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "densenet121"])
+def test_deeplift_is_complete_on_torchvision_models_as_shipped(name):
+    """Captum refuses ResNet (one ReLU module per block, used twice); the rescale rule per call keeps
+    completeness to rounding, also through the overlapping 3x3/2 max pooling, DenseNet's functional
+    in-place ReLUs and concatenations, and MobileNetV2's ReLU6 at activations of ~1e-10 (random init)."""
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None).double().eval()
+    model = getattr(torchvision.models, name)(weights=None).double().eval()
     x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
     baselines = torch.rand(1, 3, 32, 32, dtype=torch.float64) * 0.1
     before = model_state(model)
@@ -158,7 +160,7 @@ def test_resnet18_deeplift_is_complete_with_reused_and_inplace_relus():
     assert_unchanged(model, before)
     change = (result.outputs - result.baseline_outputs).abs()
     assert float((result.delta.abs() / change).max()) < 1e-10
-    assert float(change.min()) > 1e-6  # the test is not vacuous
+    assert float((change / result.outputs.abs()).min()) > 1e-3  # the test is not vacuous: the score does change
 
 
 def test_resnet18_backprop_methods_match_an_out_of_place_copy():
