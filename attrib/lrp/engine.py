@@ -12,10 +12,11 @@ by :class:`~attrib.lrp.canonizers.FunctionalOps`. Every hook lives inside the ru
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Any, Callable, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..engine import as_args, check_inputs, check_model
 from ..hooks import LayerReuseError, LayerSpec, resolve_layers
@@ -26,6 +27,9 @@ from .composites import BATCHNORMS, COMPOSITES, LINEAR_TYPES, MAX_POOLS, WINNER_
 from .layers import ConvView, FoldedView, FunctionView, LayerView, LinearView, MaxAsAveragePoolView, view_of
 from .report import ConservationReport, LayerBalance, per_example_sum
 from .rules import Gradient, Norm, Pass, Rule, divide
+
+if TYPE_CHECKING:
+    from .trace import RelevanceTrace
 
 CHEAP_VIEWS = (FunctionView,)
 
@@ -145,6 +149,10 @@ class _Run:
         self.saved_outputs: dict[int, tuple[Tensor, _Step]] = {}
         self.saved_inputs: dict[int, Tensor] = {}
         self.records: dict[str, Tensor] = {}
+        # recorded layers' outputs and their places in the graph, taken when they are made (a later
+        # in-place operation, such as ResNet's `out += identity`, moves the tensor but not its edge)
+        self.outputs: dict[str, Tensor] = {}
+        self.edges: dict[str, GradientEdge] = {}
         self.start_output: Tensor | None = None
         self.per_layer = True  # sum the relevance entering and leaving every layer for the report
         self.final_pass = False  # the last backward pass: steps may overwrite what they kept
@@ -221,15 +229,22 @@ class _Run:
             step.records += [(n, "out") for n, side in below.records if side == "out"]
             if name in self.record:
                 step.records.append((name, "out"))
+            self._keep_outputs(step, out)
             return out
         row = LayerBalance(label, view.kind, rule_text)
         self.rows.append(row)
         out, step = self._relay(row, view, rule, x.detach(), output, x)
         if name in self.record:
             step.records.append((name, self.record[name][1]))
+        self._keep_outputs(step, out)
         if isinstance(view, (LinearView, ConvView)):
             self.linear_outputs[id(out)] = (out, step, x)
         return out
+
+    def _keep_outputs(self, step: _Step, out: Tensor) -> None:
+        for name, side in step.records:
+            if side == "out":
+                self.outputs[name], self.edges[name] = out, get_gradient_edge(out)
 
     def parent_pre_hook(self, name: str) -> Callable:
         def hook(module, args):
@@ -283,6 +298,8 @@ class _Run:
             if not (isinstance(tensor, Tensor) and tensor.requires_grad):
                 raise ValueError(f"layers: the {side}put of {name!r} is not on the input's graph, so it gets no relevance")
             tensor.register_hook(lambda relevance: self.records.__setitem__(name, relevance.detach()))
+            if side == "out":
+                self.outputs[name], self.edges[name] = tensor, get_gradient_edge(tensor)
         return store
 
     def start_hook(self, module, args, output) -> None:
@@ -466,6 +483,17 @@ class LRP:
             if run.start_output is None:
                 raise ValueError(f"start_layer: {start_name!r} did not run in the forward pass")
             return self._from_layer(run, x, run.start_output, neuron_selector, start)
+
+    def trace(
+        self, inputs: Tensor, target: TargetType = None, *, layers: LayerSpec | Sequence[LayerSpec], copies: int = 1,
+        start: str = "score", additional_forward_args: Any = None,
+    ) -> "RelevanceTrace":
+        """Keep one forward pass of one example (``copies`` rows) for many backward passes between
+        the recorded ``layers``: see :class:`attrib.lrp.trace.RelevanceTrace`."""
+        from .trace import RelevanceTrace
+
+        check_model(self.model)
+        return RelevanceTrace(self, inputs, target, layers, copies, additional_forward_args, start)
 
     def _from_output(self, run: _Run, x: Tensor, output: Any, target: TargetType, start: str) -> Attribution:
         if not isinstance(output, Tensor):

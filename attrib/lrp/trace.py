@@ -1,0 +1,165 @@
+"""A kept LRP forward pass for many partial backward passes: relevance between chosen layers.
+
+The path graphs need, for each of k channels of a layer, the relevance that reaches the layers
+below when the backward pass starts from that channel alone. A trace runs the forward pass once
+with ``copies`` identical rows of one example; a backward pass then starts at any recorded layer
+with a different relevance in every row (one channel each), and stops at the next recorded layers
+below (its *frontier*): relevance arriving there is taken and not passed further, so each number
+is the *direct* flow, never counted twice through a lower recorded layer.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..engine import as_args, check_inputs
+from ..hooks import LayerSpec, resolve_layers
+from ..targets import TargetType, normalize_target, target_scores
+from .canonizers import FunctionalOps
+
+if TYPE_CHECKING:
+    from .engine import LRP
+
+OUTPUT = "<output>"
+
+
+class RelevanceTrace:
+    """One example, ``copies`` rows, forward pass kept. ``names``: the recorded layers in forward
+    order; ``totals[name]``: the full relevance at each (one row); ``start``: the relevance at the
+    output; ``score``: the explained score; ``seen_at[name]``: the module whose output carries the
+    layer's relevance (its BatchNorm when the two are folded).
+
+    >>> trace = LRP(model, "epsilon_plus").trace(x[:1], target=3, layers=["features.26", "features.28"], copies=8)
+    >>> flows = trace.propagate("features.28", masked)   # {"features.26": (8, C, H, W)}
+    """
+
+    def __init__(self, lrp: "LRP", inputs: Tensor, target: TargetType, layers: Sequence[LayerSpec], copies: int,
+                 additional_forward_args: Any = None, start: str = "score") -> None:
+        from .engine import _Run  # the run machinery lives with the engine
+
+        model = lrp.model
+        inputs = check_inputs(model, inputs)
+        if inputs.shape[0] != 1:
+            raise ValueError(f"inputs: a trace follows one example, got a batch of {inputs.shape[0]}")
+        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
+            raise ValueError(f"copies must be a positive int, got {copies!r}")
+        if start not in ("score", "one_hot"):
+            raise ValueError(f"start must be 'score' or 'one_hot', got {start!r}")
+        target = normalize_target(target, 1)
+        if isinstance(target, list):
+            target = target[0]
+        resolved = resolve_layers(model, layers)
+        self.copies = copies
+        self.run = _Run(lrp, lrp._plan(), {name: (module, "out") for name, module in resolved}, None)
+        self.run.per_layer = False
+        self.input = inputs.expand((copies,) + tuple(inputs.shape[1:])).clone().requires_grad_(True)
+        args = as_args(additional_forward_args)
+        with torch.enable_grad():
+            with ExitStack() as stack:
+                self.run.hooks(stack)
+                stack.enter_context(FunctionalOps(self.run, lrp.composite.split_additions))
+                try:
+                    output = model(self.input, *args)
+                finally:
+                    self.run.finish_forward()
+            if not isinstance(output, Tensor) or not output.requires_grad:
+                raise ValueError("inputs: the model output is not a tensor that depends on the inputs")
+            rows = torch.arange(copies, device=inputs.device)
+            scores = target_scores(output, target, rows)
+            (selection,) = torch.autograd.grad(scores.sum(), output, retain_graph=True)
+        missing = [name for name, _ in resolved if name not in self.run.outputs]
+        if missing:
+            raise ValueError(f"layers: {missing} did not run between the input and the output")
+        order = {name: i for i, name in enumerate(self.run.edges)}
+        self.names = sorted((name for name, _ in resolved), key=order.__getitem__)
+        self.edges = {name: self.run.edges[name] for name in self.names}
+        self.shapes = {name: tuple(self.run.outputs[name].shape) for name in self.names}
+        # a recorded Linear/Conv folded with the BatchNorm after it is seen at the BatchNorm's output
+        folded = dict(row.name.split("+", 1) for row in self.run.rows if "+" in row.name)
+        self.seen_at = {name: folded.get(name, name) for name in self.names}
+        self.output = output
+        self.start = (selection if start == "one_hot" else output.detach() * selection).detach()
+        self.score = float(scores[0].detach())
+        self._nodes = {self.edges[n].node: n for n in self.names}
+        self.totals = {name: value[0] for name, value in self._backward(output, self.start, self.names, cut=False).items()}
+
+    def frontier(self, upper: str | None) -> list[str]:
+        """The recorded layers reached first going down from ``upper`` (``None``: the output)."""
+        root = self.output.grad_fn if upper is None else self.edges[upper].node
+        found, seen, stack = set(), set(), [root]
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if node is not root and node in self._nodes:
+                found.add(self._nodes[node])
+                continue
+            stack.extend(child for child, _ in node.next_functions)
+        return [name for name in self.names if name in found]
+
+    def propagate(self, upper: str | None, relevance: Tensor) -> dict[str, Tensor]:
+        """Relevance ``(copies, ...)`` at each frontier layer of ``upper`` when the backward pass
+        starts with ``relevance`` (``(copies, ...)``) at ``upper``'s output (``None``: the model output)."""
+        root = self.output if upper is None else self.edges[upper]
+        shape = tuple(self.output.shape) if upper is None else self.shapes[upper]
+        if tuple(relevance.shape) != shape:
+            raise ValueError(f"relevance: expected shape {shape} at {upper or OUTPUT!r}, got {tuple(relevance.shape)}")
+        return self._backward(root, relevance, self.frontier(upper), cut=True)
+
+    def input_share(self, upper: str, relevance: Tensor) -> Tensor:
+        """Relevance ``(copies, ...)`` at the input when the pass starts with ``relevance`` at ``upper``
+        (for the lowest recorded layer, whose frontier is the input itself)."""
+        (found,) = torch.autograd.grad([self.edges[upper]], [self.input], [relevance], retain_graph=True, allow_unused=True)
+        return torch.zeros_like(self.input) if found is None else found.detach()
+
+    def to_input(self, relevance: Tensor, keep: dict[str, Tensor] | None = None) -> Tensor:
+        """Input relevance ``(copies, ...)`` from ``relevance`` at the output, multiplying the relevance
+        at each layer in ``keep`` by its mask (``(copies, C)``, per row and channel) on the way down."""
+        handles = []
+
+        def scale(weights: Tensor, index: int) -> Callable:
+            def hook(grads: tuple) -> tuple:
+                grads = list(grads)
+                grads[index] = grads[index] * weights.to(grads[index].dtype)
+                return tuple(grads)
+            return hook
+
+        try:
+            for name, weights in (keep or {}).items():
+                edge = self.edges[name]
+                shaped = weights.reshape(tuple(weights.shape) + (1,) * (len(self.shapes[name]) - 2))
+                handles.append(edge.node.register_prehook(scale(shaped, edge.output_nr)))
+            (found,) = torch.autograd.grad([self.output], [self.input], [relevance], retain_graph=True, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return torch.zeros_like(self.input) if found is None else found.detach()
+
+    def _backward(self, root, relevance: Tensor, names: list[str], cut: bool) -> dict[str, Tensor]:
+        """Relevance arriving at each of ``names`` (edges taken as autograd inputs); ``cut`` stops it
+        there (the node's pre-hook hands zeros on), so nothing is counted twice."""
+        if not names:
+            return {}
+        handles = []
+
+        def stop(index: int) -> Callable:
+            def hook(grads: tuple) -> tuple:
+                return tuple(torch.zeros_like(g) if (i == index and g is not None) else g for i, g in enumerate(grads))
+            return hook
+
+        try:
+            if cut:
+                handles = [self.edges[n].node.register_prehook(stop(self.edges[n].output_nr)) for n in names]
+            self.run.final_pass = False
+            found = torch.autograd.grad([root], [self.edges[n] for n in names], [relevance], retain_graph=True, allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {
+            name: (torch.zeros(self.shapes[name], dtype=relevance.dtype, device=relevance.device) if grad is None else grad.detach())
+            for name, grad in zip(names, found)
+        }

@@ -1,0 +1,102 @@
+"""Drawing a flow graph: layers stacked by depth (class node on top), channels left to right by
+rank, edge width by share, the critical paths in red."""
+from __future__ import annotations
+
+from pathlib import Path as FilePath
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import networkx as nx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from graphs.flow import CLASS_LAYER, FlowGraph  # noqa: E402
+from graphs.paths import Path  # noqa: E402
+
+
+def layered_positions(flow: FlowGraph, graph: nx.DiGraph) -> dict:
+    """x: rank within the layer, centred; y: depth."""
+    by_layer: dict[str, list] = {}
+    for node in graph.nodes:
+        by_layer.setdefault(node[0], []).append(node)
+    positions = {}
+    for layer, nodes in by_layer.items():
+        nodes.sort(key=lambda node: graph.nodes[node]["rank"])
+        for i, node in enumerate(nodes):
+            positions[node] = (i - (len(nodes) - 1) / 2, graph.nodes[node]["depth"])
+    return positions
+
+
+def draw_graph(
+    flow: FlowGraph, paths: Sequence[Path] = (), path: str | FilePath | None = None, graph: nx.DiGraph | None = None,
+    title: str | None = None,
+):
+    """Draw the graph (or a pruned one); returns the figure and writes a PNG when ``path`` is given."""
+    graph = flow.graph if graph is None else graph
+    positions = layered_positions(flow, graph)
+    on_path = {(a, b) for p in paths for a, b in zip(p.nodes[:-1], p.nodes[1:])}
+    width = max(7.0, 0.9 * max((sum(1 for n in graph.nodes if n[0] == layer) for layer in flow.layers), default=1))
+    fig, ax = plt.subplots(figsize=(width, 0.55 * len(flow.layers) + 2.5))
+    shares = np.array([abs(d["share"]) for _, _, d in graph.edges(data=True)] or [0.0])
+    top = float(np.quantile(shares, 0.99)) if shares.size else 1.0
+    top = top if top > 0 else 1.0
+    for (a, b), data in zip(graph.edges, graph.edges.values()):
+        if (a, b) in on_path:
+            continue
+        (x0, y0), (x1, y1) = positions[a], positions[b]
+        share = data["share"]
+        ax.plot([x0, x1], [y0, y1], color="#1f77b4" if share >= 0 else "#7f7f7f", alpha=0.35,
+                linewidth=0.2 + 2.0 * min(abs(share) / top, 1.0), zorder=1)
+    for a, b in on_path:
+        if a in positions and b in positions:
+            (x0, y0), (x1, y1) = positions[a], positions[b]
+            ax.plot([x0, x1], [y0, y1], color="#d62728", linewidth=2.2, zorder=3)
+    nodes = list(graph.nodes)
+    peak: dict[str, float] = {}
+    for node in nodes:  # colours are scaled per layer: relevance shrinks with depth
+        peak[node[0]] = max(peak.get(node[0], 0.0), abs(graph.nodes[node]["relevance"]))
+    colour = np.array([graph.nodes[n]["relevance"] / (peak[n[0]] or 1.0) for n in nodes])
+    xs, ys = zip(*(positions[n] for n in nodes))
+    ax.scatter(xs, ys, c=colour, cmap="bwr", vmin=-1, vmax=1, s=90, edgecolors="black", linewidths=0.5, zorder=4)
+    for node in nodes:
+        x, y = positions[node]
+        if node[0] == CLASS_LAYER:
+            ax.annotate(f"class {node[1]}", (x, y), textcoords="offset points", xytext=(8, 4), fontsize=9)
+        else:
+            ax.annotate(str(node[1]), (x, y), textcoords="offset points", xytext=(0, -13), fontsize=6, ha="center", zorder=5)
+    depths = sorted({(graph.nodes[n]["depth"], n[0]) for n in graph.nodes})
+    ax.set_yticks([d for d, _ in depths])
+    ax.set_yticklabels([layer if layer != CLASS_LAYER else "class" for _, layer in depths], fontsize=8)
+    ax.set_xticks([])
+    ax.set_xlabel("channels ranked by relevance in the direction of the score (left = strongest), numbered\nred: critical paths; edge width: share; "
+                  "node colour: relevance per layer (blue < 0 < red)", fontsize=8)
+    for side in ("top", "right", "bottom"):
+        ax.spines[side].set_visible(False)
+    ax.set_title(title or f"relevance flow for class {flow.target}, score {flow.score:.3g} ({len(paths)} critical paths)", fontsize=10)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
+
+
+def draw_k_curves(curves, path: str | FilePath | None = None, threshold: float | None = None):
+    """MSE and SMAPE of the K-path score and heatmap against K."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, (label, values) in zip(axes, [("MSE", (curves.score_mse, curves.heatmap_mse)), ("SMAPE", (curves.score_smape, curves.heatmap_smape))]):
+        ax.plot(curves.ks, values[0], marker="o", label="score")
+        ax.plot(curves.ks, values[1], marker="s", label="heatmap")
+        ax.set_xlabel("K (critical paths kept)")
+        ax.set_ylabel(label)
+        if label == "MSE":
+            ax.set_yscale("symlog", linthresh=1e-12)
+        if threshold is not None and label == "SMAPE":
+            ax.axhline(threshold, color="#d62728", linestyle="--", linewidth=1)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    return fig
