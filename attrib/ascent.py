@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .engine import as_args, check_baselines, check_inputs, check_model, expand_args
 from .hooks import LayerSpec, capture, frozen_parameters, preserved, resolve_layers
+from .paths import uniform_nodes
 from .targets import TargetType, normalize_target, target_scores
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -37,12 +38,13 @@ def conductance_map(
     baselines: Tensor | float | None = None, create_graph: bool = False, additional_forward_args: Any = None,
 ) -> Tensor:
     """Layer conductance ``(B, C, ...)`` of ``layer``'s output, differentiable w.r.t. ``inputs`` when
-    ``create_graph``: ``sum_k (g_k + g_{k+1}) / 2 * (y_{k+1} - y_k)`` over nodes ``k / n_steps``."""
+    ``create_graph``: ``sum_k (g_k + g_{k+1}) / 2 * (y_{k+1} - y_k)`` over nodes ``k / n_steps`` (the
+    first at ``2**-60``, as :mod:`attrib.paths` explains): LayerConductance's ``stieltjes_trapezoid``."""
     if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
         raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
     n = inputs.shape[0]
     baselines = check_baselines(baselines, inputs.detach())
-    alphas = torch.linspace(0, 1, n_steps + 1, dtype=inputs.dtype, device=inputs.device)
+    alphas = torch.tensor(uniform_nodes(n_steps), dtype=inputs.dtype, device=inputs.device)  # first node 2**-60
     rows = (baselines.unsqueeze(0) + alphas.view((-1,) + (1,) * inputs.dim()) * (inputs - baselines).unsqueeze(0))
     rows = rows.reshape((-1,) + tuple(inputs.shape[1:]))
     example = torch.arange(rows.shape[0], device=inputs.device) % n

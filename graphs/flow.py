@@ -25,14 +25,17 @@ from typing import Any, Sequence
 import networkx as nx
 import torch
 from torch import Tensor, nn
+from torch.autograd.graph import get_gradient_edge
 
 from attrib import LayerActivation, LayerConductance
-from attrib.engine import check_inputs
-from attrib.hooks import LayerSpec, capture, resolve_layers
+from attrib.edges import direct_grads, frontier
+from attrib.engine import as_args, check_baselines, check_inputs, expand_args
+from attrib.hooks import LayerSpec, capture, frozen_parameters, resolve_layers
+from attrib.paths import uniform_nodes
 from attrib.lrp import LRP
 from attrib.lrp.composites import Composite
 from attrib.lrp.trace import RelevanceTrace
-from attrib.targets import TargetType
+from attrib.targets import TargetType, normalize_target, target_scores
 
 CLASS_LAYER = "output"
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -43,7 +46,8 @@ class FlowGraph:
     """A built graph and what it was built from.
 
     ``layers``: chosen layers in forward order; ``top[layer]``: its k channels by descending
-    relevance; ``relevance[layer]``: relevance of every channel ``(C,)``; ``flows[upper][lower]``:
+    value; ``values[layer]``: the flowing quantity (relevance or conductance) of every channel
+    ``(C,)``; ``flows[upper][lower]``:
     ``(k, C_lower)`` direct flows from the upper layer's top channels (top: the largest relevance
     times the sign of the score) (``upper`` is ``"output"`` for
     the class node, one row); ``trace``: the kept LRP pass (for path heatmaps)."""
@@ -53,12 +57,13 @@ class FlowGraph:
     target: Any
     score: float
     top: dict[str, list[int]]
-    relevance: dict[str, Tensor]
+    values: dict[str, Tensor]
     flows: dict[str, dict[str, Tensor]]
-    trace: RelevanceTrace
+    trace: RelevanceTrace | None
     model: nn.Module
     inputs: Tensor
     seen_at: dict[str, str] = field(default_factory=dict)
+    shapes: dict[str, tuple] = field(default_factory=dict)  # per example, (C, ...)
 
     @property
     def class_node(self) -> tuple:
@@ -82,6 +87,111 @@ def _per_channel(tensor: Tensor) -> Tensor:
     return tensor.reshape(tensor.shape[0], tensor.shape[1], -1).sum(-1)
 
 
+@dataclass
+class _Parts:
+    """What a method computes before the graph is assembled."""
+
+    names: list[str]
+    values: dict[str, Tensor]                # per channel (C,)
+    flows: dict[str, dict[str, Tensor]]      # upper -> lower -> (rows, C_lower)
+    to_input: dict[str, Tensor]              # lowest layers: per top channel, what reaches the input
+    top: dict[str, list[int]]
+    score: float
+    seen_at: dict[str, str]
+    trace: RelevanceTrace | None = None
+
+
+def _rank(values: dict[str, Tensor], score: float, k: int) -> tuple[dict, dict]:
+    """Channels ordered by their value in the direction of the explained score (for a negative
+    score the most negative channels carry it); the first k are the graph's."""
+    sign = 1.0 if score >= 0 else -1.0
+    order = {name: torch.argsort(value * sign, descending=True).tolist() for name, value in values.items()}
+    return order, {name: channels[:k] for name, channels in order.items()}
+
+
+def _one_channel_rows(total: Tensor, channels: list[int], rows: int) -> Tensor:
+    """``(rows, *total.shape)``: row i keeps only channel ``channels[i]`` of ``total``."""
+    out = torch.zeros((rows,) + tuple(total.shape), dtype=total.dtype, device=total.device)
+    for row, channel in enumerate(channels):
+        out[row, channel] = total[channel]
+    return out
+
+
+def _lrp_parts(model, inputs, target, names, k, composite, args) -> _Parts:
+    lrp = LRP(model, composite)
+    trace = lrp.trace(inputs, target, layers=names, copies=k, additional_forward_args=args)
+    names = trace.names
+    values = {name: _per_channel(trace.totals[name].unsqueeze(0))[0] for name in names}
+    _, top = _rank(values, trace.score, k)
+    start_rows = torch.zeros_like(trace.start)
+    start_rows[0] = trace.start[0]
+    flows = {CLASS_LAYER: {lower: _per_channel(v)[:1] for lower, v in trace.propagate(None, start_rows).items()}}
+    to_input = {}
+    for name in names:
+        rows = _one_channel_rows(trace.totals[name], top[name], k)
+        flows[name] = {lower: _per_channel(v)[:len(top[name])] for lower, v in trace.propagate(name, rows).items()}
+        if not flows[name]:  # nothing recorded below: the relevance goes to the input
+            to_input[name] = trace.input_share(name, rows).reshape(k, -1).sum(1)[:len(top[name])]
+    return _Parts(names, values, flows, to_input, top, trace.score, dict(trace.seen_at), trace)
+
+
+def _conductance_parts(model, inputs, target, names, k, n_steps, baselines, args) -> _Parts:
+    """Conductance flows: the conductance of channel c' of a lower layer carried on the paths that
+    go through channel c of the upper layer, ``sum_k (v_k + v_{k+1}) / 2 * (y'_{k+1} - y'_k)`` over
+    uniform nodes 0..1, where ``v_k`` is dF/dy' through c only (the gradient at the upper layer masked
+    to c, taken down to y'). Summed over every c of the layers whose frontier holds y', it is the
+    conductance of c' (exactly); summed over every c', the conductance of c up to the Riemann error."""
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
+        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    baselines = check_baselines(baselines, inputs)
+    alphas = torch.tensor(uniform_nodes(n_steps), dtype=inputs.dtype, device=inputs.device)  # first node 2**-60
+    nodes = n_steps + 1
+    example = torch.zeros(nodes, dtype=torch.long, device=inputs.device)
+    with frozen_parameters(model), capture(model, names) as cap, torch.enable_grad():
+        rows = (baselines + alphas.view((-1,) + (1,) * (inputs.dim() - 1)) * (inputs - baselines)).requires_grad_(True)
+        output = model(rows, *expand_args(as_args(args), example, 1))
+        scores = target_scores(output, normalize_target(target, 1) if not callable(target) else target, example)
+        tensors = {name: cap[name] for name in names}
+        missing = [name for name in names if not tensors[name].requires_grad]
+        if missing:
+            raise ValueError(f"layers: {missing} are not on the input's graph")
+        places = {name: get_gradient_edge(tensors[name]) for name in names}
+        shapes = {name: tuple(tensors[name].shape) for name in names}
+        total = scores.sum()
+        grads = direct_grads(total, torch.ones_like(total), places, shapes, cut=False)
+        steps = {name: tensors[name].detach()[1:] - tensors[name].detach()[:-1] for name in names}
+
+        def stieltjes(v: Tensor, name: str) -> Tensor:
+            """``(nodes, C, ...)`` -> ``(C,)``, or batched ``(r, nodes, C, ...)`` -> ``(r, C)``."""
+            batched = v.dim() == len(shapes[name]) + 1
+            v = v if batched else v.unsqueeze(0)
+            terms = ((v[:, 1:] + v[:, :-1]) * 0.5 * steps[name]).sum(1)
+            per_channel = terms.reshape(terms.shape[0], terms.shape[1], -1).sum(-1)
+            return per_channel if batched else per_channel[0]
+
+        values = {name: stieltjes(grads[name], name) for name in names}
+        score = float((scores[-1] - scores[0]).detach())
+        _, top = _rank(values, score, k)
+        order = list(names)
+        flows = {CLASS_LAYER: {
+            lower: stieltjes(v, lower).unsqueeze(0)
+            for lower, v in direct_grads(total, torch.ones_like(total), {n: places[n] for n in frontier(total.grad_fn, places, order)}, shapes).items()
+        }}
+        to_input = {}
+        for name in names:
+            start = torch.zeros((len(top[name]),) + shapes[name], dtype=inputs.dtype, device=inputs.device)
+            for row, channel in enumerate(top[name]):
+                start[row, :, channel] = grads[name][:, channel]
+            below = frontier(places[name].node, places, order)
+            found = direct_grads(places[name], start, {n: places[n] for n in below}, shapes, batched=True)
+            flows[name] = {lower: stieltjes(v, lower) for lower, v in found.items()}
+            if not below:
+                (to_rows,) = torch.autograd.grad([places[name]], [rows], [start], retain_graph=True, is_grads_batched=True)
+                delta = (rows[1:] - rows[:-1]).detach()
+                to_input[name] = ((to_rows[:, 1:] + to_rows[:, :-1]) * 0.5 * delta).reshape(len(top[name]), -1).sum(1)
+    return _Parts(names, values, flows, to_input, top, score, {n: n for n in names})
+
+
 def build_graph(
     model: nn.Module,
     inputs: Tensor,
@@ -89,92 +199,88 @@ def build_graph(
     layers: Sequence[LayerSpec] | None = None,
     k: int = 8,
     composite: str | Composite = "epsilon_plus",
+    method: str = "lrp",
+    n_steps: int = 16,
+    baselines: Tensor | float | None = None,
     conductance_steps: int | None = 16,
     additional_forward_args: Any = None,
 ) -> FlowGraph:
-    """The LRP flow graph of one example (``inputs`` of batch 1) for ``target``.
+    """The flow graph of one example (``inputs`` of batch 1) for ``target``.
 
+    ``method="lrp"`` (default): LRP relevance flows under ``composite``. ``method="conductance"``:
+    conductance flows over ``n_steps`` from ``baselines`` (see :func:`_conductance_parts`).
     ``layers``: default every Conv and Linear layer but the output layer. ``k``: channels kept per
-    layer (the top by relevance). ``conductance_steps``: steps for the node attribute
+    layer (the top by value). ``conductance_steps``: steps for the LRP graph's node attribute
     ``conductance`` (layer conductance per channel, one batched pass for all layers); ``None``
-    leaves it out.
+    leaves it out. Node attribute ``value`` is what flows (relevance or conductance).
     """
     inputs = check_inputs(model, inputs)
     if inputs.shape[0] != 1:
         raise ValueError(f"inputs: a graph explains one example; got a batch of {inputs.shape[0]}")
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive int, got {k!r}")
+    if method not in ("lrp", "conductance"):
+        raise ValueError(f"method must be 'lrp' or 'conductance', got {method!r}")
     names = default_layers(model, inputs) if layers is None else [n for n, _ in resolve_layers(model, layers)]
     if not names:
         raise ValueError("layers: give at least one layer")
-    lrp = LRP(model, composite)
-    trace = lrp.trace(inputs, target, layers=names, copies=k, additional_forward_args=additional_forward_args)
-    names = trace.names
-    relevance = {name: _per_channel(trace.totals[name].unsqueeze(0))[0] for name in names}
-    # channels are ranked by their relevance in the direction of the explained score (for a
-    # negative score, the most negative channels carry it)
-    sign = 1.0 if trace.score >= 0 else -1.0
-    order = {name: torch.argsort(relevance[name] * sign, descending=True).tolist() for name in names}
-    top = {name: order[name][:k] for name in names}
+    if method == "lrp":
+        parts = _lrp_parts(model, inputs, target, names, k, composite, additional_forward_args)
+        conductance = _conductance(model, inputs, target, parts.names, conductance_steps, additional_forward_args)
+        meta = dict(method="lrp", composite=LRP(model, composite).composite.name)
+    else:
+        parts = _conductance_parts(model, inputs, target, names, k, n_steps, baselines, additional_forward_args)
+        conductance = parts.values
+        meta = dict(method="conductance", n_steps=n_steps)
     target_key = target if not isinstance(target, Tensor) else int(target)
     if isinstance(target_key, list):
         target_key = target_key[0]
+    return _assemble(model, inputs, target_key, parts, conductance, meta, additional_forward_args)
 
-    flows: dict[str, dict[str, Tensor]] = {}
-    to_input: dict[str, Tensor] = {}
-    start_rows = torch.zeros_like(trace.start)
-    start_rows[0] = trace.start[0]
-    flows[CLASS_LAYER] = {lower: _per_channel(value)[:1] for lower, value in trace.propagate(None, start_rows).items()}
-    for name in names:
-        total = trace.totals[name]
-        rows = torch.zeros((k,) + tuple(total.shape), dtype=total.dtype, device=total.device)
-        for row, channel in enumerate(top[name]):
-            rows[row, channel] = total[channel]
-        flows[name] = {lower: _per_channel(value)[:len(top[name])] for lower, value in trace.propagate(name, rows).items()}
-        if not flows[name]:  # nothing recorded below: the relevance goes to the input
-            to_input[name] = trace.input_share(name, rows).reshape(k, -1).sum(1)[:len(top[name])]
 
-    conductance = _conductance(model, inputs, target, names, conductance_steps, additional_forward_args)
-    graph = nx.DiGraph(target=str(target_key), score=trace.score, composite=lrp.composite.name, method="lrp")
+def _assemble(model, inputs, target_key, parts: _Parts, conductance, meta, args) -> FlowGraph:
+    names, top, values = parts.names, parts.top, parts.values
+    graph = nx.DiGraph(target=str(target_key), score=parts.score, **meta)
     depth = {name: i for i, name in enumerate(names)}
     class_node = (CLASS_LAYER, target_key)
-    graph.add_node(class_node, layer=CLASS_LAYER, channel=str(target_key), depth=len(names), relevance=trace.score,
+    graph.add_node(class_node, layer=CLASS_LAYER, channel=str(target_key), depth=len(names), value=parts.score,
                    rank=0, outflow=0.0, leak=0.0)
-    seen = sorted(set(trace.seen_at.values()))
-    activations = LayerActivation(model, seen).attribute(inputs, additional_forward_args=additional_forward_args).attributions
+    seen = sorted(set(parts.seen_at.values()))
+    activations = LayerActivation(model, seen).attribute(inputs, additional_forward_args=args).attributions
+    order, _ = _rank(values, parts.score, max(len(t) for t in top.values()))
     for name in names:
-        activation = activations[trace.seen_at[name]][0]
+        activation = activations[parts.seen_at[name]][0]
         flat = activation.reshape(activation.shape[0], -1)
         rank = {channel: i for i, channel in enumerate(order[name])}
         for channel in top[name]:
             attributes = dict(
-                layer=name, channel=channel, depth=depth[name], relevance=float(relevance[name][channel]),
+                layer=name, channel=channel, depth=depth[name], value=float(values[name][channel]),
                 rank=rank[channel], act_mean=float(flat[channel].mean()), act_max=float(flat[channel].max()),
             )
+            if meta["method"] == "lrp":
+                attributes["relevance"] = attributes["value"]
             if conductance is not None:
                 attributes["conductance"] = float(conductance[name][channel])
             graph.add_node((name, channel), **attributes)
-    for upper, lowers in flows.items():
+    for upper, lowers in parts.flows.items():
         sources = [class_node] if upper == CLASS_LAYER else [(upper, c) for c in top[upper]]
         for row, source in enumerate(sources):
-            outflow = sum(float(flow[row].sum()) for flow in lowers.values())
-            if upper in to_input:
-                outflow = float(to_input[upper][row])
+            own = graph.nodes[source]["value"]
+            outflow = float(parts.to_input[upper][row]) if upper in parts.to_input else sum(float(f[row].sum()) for f in lowers.values())
             graph.nodes[source]["outflow"] = outflow
-            graph.nodes[source]["leak"] = graph.nodes[source]["relevance"] - outflow
-            own = graph.nodes[source]["relevance"]
+            graph.nodes[source]["leak"] = own - outflow
             for lower, flow in lowers.items():
                 for channel in top[lower]:
                     weight = float(flow[row, channel])
                     graph.add_edge(source, (lower, channel), weight=weight, share=weight / own if own != 0 else 0.0)
-    return FlowGraph(graph=graph, layers=names, target=target_key, score=trace.score, top=top, relevance=relevance,
-                     flows=flows, trace=trace, model=model, inputs=inputs, seen_at=dict(trace.seen_at))
+    return FlowGraph(graph=graph, layers=names, target=target_key, score=parts.score, top=top, values=values,
+                     flows=parts.flows, trace=parts.trace, model=model, inputs=inputs, seen_at=dict(parts.seen_at),
+                     shapes={name: tuple(activations[parts.seen_at[name]].shape[1:]) for name in names})
 
 
 def _conductance(model, inputs, target, names, steps, additional_forward_args) -> dict[str, Tensor] | None:
     if steps is None:
         return None
-
     result = LayerConductance(model, names).attribute(
         inputs, target=target, n_steps=steps, additional_forward_args=additional_forward_args,
     )

@@ -35,7 +35,7 @@ def _masks(flow: FlowGraph, path_sets: list[list[Path]]) -> dict[str, Tensor]:
     """Per layer ``(len(path_sets), C)``: 1 on channels that lie on a path of each set."""
     masks = {}
     for layer in flow.layers:
-        channels = flow.relevance[layer].shape[0]
+        channels = flow.values[layer].shape[0]
         weights = torch.zeros(len(path_sets), channels, dtype=flow.inputs.dtype, device=flow.inputs.device)
         for row, paths in enumerate(path_sets):
             for path in paths:
@@ -46,9 +46,16 @@ def _masks(flow: FlowGraph, path_sets: list[list[Path]]) -> dict[str, Tensor]:
     return masks
 
 
+def _trace(flow: FlowGraph):
+    if flow.trace is None:
+        raise ValueError("flow: K-path heatmaps come from the LRP pass; build the graph with method='lrp'")
+    return flow.trace
+
+
 def path_heatmaps(flow: FlowGraph, path_sets: list[list[Path]]) -> Tensor:
     """``(len(path_sets), *input)``: the input relevance keeping only each set's path channels."""
-    trace, copies = flow.trace, flow.trace.copies
+    trace = _trace(flow)
+    copies = trace.copies
     masks = _masks(flow, path_sets)
     maps = []
     for start in range(0, len(path_sets), copies):
@@ -64,7 +71,8 @@ def path_heatmaps(flow: FlowGraph, path_sets: list[list[Path]]) -> Tensor:
 
 def full_heatmap(flow: FlowGraph) -> Tensor:
     """The input relevance with nothing masked (the same pass)."""
-    return flow.trace.to_input(flow.trace.start)[0]
+    trace = _trace(flow)
+    return trace.to_input(trace.start)[0]
 
 
 def path_scores(flow: FlowGraph, path_sets: list[list[Path]]) -> Tensor:
@@ -74,8 +82,10 @@ def path_scores(flow: FlowGraph, path_sets: list[list[Path]]) -> Tensor:
     rows = len(path_sets)
     x = flow.inputs.expand((rows,) + tuple(flow.inputs.shape[1:]))
     modules = {flow.seen_at.get(layer, layer): layer for layer in flow.layers}
-    edit = {module: mask(masks[layer].reshape(rows, -1, *([1] * (len(flow.trace.shapes[layer]) - 2))))
-            for module, layer in modules.items()}
+    edit = {}
+    for module, layer in modules.items():
+        weights = masks[layer]
+        edit[module] = mask(weights.reshape(weights.shape + (1,) * (len(flow.shapes[layer]) - 1)))
     target = normalize_target(flow.target, rows)
     with capture(flow.model, list(modules), edit=edit), torch.no_grad():
         output = flow.model(x)
@@ -109,15 +119,19 @@ def k_curves(flow: FlowGraph, max_k: int = 10) -> KCurves:
     paths = k_best_paths(flow, max_k)
     ks = list(range(1, len(paths) + 1))
     sets = [paths[:k] for k in ks]
-    full = full_heatmap(flow)
-    maps = path_heatmaps(flow, sets)
-    full_score = torch.tensor([flow.score], dtype=flow.inputs.dtype)
+    with torch.no_grad():
+        full_score = float(target_scores(flow.model(flow.inputs), normalize_target(flow.target, 1), torch.zeros(1, dtype=torch.long)))
+    reference = torch.tensor([full_score], dtype=flow.inputs.dtype)
     scores = path_scores(flow, sets).detach().cpu()
+    if flow.trace is not None:
+        full = full_heatmap(flow)
+        maps = path_heatmaps(flow, sets)
+        heat_mse, heat_smape = [mse(m, full) for m in maps], [smape(m, full) for m in maps]
+    else:
+        heat_mse = heat_smape = [float("nan")] * len(ks)
     return KCurves(
         ks=ks, scores=scores.tolist(),
-        score_mse=[mse(s.view(1), full_score) for s in scores],
-        score_smape=[smape(s.view(1), full_score) for s in scores],
-        heatmap_mse=[mse(m, full) for m in maps],
-        heatmap_smape=[smape(m, full) for m in maps],
-        full_score=flow.score,
+        score_mse=[mse(s.view(1), reference) for s in scores],
+        score_smape=[smape(s.view(1), reference) for s in scores],
+        heatmap_mse=heat_mse, heatmap_smape=heat_smape, full_score=full_score,
     )

@@ -30,7 +30,8 @@ from .flow import CLASS_LAYER, FlowGraph
 
 @dataclass(frozen=True)
 class Path:
-    """``nodes`` from the class node down; ``score`` = product of shares; ``carried`` = score x class relevance."""
+    """``nodes`` from the class node down; ``score`` = product of shares; ``carried`` = score x the
+    class node's value (its relevance, or F(x) - F(x') for conductance)."""
 
     nodes: tuple
     score: float
@@ -61,16 +62,17 @@ def k_best_paths(flow: FlowGraph, k: int, graph: nx.DiGraph | None = None) -> li
             merged = best.setdefault(child, []) + [(length + step, path + (child,)) for length, path in best[node]]
             best[child] = heapq.nsmallest(k, merged)
     ends = [entry for node, entries in best.items() if node[0] == lowest for entry in entries]
-    relevance = graph.nodes[source]["relevance"]
-    return [Path(path, math.exp(-length), math.exp(-length) * relevance) for length, path in heapq.nsmallest(k, ends)]
+    total = graph.nodes[source]["value"]
+    return [Path(path, math.exp(-length), math.exp(-length) * total) for length, path in heapq.nsmallest(k, ends)]
 
 
 def selected_neurons(flow: FlowGraph, std_factor: float = 1.0) -> dict[str, list[int]]:
-    """Per layer, every channel whose relevance exceeds mean - ``std_factor`` x std over the layer."""
+    """Per layer, every channel whose value (relevance, or conductance) exceeds mean -
+    ``std_factor`` x std over the layer."""
     kept = {}
     sign = 1.0 if flow.score >= 0 else -1.0  # contributions in the direction of the explained score
     for layer in flow.layers:
-        values = flow.relevance[layer].double() * sign
+        values = flow.values[layer].double() * sign
         threshold = values.mean() - std_factor * (values.std(unbiased=False) if values.numel() > 1 else 0.0)
         kept[layer] = torch.nonzero(values > threshold).flatten().tolist()
     return kept

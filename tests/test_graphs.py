@@ -49,7 +49,7 @@ def all_flows_conserve(flow: graphs.FlowGraph) -> float:
         sources = [flow.class_node] if upper == graphs.CLASS_LAYER else [(upper, c) for c in flow.top[upper]]
         for row, node in enumerate(sources):
             out = sum(float(values[row].sum()) for values in lowers.values()) if lowers else flow.graph.nodes[node]["outflow"]
-            worst = max(worst, abs(out - flow.graph.nodes[node]["relevance"]))
+            worst = max(worst, abs(out - flow.graph.nodes[node]["value"]))
     return worst / abs(flow.score)
 
 
@@ -60,16 +60,39 @@ def test_lrp0_flows_conserve_relevance_on_bias_free_networks(model, shape):
     assert all_flows_conserve(flow) < 1e-10
     for node, data in flow.graph.nodes(data=True):
         assert abs(data["leak"]) <= 1e-10 * abs(flow.score), node
-    # and flows from every channel of a layer add up to the relevance of each channel below (linearity)
     # and the direct flows into a layer, from every channel of every layer (or the class) above it,
     # add up to each of its channels' relevance (linearity of the backward pass)
     full = graphs.build_graph(model, x, target=1, k=64, composite=LRP_ZERO, conductance_steps=None)
-    incoming = {layer: torch.zeros_like(full.relevance[layer]) for layer in full.layers}
+    incoming = {layer: torch.zeros_like(full.values[layer]) for layer in full.layers}
     for lowers in full.flows.values():
         for lower, values in lowers.items():
             incoming[lower] += values.sum(0)
     for layer in full.layers:
-        assert relative(incoming[layer], full.relevance[layer]) < 1e-10, layer
+        assert relative(incoming[layer], full.values[layer]) < 1e-10, layer
+
+
+@pytest.mark.parametrize("model, shape", [(make_cnn(), (1, 3, 8, 8)), (TinyResidual().double().eval(), (1, 2, 6, 6))])
+def test_conductance_flows_add_up_to_layer_conductance(model, shape):
+    """Node values are LayerConductance's stieltjes_trapezoid per channel; the direct flows into a
+    layer from everything above add up to each channel's conductance exactly; on the bias-free
+    residual net at a zero baseline the path integral is exact, so nodes leak nothing."""
+    x = torch.rand(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    flow = graphs.build_graph(model, x, target=1, k=64, method="conductance", n_steps=12)
+    reference = attrib.LayerConductance(model, flow.layers).attribute(x, target=1, n_steps=12, method="stieltjes_trapezoid")
+    incoming = {layer: torch.zeros_like(flow.values[layer]) for layer in flow.layers}
+    for lowers in flow.flows.values():
+        for lower, values in lowers.items():
+            incoming[lower] += values.sum(0)
+    for layer in flow.layers:
+        per_channel = reference[layer][0].reshape(reference[layer].shape[1], -1).sum(-1)
+        assert relative(flow.values[layer], per_channel) < 1e-12, layer
+        assert relative(incoming[layer], flow.values[layer]) < 1e-10, layer
+    assert math.isclose(flow.score, float(reference.outputs - reference.baseline_outputs), rel_tol=1e-12)
+    if isinstance(model, TinyResidual):
+        assert max(abs(d["leak"]) for _, d in flow.graph.nodes(data=True)) < 1e-12 * abs(flow.score)
+        assert any(u[0] == graphs.CLASS_LAYER and v[0] == "stem" for u, v in flow.graph.edges)
+    with pytest.raises(ValueError, match="method='lrp'"):
+        graphs.path_heatmaps(flow, [graphs.k_best_paths(flow, 1)])
 
 
 def test_residual_graph_has_skip_edges_and_splits_at_the_addition():
@@ -188,8 +211,8 @@ def test_attributes_are_numbers_and_files_round_trip(tmp_path):
     conductance = attrib.LayerConductance(model, flow.layers).attribute(x, target=1, n_steps=8)
     activation = attrib.LayerActivation(model, flow.layers).attribute(x)
     for node, data in flow.graph.nodes(data=True):
-        assert {"relevance", "rank", "depth", "outflow", "leak"} <= set(data)
-        for key in ("relevance", "outflow", "leak"):
+        assert {"value", "rank", "depth", "outflow", "leak"} <= set(data)
+        for key in ("value", "outflow", "leak"):
             assert math.isfinite(data[key])
         if node[0] != graphs.CLASS_LAYER:
             layer, channel = node
@@ -207,7 +230,7 @@ def test_attributes_are_numbers_and_files_round_trip(tmp_path):
     pruned = graphs.pruned(flow)
     kept = graphs.selected_neurons(flow)
     for layer in flow.layers:
-        values = flow.relevance[layer] * (1 if flow.score >= 0 else -1)
+        values = flow.values[layer] * (1 if flow.score >= 0 else -1)
         threshold = values.mean() - values.std(unbiased=False)
         assert kept[layer] == [c for c in range(values.numel()) if values[c] > threshold]
     assert all(n[0] == graphs.CLASS_LAYER or n[1] in kept[n[0]] for n in pruned.nodes)

@@ -55,9 +55,9 @@ def draw_graph(
             ax.plot([x0, x1], [y0, y1], color="#d62728", linewidth=2.2, zorder=3)
     nodes = list(graph.nodes)
     peak: dict[str, float] = {}
-    for node in nodes:  # colours are scaled per layer: relevance shrinks with depth
-        peak[node[0]] = max(peak.get(node[0], 0.0), abs(graph.nodes[node]["relevance"]))
-    colour = np.array([graph.nodes[n]["relevance"] / (peak[n[0]] or 1.0) for n in nodes])
+    for node in nodes:  # colours are scaled per layer: values shrink with depth
+        peak[node[0]] = max(peak.get(node[0], 0.0), abs(graph.nodes[node]["value"]))
+    colour = np.array([graph.nodes[n]["value"] / (peak[n[0]] or 1.0) for n in nodes])
     xs, ys = zip(*(positions[n] for n in nodes))
     ax.scatter(xs, ys, c=colour, cmap="bwr", vmin=-1, vmax=1, s=90, edgecolors="black", linewidths=0.5, zorder=4)
     for node in nodes:
@@ -70,11 +70,12 @@ def draw_graph(
     ax.set_yticks([d for d, _ in depths])
     ax.set_yticklabels([layer if layer != CLASS_LAYER else "class" for _, layer in depths], fontsize=8)
     ax.set_xticks([])
-    ax.set_xlabel("channels ranked by relevance in the direction of the score (left = strongest), numbered\nred: critical paths; edge width: share; "
-                  "node colour: relevance per layer (blue < 0 < red)", fontsize=8)
+    what = "relevance" if graph.graph.get("method", "lrp") == "lrp" else "conductance"
+    ax.set_xlabel(f"channels ranked by {what} in the direction of the score (left = strongest), numbered\n"
+                  f"red: critical paths; edge width: share; node colour: {what} per layer (blue < 0 < red)", fontsize=8)
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
-    ax.set_title(title or f"relevance flow for class {flow.target}, score {flow.score:.3g} ({len(paths)} critical paths)", fontsize=10)
+    ax.set_title(title or f"{what} flow for class {flow.target}, score {flow.score:.3g} ({len(paths)} critical paths)", fontsize=10)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from ..edges import direct_grads, frontier
 from ..engine import as_args, check_inputs
 from ..hooks import LayerSpec, resolve_layers
 from ..targets import TargetType, normalize_target, target_scores
@@ -83,23 +84,12 @@ class RelevanceTrace:
         self.output = output
         self.start = (selection if start == "one_hot" else output.detach() * selection).detach()
         self.score = float(scores[0].detach())
-        self._nodes = {self.edges[n].node: n for n in self.names}
         self.totals = {name: value[0] for name, value in self._backward(output, self.start, self.names, cut=False).items()}
 
     def frontier(self, upper: str | None) -> list[str]:
         """The recorded layers reached first going down from ``upper`` (``None``: the output)."""
         root = self.output.grad_fn if upper is None else self.edges[upper].node
-        found, seen, stack = set(), set(), [root]
-        while stack:
-            node = stack.pop()
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if node is not root and node in self._nodes:
-                found.add(self._nodes[node])
-                continue
-            stack.extend(child for child, _ in node.next_functions)
-        return [name for name in self.names if name in found]
+        return frontier(root, self.edges, self.names)
 
     def propagate(self, upper: str | None, relevance: Tensor) -> dict[str, Tensor]:
         """Relevance ``(copies, ...)`` at each frontier layer of ``upper`` when the backward pass
@@ -140,26 +130,5 @@ class RelevanceTrace:
         return torch.zeros_like(self.input) if found is None else found.detach()
 
     def _backward(self, root, relevance: Tensor, names: list[str], cut: bool) -> dict[str, Tensor]:
-        """Relevance arriving at each of ``names`` (edges taken as autograd inputs); ``cut`` stops it
-        there (the node's pre-hook hands zeros on), so nothing is counted twice."""
-        if not names:
-            return {}
-        handles = []
-
-        def stop(index: int) -> Callable:
-            def hook(grads: tuple) -> tuple:
-                return tuple(torch.zeros_like(g) if (i == index and g is not None) else g for i, g in enumerate(grads))
-            return hook
-
-        try:
-            if cut:
-                handles = [self.edges[n].node.register_prehook(stop(self.edges[n].output_nr)) for n in names]
-            self.run.final_pass = False
-            found = torch.autograd.grad([root], [self.edges[n] for n in names], [relevance], retain_graph=True, allow_unused=True)
-        finally:
-            for handle in handles:
-                handle.remove()
-        return {
-            name: (torch.zeros(self.shapes[name], dtype=relevance.dtype, device=relevance.device) if grad is None else grad.detach())
-            for name, grad in zip(names, found)
-        }
+        self.run.final_pass = False
+        return direct_grads(root, relevance, {n: self.edges[n] for n in names}, self.shapes, cut=cut)
