@@ -259,3 +259,21 @@ def test_errors_name_the_argument():
         graphs.build_graph(model, torch.rand(1, 3, 8, 8, dtype=torch.float64), target=1, k=0)
     with pytest.raises(ValueError, match="layers"):
         graphs.build_graph(model, torch.rand(1, 3, 8, 8, dtype=torch.float64), target=1, layers=["nope"])
+
+
+def test_drawing_marks_exactly_the_path_edges(tmp_path):
+    from matplotlib.colors import to_hex
+
+    from viz.graph import draw_graph
+
+    model = TinyResidual().double().eval()
+    x = torch.rand(1, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    flow = graphs.build_graph(model, x, target=int(model(x).argmax()), k=3, conductance_steps=None)
+    paths = graphs.k_best_paths(flow, 3)
+    figure = draw_graph(flow, paths)
+    red = [line for line in figure.axes[0].lines if to_hex(line.get_color()) == "#d62728"]
+    on_paths = {(a, b) for p in paths for a, b in zip(p.nodes[:-1], p.nodes[1:])}
+    assert len(red) == len(on_paths) > 0
+    assert len(figure.axes[0].lines) == flow.graph.number_of_edges()
+    draw_graph(flow, paths, tmp_path / "flow.png")
+    assert (tmp_path / "flow.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
