@@ -1,0 +1,198 @@
+"""Heatmap overlays and the seeds' figures (method grid, conductance distribution, ascent triptych,
+deconvolution reconstructions, K-path heatmaps). matplotlib with the Agg backend; deterministic
+(no randomness, fixed sizes and dpi).
+
+Images may be normalised tensors (give ``mean``/``std``), 0-1 or 0-255 arrays, ``(C, H, W)``,
+``(H, W, C)`` or ``(H, W)``.
+"""
+from __future__ import annotations
+
+from pathlib import Path as FilePath
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DPI = 110
+
+
+def _array(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().double().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
+def to_display(image, mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
+    """``(H, W, 3)`` floats in 0-1. With ``mean``/``std`` the image is un-normalised first;
+    otherwise 0-255 data (max > 1.5, min >= 0) is divided by 255 and anything else outside 0-1 is
+    rescaled from its own min and max."""
+    array = _array(image)
+    if array.ndim == 4:
+        if array.shape[0] != 1:
+            raise ValueError(f"image: one image at a time, got a batch of {array.shape[0]}")
+        array = array[0]
+    if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+        array = np.transpose(array, (1, 2, 0))
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.ndim != 3 or array.shape[-1] not in (1, 3):
+        raise ValueError(f"image: expected (C, H, W), (H, W, C) or (H, W) with 1 or 3 channels, got {_array(image).shape}")
+    if mean is not None or std is not None:
+        array = array * np.asarray(std if std is not None else 1.0) + np.asarray(mean if mean is not None else 0.0)
+    elif array.max() > 1.5 and array.min() >= 0:
+        array = array / 255.0
+    elif array.min() < 0 or array.max() > 1:
+        low, high = array.min(), array.max()
+        array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+    array = np.clip(array, 0, 1)
+    return np.repeat(array, 3, axis=-1) if array.shape[-1] == 1 else array
+
+
+def _map2d(attribution) -> np.ndarray:
+    """A 2-D map: channels summed (``(C, H, W)`` or ``(1, C, H, W)``), or as is."""
+    array = _array(attribution)
+    while array.ndim > 3 and array.shape[0] == 1:
+        array = array[0]
+    if array.ndim == 3:
+        array = array.sum(0)
+    if array.ndim != 2:
+        raise ValueError(f"attribution: expected a (C, H, W) or (H, W) map, got shape {array.shape}")
+    return array
+
+
+def clip_value(values: np.ndarray, percentile: float = 99.0) -> float:
+    """The percentile of |values| used as the colour limit (1 if everything is 0)."""
+    limit = float(np.percentile(np.abs(values), percentile))
+    if limit <= 0:
+        limit = float(np.abs(values).max())
+    return limit if limit > 0 else 1.0
+
+
+def overlay(ax, image, attribution, signed: bool = True, percentile: float = 99.0, alpha: float = 0.6,
+            mean=None, std=None, title: str | None = None) -> None:
+    """Draw ``attribution`` over a grey version of ``image``: signed (blue < 0 < red, centred on 0,
+    clipped at the percentile of |a|) or absolute (0 to the percentile)."""
+    base = to_display(image, mean, std).mean(-1)
+    heat = _map2d(attribution)
+    if heat.shape != base.shape:
+        raise ValueError(f"attribution: map {heat.shape} does not match the image {base.shape}")
+    ax.imshow(base, cmap="gray", vmin=0, vmax=1)
+    limit = clip_value(heat, percentile)
+    if signed:
+        ax.imshow(heat, cmap="bwr", vmin=-limit, vmax=limit, alpha=alpha)
+    else:
+        ax.imshow(np.abs(heat), cmap="inferno", vmin=0, vmax=limit, alpha=alpha)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+
+
+def _plain(ax, picture, title: str) -> None:
+    """An image panel without ticks."""
+    ax.imshow(picture)
+    ax.set_title(title, fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _row(panels: int, title: str | None):
+    fig, axes = plt.subplots(1, panels, figsize=(2.3 * panels, 2.6))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig, axes
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=DPI)
+        plt.close(fig)
+    return fig
+
+
+def method_grid(image, maps: Mapping[str, object], path=None, mean=None, std=None, signed: Mapping[str, bool] | None = None,
+                title: str | None = None):
+    """The seed's Figure 4: original | one overlay per method, in the order given. A map named
+    "conductance ascent" is an image and is shown as one."""
+    signed = signed or {}
+    fig, axes = _row(len(maps) + 1, title)
+    _plain(axes[0], to_display(image, mean, std), "original")
+    for ax, (name, attribution) in zip(axes[1:], maps.items()):
+        if name == "conductance ascent":
+            _plain(ax, to_display(attribution, mean, std), name)
+        else:
+            overlay(ax, image, attribution, signed=signed.get(name, True), mean=mean, std=std, title=name)
+    return _save(fig, path)
+
+
+def conductance_distribution(scores, top: int | None = None, path=None, layer: str = "", title: str | None = None):
+    """The seed's Figure 2: every filter's aggregated conductance (max over H x W), the top one marked."""
+    values = _array(scores).reshape(-1)
+    top = int(np.argmax(values)) if top is None else int(top)
+    fig, ax = plt.subplots(figsize=(7, 3))
+    colours = ["#d62728" if i == top else "#1f77b4" for i in range(values.size)]
+    ax.bar(np.arange(values.size), values, color=colours, width=0.9)
+    ax.annotate(f"filter {top}: {values[top]:.3g}", (top, values[top]), textcoords="offset points", xytext=(6, 4),
+                fontsize=8, color="#d62728")
+    low, high = min(0.0, float(values.min())), max(0.0, float(values.max()))
+    ax.set_ylim(low - 0.05 * (high - low), high + 0.18 * (high - low) + 1e-12)  # room for the label
+    ax.set_xlabel(f"filter of {layer}" if layer else "filter")
+    ax.set_ylabel("aggregated conductance\n(max over H x W)")
+    ax.set_title(title or "per-filter conductance", fontsize=10)
+    return _save(fig, path)
+
+
+def ascent_triptych(original, optimised, gradient_effect, path=None, mean=None, std=None, title: str | None = None):
+    """The seed's Figure 3: original | image after conductance ascent | gradient effect (|gradient| of
+    the strongest neuron, with its non-zero region outlined)."""
+    fig, axes = plt.subplots(1, 3, figsize=(7.5, 2.8))
+    _plain(axes[0], to_display(original, mean, std), "original")
+    _plain(axes[1], to_display(optimised, mean, std), "after conductance ascent")
+    effect = np.abs(_map2d(gradient_effect))
+    axes[2].imshow(effect, cmap="inferno", vmin=0, vmax=clip_value(effect))
+    if (effect > 0).any():
+        axes[2].contour(effect > 0, levels=[0.5], colors="cyan", linewidths=0.8)
+    axes[2].set_title("gradient effect", fontsize=9)
+    axes[2].set_xticks([])
+    axes[2].set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
+
+
+def reconstructions(image, maps: Mapping[str, object], path=None, mean=None, std=None, title: str | None = None):
+    """Deconvolution reconstructions: original | one panel per selection (min-max rescaled, as
+    Zeiler and Fergus show them)."""
+    fig, axes = _row(len(maps) + 1, title)
+    _plain(axes[0], to_display(image, mean, std), "original")
+    for ax, (name, value) in zip(axes[1:], maps.items()):
+        array = _array(value)
+        while array.ndim > 3:
+            array = array[0]
+        _plain(ax, to_display(array), name)
+    return _save(fig, path)
+
+
+def k_path_heatmaps(image, full, maps: Mapping[int, object], path=None, mean=None, std=None, title: str | None = None):
+    """The full LRP heatmap beside the K-path heatmaps (each on its own colour scale)."""
+    fig, axes = _row(len(maps) + 1, title)
+    overlay(axes[0], image, full, mean=mean, std=std, title="full LRP")
+    for ax, (k, value) in zip(axes[1:], maps.items()):
+        overlay(ax, image, value, mean=mean, std=std, title=f"K-{k} path")
+    return _save(fig, path)
+
+
+def figure_pixels(fig) -> np.ndarray:
+    """The rendered RGBA pixels of a figure (for tests and comparisons)."""
+    fig.canvas.draw()
+    return np.asarray(fig.canvas.buffer_rgba()).copy()
+
+
+def save(fig, path: str | FilePath) -> None:
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
