@@ -92,6 +92,7 @@ def run(args, tmp_path):
     (["explain", "--model", "nonet"], "unknown model"),
     (["explain", "--model", "resnet18", "--weights", "DEFAULT"], "never downloads"),
     (["layers"], "the following arguments are required"),
+    (["bench", "--dir", "nowhere"], "does not hold"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     (tmp_path / "notes.png").write_text("not a picture")
@@ -156,3 +157,43 @@ def test_html_renders_in_headless_chromium(report, tmp_path):
     picture = np.asarray(Image.open(shot).convert("RGB"))
     assert picture.shape[:2] == (2400, 1300)
     assert picture.std() > 10  # not a blank page: figures and tables are drawn
+
+
+def test_weights_default_come_from_the_local_torch_cache(tmp_path):
+    """With the file where torch keeps torchvision's weights, DEFAULT loads it (weights_only); the
+    report names the file."""
+    import torchvision
+
+    from attrib.inputs import cached_torchvision_weights
+
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    import os
+
+    old = os.environ.get("TORCH_HOME")
+    os.environ["TORCH_HOME"] = str(tmp_path / "torch")
+    try:
+        path = cached_torchvision_weights("resnet18")
+    finally:
+        if old is None:
+            del os.environ["TORCH_HOME"]
+        else:
+            os.environ["TORCH_HOME"] = old
+    path.parent.mkdir(parents=True)
+    torch.save(state, path)
+    from PIL import Image
+
+    Image.fromarray(np.full((40, 40, 3), 128, dtype=np.uint8)).save(tmp_path / "grey.png")
+    code, _, stderr = run(["explain", "grey.png", "--model", "resnet18", "--weights", "DEFAULT", "--methods", "gradcam",
+                           "--out", "r", "--quiet"], tmp_path)
+    assert code == 0, stderr
+    data = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert data["model"]["weights"] == str(path)
+    model = torchvision.models.resnet18(weights=None)
+    model.load_state_dict(state)
+    from attrib.inputs import Loaded, load_pictures
+
+    picture = load_pictures([str(tmp_path / "grey.png")], Loaded(model.eval(), "resnet18", 3, 224, (0.485, 0.456, 0.406),
+                                                                  (0.229, 0.224, 0.225)))[0]
+    with torch.no_grad():
+        assert data["images"][0]["prediction"]["class"] == int(model(picture.tensor).argmax())
