@@ -329,7 +329,8 @@ def bench(args) -> int:
     from .inputs import InputError
 
     folder = Path(args.dir)
-    scripts = {"conductance": "conductance.py", "lrp": "lrp.py", "gradients": "gradients.py", "graphs": "path_graphs.py"}
+    scripts = {"conductance": "conductance.py", "lrp": "lrp.py", "gradients": "gradients.py", "graphs": "path_graphs.py",
+               "evaluation": "evaluation.py"}
     chosen = list(scripts) if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in chosen if s not in scripts]
     if unknown:
@@ -382,7 +383,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="run the benchmark scripts (repository checkout)")
     p.add_argument("--dir", default="benchmarks", help="folder with the benchmark scripts")
-    p.add_argument("--only", default=None, help="comma-separated: conductance, lrp, gradients, graphs")
+    p.add_argument("--only", default=None, help="comma-separated: conductance, lrp, gradients, graphs, evaluation")
     p.set_defaults(run=bench)
     return top
 
