@@ -226,12 +226,12 @@ def explain(args) -> int:
     pictures = load_pictures(args.images, loaded)
     layer = _layer(loaded.model, args.layer)
     methods = _methods(args.methods)
+    for picture in pictures:  # bad shapes and targets stop the run before anything is written
+        _target(args, check_forward(loaded, picture), loaded)
     out = Path(args.out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     started = time.perf_counter()
-    for picture in pictures:  # bad shapes and targets stop the run before any work starts
-        _target(args, check_forward(loaded, picture), loaded)
     try:
         with _progress(len(pictures) * len(methods), args.quiet, "explain") as bar:
             images = [_explain_one(args, loaded, p, layer, methods, staging, i, bar) for i, p in enumerate(pictures)]

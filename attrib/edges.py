@@ -14,9 +14,12 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 
-def frontier(root, places: dict[str, GradientEdge], order: Sequence[str]) -> list[str]:
-    """Names of ``places`` reached first going down from autograd node ``root`` (in ``order``)."""
+def frontier(root, places: dict[str, GradientEdge], order: Sequence[str], root_is_place: bool = False) -> list[str]:
+    """Names of ``places`` reached first going down from autograd node ``root`` (in ``order``).
+    The root itself counts only with ``root_is_place`` (the model output may be a place's own node)."""
     nodes = {edge.node: name for name, edge in places.items()}
+    if root_is_place and root in nodes:
+        return [nodes[root]]
     found, seen, stack = set(), set(), [root]
     while stack:
         node = stack.pop()

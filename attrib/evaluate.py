@@ -15,7 +15,7 @@ selection, and the model-randomisation sanity check of Adebayo et al.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -119,13 +119,13 @@ def ranks(values: Tensor) -> Tensor:
     values = values.double()
     order = values.argsort(-1)
     ranked = torch.empty_like(values)
-    ranked.scatter_(-1, order, torch.arange(1, values.shape[-1] + 1, dtype=values.dtype).expand_as(values).contiguous())
+    ranked.scatter_(-1, order, torch.arange(1, values.shape[-1] + 1, dtype=values.dtype, device=values.device).expand_as(values).contiguous())
     flat_values, flat_ranks = values.reshape(-1, values.shape[-1]), ranked.reshape(-1, values.shape[-1])
     for row in range(flat_values.shape[0]):  # ties: the mean of their ranks
         unique, inverse = torch.unique(flat_values[row], return_inverse=True)
         if unique.numel() < flat_values.shape[1]:
-            sums = torch.zeros(unique.numel(), dtype=values.dtype).index_add_(0, inverse, flat_ranks[row])
-            counts = torch.zeros(unique.numel(), dtype=values.dtype).index_add_(0, inverse, torch.ones_like(flat_ranks[row]))
+            sums = torch.zeros(unique.numel(), dtype=values.dtype, device=values.device).index_add_(0, inverse, flat_ranks[row])
+            counts = torch.zeros_like(sums).index_add_(0, inverse, torch.ones_like(flat_ranks[row]))
             flat_ranks[row] = (sums / counts)[inverse]
     return flat_ranks.reshape(values.shape)
 
@@ -186,8 +186,8 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
     """Held-out accuracy of a multinomial logistic regression on standardised features (LBFGS, seed-free)."""
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-8)
     train_x, test_x = ((train_x - mean) / std).double(), ((test_x - mean) / std).double()
-    weight = torch.zeros(train_x.shape[1], classes, dtype=torch.float64, requires_grad=True)
-    bias = torch.zeros(classes, dtype=torch.float64, requires_grad=True)
+    weight = torch.zeros(train_x.shape[1], classes, dtype=torch.float64, device=train_x.device, requires_grad=True)
+    bias = torch.zeros(classes, dtype=torch.float64, device=train_x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
 
     def closure():
@@ -202,19 +202,33 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         return float(((test_x @ weight + bias).argmax(1) == test_y).double().mean())
 
 
-def randomised_copies(model: nn.Module, seed: int = 0) -> list[tuple[str, nn.Module]]:
+def randomised_copies(model: nn.Module, seed: int = 0, inputs: Tensor | None = None) -> Iterator[tuple[str, nn.Module]]:
     """Cascading randomisation (Adebayo et al.): copies with the top 1, 2, ... parameterised layers
-    re-initialised (``reset_parameters`` under a fixed seed), from the output down."""
+    re-initialised (``reset_parameters``), from the output down: in the order they run on
+    ``inputs`` when given (else registration order). The caller's random state is left as it was;
+    one copy is alive at a time."""
     import copy
 
     names = [name for name, module in model.named_modules() if hasattr(module, "reset_parameters") and
              any(True for _ in module.parameters(recurse=False))]
-    copies, current = [], copy.deepcopy(model)
-    torch.manual_seed(seed)
-    for name in reversed(names):
-        dict(current.named_modules())[name].reset_parameters()
-        copies.append((name, copy.deepcopy(current)))
-    return copies
+    if inputs is not None:
+        ran: list[str] = []
+        modules = dict(model.named_modules())
+        handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: ran.append(n) if n not in ran else None) for n in names]
+        try:
+            with torch.no_grad():
+                model(inputs[:1])
+        finally:
+            for handle in handles:
+                handle.remove()
+        names = ran + [n for n in names if n not in ran]
+    current = copy.deepcopy(model)
+    for step, name in enumerate(reversed(names)):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + step)
+            dict(current.named_modules())[name].reset_parameters()
+        yield name, current
+        current = copy.deepcopy(current)
 
 
 def sanity_check(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, methods: Sequence[str] = METHODS,
@@ -224,7 +238,7 @@ def sanity_check(model: nn.Module, inputs: Tensor, layer: str, target: TargetTyp
     ((layer, _),) = resolve_layers(model, layer)
     original = {m: layer_attribution(model, inputs, layer, target, m, n_steps).flatten(1) for m in methods}
     out: dict[str, list[tuple[str, float]]] = {m: [] for m in methods}
-    for name, twin in randomised_copies(model, seed):
+    for name, twin in randomised_copies(model, seed, inputs):
         for method in methods:
             value = layer_attribution(twin, inputs, layer, target, method, n_steps).flatten(1)
             out[method].append((name, float(spearman(original[method], value).nanmean())))

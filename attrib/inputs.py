@@ -67,6 +67,24 @@ def cached_torchvision_weights(name: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
+def _torchvision_pretrained(spec: str, state: dict, source: str) -> nn.Module:
+    """torchvision's own pretrained build (key renames such as DenseNet's, ``transform_input`` for
+    GoogLeNet/Inception) fed with ``state``, already loaded with ``weights_only=True``: the builder's
+    loader is swapped for one that hands over that dict, so nothing is fetched or unpickled."""
+    import torchvision
+    from torchvision.models import _api
+
+    original = _api.load_state_dict_from_url
+    _api.load_state_dict_from_url = lambda url, *args, **kwargs: dict(state)
+    try:
+        return torchvision.models.get_model(spec, weights="DEFAULT")
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise InputError(f"--weights: {source} does not fit this model: {first}") from None
+    finally:
+        _api.load_state_dict_from_url = original
+
+
 def load_model(spec: str, weights: str | None = None) -> Loaded:
     """``digits``, a torchvision classification model name, or ``package.module:factory``."""
     if spec == "digits":
@@ -100,16 +118,18 @@ def load_model(spec: str, weights: str | None = None) -> Loaded:
     if spec not in names:
         raise InputError(f"--model: unknown model {spec!r}; use digits, a torchvision name such as vgg16 or resnet18, "
                          "or package.module:factory")
-    model = torchvision.models.get_model(spec, weights=None)
-    loaded = Loaded(model, spec, 3, 224, IMAGENET_MEAN, IMAGENET_STD, 1000)
     if weights == "DEFAULT":
         path = cached_torchvision_weights(spec)
         if not path.is_file():
             raise InputError(f"--weights DEFAULT: {path} is not there; this tool never downloads, so put the file there "
                              "(or pass --weights FILE)")
-        _apply(model, _state_dict(path), str(path))
-        loaded.weights = str(path)
-    elif weights is not None:
+        model = _torchvision_pretrained(spec, _state_dict(path), str(path))
+        loaded = Loaded(model, spec, 3, 224, IMAGENET_MEAN, IMAGENET_STD, 1000, weights=str(path))
+        model.eval()
+        return loaded
+    model = torchvision.models.get_model(spec, weights=None)
+    loaded = Loaded(model, spec, 3, 224, IMAGENET_MEAN, IMAGENET_STD, 1000)
+    if weights is not None:
         _apply(model, _state_dict(weights), weights)
         loaded.weights = str(weights)
     else:

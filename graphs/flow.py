@@ -11,8 +11,9 @@ Nodes are ``(layer, channel)`` for the top-``k`` channels of every chosen layer,
 LRP is linear in the starting relevance for a fixed forward pass, so the flows from all channels of
 L add up to the relevance of L' exactly; a node's flows to *all* channels of its frontier add up
 to its relevance minus what its own layer absorbs (bias, epsilon): node attributes ``outflow`` and
-``leak`` (0 for LRP-0 on bias-free networks). For the lowest layer, ``outflow`` is what reaches the
-input. Residual connections appear as edges that skip layers: the
+``leak`` (0 for LRP-0 on bias-free networks). What reaches the input without passing a chosen
+layer (the lowest layer's relevance, or a skip connection around every chosen layer) counts as
+outflow. Residual connections appear as edges that skip layers: the
 part of a node's relevance that takes the identity branch reaches an earlier layer directly.
 
 All k channels of a layer go through one backward pass (k rows of one forward pass).
@@ -34,7 +35,7 @@ from attrib.hooks import LayerSpec, capture, frozen_parameters, resolve_layers
 from attrib.paths import uniform_nodes
 from attrib.lrp import LRP
 from attrib.lrp.composites import Composite
-from attrib.lrp.trace import RelevanceTrace
+from attrib.lrp.trace import INPUT, RelevanceTrace
 from attrib.targets import TargetType, normalize_target, target_scores
 
 CLASS_LAYER = "output"
@@ -64,21 +65,25 @@ class FlowGraph:
     inputs: Tensor
     seen_at: dict[str, str] = field(default_factory=dict)
     shapes: dict[str, tuple] = field(default_factory=dict)  # per example, (C, ...)
+    args: tuple = ()  # additional_forward_args, for the masked forward passes
 
     @property
     def class_node(self) -> tuple:
         return (CLASS_LAYER, self.target)
 
 
-def default_layers(model: nn.Module, inputs: Tensor) -> list[str]:
-    """Every Conv and Linear layer except the one that produces the model output."""
+def default_layers(model: nn.Module, inputs: Tensor, additional_forward_args: Any = None) -> list[str]:
+    """Every Conv and Linear layer that runs in the forward pass, except the one that produces the
+    model output (modules that do not run in eval mode, such as auxiliary heads, are left out)."""
     names = [name for name, module in model.named_modules() if isinstance(module, LAYER_TYPES)]
     if not names:
         raise ValueError("layers: the model has no Conv or Linear layer; name the layers")
     with capture(model, names) as cap, torch.no_grad():
-        output = model(inputs)
+        output = model(inputs, *as_args(additional_forward_args))
+        ran = dict(cap.captured)
+    names = [n for n in names if n in ran]
     if isinstance(output, Tensor):
-        names = [n for n in names if not (cap[n].shape == output.shape and torch.equal(cap[n], output))]
+        names = [n for n in names if not (ran[n].shape == output.shape and torch.equal(ran[n], output))]
     return names
 
 
@@ -94,7 +99,7 @@ class _Parts:
     names: list[str]
     values: dict[str, Tensor]                # per channel (C,)
     flows: dict[str, dict[str, Tensor]]      # upper -> lower -> (rows, C_lower)
-    to_input: dict[str, Tensor]              # lowest layers: per top channel, what reaches the input
+    to_input: dict[str, Tensor]              # per top channel, what reaches the input directly
     top: dict[str, list[int]]
     score: float
     seen_at: dict[str, str]
@@ -125,13 +130,14 @@ def _lrp_parts(model, inputs, target, names, k, composite, args) -> _Parts:
     _, top = _rank(values, trace.score, k)
     start_rows = torch.zeros_like(trace.start)
     start_rows[0] = trace.start[0]
-    flows = {CLASS_LAYER: {lower: _per_channel(v)[:1] for lower, v in trace.propagate(None, start_rows).items()}}
-    to_input = {}
-    for name in names:
-        rows = _one_channel_rows(trace.totals[name], top[name], k)
-        flows[name] = {lower: _per_channel(v)[:len(top[name])] for lower, v in trace.propagate(name, rows).items()}
-        if not flows[name]:  # nothing recorded below: the relevance goes to the input
-            to_input[name] = trace.input_share(name, rows).reshape(k, -1).sum(1)[:len(top[name])]
+    flows, to_input = {}, {}
+    for upper, rows, count in [(None, start_rows, 1)] + [(n, _one_channel_rows(trace.totals[n], top[n], k), len(top[n])) for n in names]:
+        found = trace.propagate(upper, rows)
+        direct = found.pop(INPUT, None)
+        key = CLASS_LAYER if upper is None else upper
+        flows[key] = {lower: _per_channel(v)[:count] for lower, v in found.items()}
+        if direct is not None:  # relevance that reaches the input without passing a chosen layer
+            to_input[key] = direct.reshape(direct.shape[0], -1).sum(1)[:count]
     return _Parts(names, values, flows, to_input, top, trace.score, dict(trace.seen_at), trace)
 
 
@@ -151,15 +157,18 @@ def _conductance_parts(model, inputs, target, names, k, n_steps, baselines, args
         rows = (baselines + alphas.view((-1,) + (1,) * (inputs.dim() - 1)) * (inputs - baselines)).requires_grad_(True)
         output = model(rows, *expand_args(as_args(args), example, 1))
         scores = target_scores(output, normalize_target(target, 1) if not callable(target) else target, example)
-        tensors = {name: cap[name] for name in names}
-        missing = [name for name in names if not tensors[name].requires_grad]
+        missing = [name for name in names if name not in cap.captured or not cap[name].requires_grad]
         if missing:
             raise ValueError(f"layers: {missing} are not on the input's graph")
+        names = [name for name in cap.captured if name in names]  # the order they ran in
+        tensors = {name: cap[name] for name in names}
         places = {name: get_gradient_edge(tensors[name]) for name in names}
-        shapes = {name: tuple(tensors[name].shape) for name in names}
+        places[INPUT] = get_gradient_edge(rows)
+        tensors[INPUT] = rows
+        shapes = {name: tuple(tensors[name].shape) for name in places}
         total = scores.sum()
-        grads = direct_grads(total, torch.ones_like(total), places, shapes, cut=False)
-        steps = {name: tensors[name].detach()[1:] - tensors[name].detach()[:-1] for name in names}
+        grads = direct_grads(total, torch.ones_like(total), {n: places[n] for n in names}, shapes, cut=False)
+        steps = {name: tensors[name].detach()[1:] - tensors[name].detach()[:-1] for name in places}
 
         def stieltjes(v: Tensor, name: str) -> Tensor:
             """``(nodes, C, ...)`` -> ``(C,)``, or batched ``(r, nodes, C, ...)`` -> ``(r, C)``."""
@@ -172,23 +181,25 @@ def _conductance_parts(model, inputs, target, names, k, n_steps, baselines, args
         values = {name: stieltjes(grads[name], name) for name in names}
         score = float((scores[-1] - scores[0]).detach())
         _, top = _rank(values, score, k)
-        order = list(names)
-        flows = {CLASS_LAYER: {
-            lower: stieltjes(v, lower).unsqueeze(0)
-            for lower, v in direct_grads(total, torch.ones_like(total), {n: places[n] for n in frontier(total.grad_fn, places, order)}, shapes).items()
-        }}
-        to_input = {}
-        for name in names:
-            start = torch.zeros((len(top[name]),) + shapes[name], dtype=inputs.dtype, device=inputs.device)
-            for row, channel in enumerate(top[name]):
-                start[row, :, channel] = grads[name][:, channel]
-            below = frontier(places[name].node, places, order)
-            found = direct_grads(places[name], start, {n: places[n] for n in below}, shapes, batched=True)
-            flows[name] = {lower: stieltjes(v, lower) for lower, v in found.items()}
-            if not below:
-                (to_rows,) = torch.autograd.grad([places[name]], [rows], [start], retain_graph=True, is_grads_batched=True)
-                delta = (rows[1:] - rows[:-1]).detach()
-                to_input[name] = ((to_rows[:, 1:] + to_rows[:, :-1]) * 0.5 * delta).reshape(len(top[name]), -1).sum(1)
+        order = names + [INPUT]
+        flows, to_input = {}, {}
+        one = torch.ones_like(total)
+        for upper in [None] + names:
+            if upper is None:
+                root, start, key, batched = total, one, CLASS_LAYER, False
+                below = frontier(total.grad_fn, places, order)
+            else:
+                start = torch.zeros((len(top[upper]),) + shapes[upper], dtype=inputs.dtype, device=inputs.device)
+                for row, channel in enumerate(top[upper]):
+                    start[row, :, channel] = grads[upper][:, channel]
+                root, key, batched = places[upper], upper, True
+                below = frontier(places[upper].node, places, order)
+            found = direct_grads(root, start, {n: places[n] for n in below}, shapes, batched=batched)
+            found = {n: (v if batched else v.unsqueeze(0)) for n, v in found.items()}
+            direct = found.pop(INPUT, None)
+            flows[key] = {lower: stieltjes(v, lower) for lower, v in found.items()}
+            if direct is not None:  # what reaches the input without passing a chosen layer (x - x' inner product)
+                to_input[key] = stieltjes(direct, INPUT).sum(1)
     return _Parts(names, values, flows, to_input, top, score, {n: n for n in names})
 
 
@@ -221,7 +232,7 @@ def build_graph(
         raise ValueError(f"k must be a positive int, got {k!r}")
     if method not in ("lrp", "conductance"):
         raise ValueError(f"method must be 'lrp' or 'conductance', got {method!r}")
-    names = default_layers(model, inputs) if layers is None else [n for n, _ in resolve_layers(model, layers)]
+    names = default_layers(model, inputs, additional_forward_args) if layers is None else [n for n, _ in resolve_layers(model, layers)]
     if not names:
         raise ValueError("layers: give at least one layer")
     if method == "lrp":
@@ -266,7 +277,9 @@ def _assemble(model, inputs, target_key, parts: _Parts, conductance, meta, args)
         sources = [class_node] if upper == CLASS_LAYER else [(upper, c) for c in top[upper]]
         for row, source in enumerate(sources):
             own = graph.nodes[source]["value"]
-            outflow = float(parts.to_input[upper][row]) if upper in parts.to_input else sum(float(f[row].sum()) for f in lowers.values())
+            outflow = sum(float(f[row].sum()) for f in lowers.values())
+            if upper in parts.to_input:
+                outflow += float(parts.to_input[upper][row])
             graph.nodes[source]["outflow"] = outflow
             graph.nodes[source]["leak"] = own - outflow
             for lower, flow in lowers.items():
@@ -275,7 +288,8 @@ def _assemble(model, inputs, target_key, parts: _Parts, conductance, meta, args)
                     graph.add_edge(source, (lower, channel), weight=weight, share=weight / own if own != 0 else 0.0)
     return FlowGraph(graph=graph, layers=names, target=target_key, score=parts.score, top=top, values=values,
                      flows=parts.flows, trace=parts.trace, model=model, inputs=inputs, seen_at=dict(parts.seen_at),
-                     shapes={name: tuple(activations[parts.seen_at[name]].shape[1:]) for name in names})
+                     shapes={name: tuple(activations[parts.seen_at[name]].shape[1:]) for name in names},
+                     args=as_args(args))
 
 
 def _conductance(model, inputs, target, names, steps, additional_forward_args) -> dict[str, Tensor] | None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from attrib.engine import expand_args
 from attrib.hooks import capture, mask
 from attrib.targets import normalize_target, target_scores
 
@@ -88,7 +89,7 @@ def path_scores(flow: FlowGraph, path_sets: list[list[Path]]) -> Tensor:
         edit[module] = mask(weights.reshape(weights.shape + (1,) * (len(flow.shapes[layer]) - 1)))
     target = normalize_target(flow.target, rows)
     with capture(flow.model, list(modules), edit=edit), torch.no_grad():
-        output = flow.model(x)
+        output = flow.model(x, *expand_args(flow.args, torch.zeros(rows, dtype=torch.long, device=x.device), 1))
     return target_scores(output, target, torch.arange(rows, device=x.device))
 
 
@@ -120,7 +121,7 @@ def k_curves(flow: FlowGraph, max_k: int = 10) -> KCurves:
     ks = list(range(1, len(paths) + 1))
     sets = [paths[:k] for k in ks]
     with torch.no_grad():
-        full_score = float(target_scores(flow.model(flow.inputs), normalize_target(flow.target, 1), torch.zeros(1, dtype=torch.long)))
+        full_score = float(target_scores(flow.model(flow.inputs, *flow.args), normalize_target(flow.target, 1), torch.zeros(1, dtype=torch.long)))
     reference = torch.tensor([full_score], dtype=flow.inputs.dtype)
     scores = path_scores(flow, sets).detach().cpu()
     if flow.trace is not None:

@@ -104,7 +104,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("attrib: error:") and message in lines[0], stderr
     assert "Traceback" not in stderr
-    assert not (tmp_path / "x").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name not in ("notes.png", "digit.png")) in ([], ["torch"])
 
 
 def test_layers_lists_names_and_shapes(capsys):
@@ -197,3 +197,27 @@ def test_weights_default_come_from_the_local_torch_cache(tmp_path):
                                                                   (0.229, 0.224, 0.225)))[0]
     with torch.no_grad():
         assert data["images"][0]["prediction"]["class"] == int(model(picture.tensor).argmax())
+
+
+def test_weights_default_go_through_torchvisions_own_builder(tmp_path, monkeypatch):
+    """DenseNet's published file uses old key names that torchvision renames while loading, and
+    GoogLeNet's weights need transform_input=True: DEFAULT builds the way torchvision does, from a
+    dict loaded with weights_only, without fetching anything."""
+    import torchvision
+
+    from attrib.inputs import cached_torchvision_weights, load_model
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    dense = torchvision.models.densenet121(weights=None)
+    old_names = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+                 for k, v in dense.state_dict().items() if not k.endswith("num_batches_tracked")}  # as published
+    assert any(".norm.1." in k for k in old_names)
+    path = cached_torchvision_weights("densenet121")
+    path.parent.mkdir(parents=True)
+    torch.save(old_names, path)
+    loaded = load_model("densenet121", "DEFAULT")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), dense.state_dict().values()))
+    google = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False)
+    torch.save(google.state_dict(), cached_torchvision_weights("googlenet"))
+    assert load_model("googlenet", "DEFAULT").model.transform_input is True

@@ -106,7 +106,7 @@ def test_feature_selection_picks_the_informative_filters():
 def test_randomisation_cascade_goes_top_down_and_changes_the_attribution():
     model = OneByOne().double().eval()
     x = torch.randn(4, 1, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 3
-    copies = ev.randomised_copies(model)
+    copies = list(ev.randomised_copies(model))
     assert [name for name, _ in copies] == ["head", "conv"]
     assert torch.equal(copies[0][1].conv.weight, model.conv.weight) and not torch.equal(copies[0][1].head.weight, model.head.weight)
     result = ev.sanity_check(model, x, "conv", target=0, methods=("activation", "gradient_x_activation"), n_steps=4)
@@ -123,3 +123,22 @@ def test_randomisation_cascade_goes_top_down_and_changes_the_attribution():
             per_example = [stats.spearmanr(grad_x_act(model)[i].numpy(), grad_x_act(twin)[i].numpy())[0] for i in range(4)]
         expected = float(np.nanmean(per_example))  # a constant map has no rank correlation: left out
         assert reported_name == name and abs(value - expected) < 1e-12, (name, value, expected)
+
+
+def test_cascade_follows_the_forward_order_and_leaves_the_random_state_alone():
+    class Reversed(nn.Module):  # the head is registered before the body it follows
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(3, 2)
+            self.body = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    model, x = Reversed(), torch.rand(2, 4)
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    names = [name for name, _ in ev.randomised_copies(model, inputs=x)]
+    assert names == ["head", "body"]
+    assert torch.equal(torch.rand(1), expected_next)

@@ -277,3 +277,36 @@ def test_drawing_marks_exactly_the_path_edges(tmp_path):
     assert len(figure.axes[0].lines) == flow.graph.number_of_edges()
     draw_graph(flow, paths, tmp_path / "flow.png")
     assert (tmp_path / "flow.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_layer_order_unused_modules_extra_arguments_and_skips_around_every_layer():
+    model = make_cnn()
+    x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
+    # layers given out of order: the conductance graph sorts them into the order they run
+    given = graphs.build_graph(model, x, target=1, layers=["3", "0"], k=3, method="conductance", n_steps=8)
+    assert given.layers == ["0", "3"] and len(graphs.k_best_paths(given, 50)) == len(brute_force_paths(given))
+
+    class WithAux(nn.Module):  # an auxiliary head that does not run in eval mode, and an extra argument
+        def __init__(self):
+            super().__init__()
+            self.net, self.aux = make_cnn(), nn.Linear(5, 5).double()
+
+        def forward(self, x, scale):
+            out = self.net(x) * scale
+            return self.aux(out) if self.training else out
+
+    wrapped = WithAux().eval()
+    flow = graphs.build_graph(wrapped, x, target=1, k=3, additional_forward_args=(2.0,), conductance_steps=None)
+    assert flow.layers == ["net.0", "net.3", "net.6"]  # no "aux": it does not run in eval mode
+    curves = graphs.k_curves(flow, max_k=3)
+    assert curves.full_score == pytest.approx(float(wrapped(x, 2.0)[0, 1]))
+    # the output layer recorded: the class node hands everything to it
+    with_head = graphs.build_graph(model, x, target=1, layers=["0", "3", "6"], k=3, composite=LRP_ZERO, conductance_steps=None)
+    assert {v[0] for v in with_head.graph.successors(with_head.class_node)} == {"6"}
+    # a skip connection around every recorded layer: what reaches the input directly is outflow, not leak
+    residual = TinyResidual().double().eval()
+    y = torch.rand(1, 2, 6, 6, dtype=torch.float64)
+    skipping = graphs.build_graph(residual, y, target=0, layers=["a", "b"], k=4, composite=LRP_ZERO, conductance_steps=None)
+    assert abs(skipping.graph.nodes[skipping.class_node]["leak"]) < 1e-12 * abs(skipping.score)
+    through_b = float(skipping.flows[graphs.CLASS_LAYER]["b"].sum())
+    assert abs(skipping.graph.nodes[skipping.class_node]["outflow"] - through_b) > 1e-6  # the skip carries some

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.autograd.graph import get_gradient_edge
 
 from ..edges import direct_grads, frontier
 from ..engine import as_args, check_inputs
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from .engine import LRP
 
 OUTPUT = "<output>"
+INPUT = "<input>"
 
 
 class RelevanceTrace:
@@ -84,27 +86,28 @@ class RelevanceTrace:
         self.output = output
         self.start = (selection if start == "one_hot" else output.detach() * selection).detach()
         self.score = float(scores[0].detach())
+        # the input as a place too: relevance that reaches it without passing a recorded layer
+        self._places = dict(self.edges, **{INPUT: get_gradient_edge(self.input)})
+        self.shapes[INPUT] = tuple(self.input.shape)
         self.totals = {name: value[0] for name, value in self._backward(output, self.start, self.names, cut=False).items()}
 
-    def frontier(self, upper: str | None) -> list[str]:
-        """The recorded layers reached first going down from ``upper`` (``None``: the output)."""
+    def frontier(self, upper: str | None, with_input: bool = False) -> list[str]:
+        """The recorded layers reached first going down from ``upper`` (``None``: the output); with
+        ``with_input``, also :data:`INPUT` when relevance reaches the input without passing one."""
         root = self.output.grad_fn if upper is None else self.edges[upper].node
-        return frontier(root, self.edges, self.names)
+        places = self._places if with_input else self.edges
+        return frontier(root, places, self.names + ([INPUT] if with_input else []), root_is_place=upper is None)
 
     def propagate(self, upper: str | None, relevance: Tensor) -> dict[str, Tensor]:
         """Relevance ``(copies, ...)`` at each frontier layer of ``upper`` when the backward pass
-        starts with ``relevance`` (``(copies, ...)``) at ``upper``'s output (``None``: the model output)."""
+        starts with ``relevance`` (``(copies, ...)``) at ``upper``'s output (``None``: the model output);
+        under the key :data:`INPUT`, what reaches the input directly (the lowest layer's relevance,
+        or a skip connection around every recorded layer)."""
         root = self.output if upper is None else self.edges[upper]
         shape = tuple(self.output.shape) if upper is None else self.shapes[upper]
         if tuple(relevance.shape) != shape:
             raise ValueError(f"relevance: expected shape {shape} at {upper or OUTPUT!r}, got {tuple(relevance.shape)}")
-        return self._backward(root, relevance, self.frontier(upper), cut=True)
-
-    def input_share(self, upper: str, relevance: Tensor) -> Tensor:
-        """Relevance ``(copies, ...)`` at the input when the pass starts with ``relevance`` at ``upper``
-        (for the lowest recorded layer, whose frontier is the input itself)."""
-        (found,) = torch.autograd.grad([self.edges[upper]], [self.input], [relevance], retain_graph=True, allow_unused=True)
-        return torch.zeros_like(self.input) if found is None else found.detach()
+        return self._backward(root, relevance, self.frontier(upper, with_input=True), cut=True)
 
     def to_input(self, relevance: Tensor, keep: dict[str, Tensor] | None = None) -> Tensor:
         """Input relevance ``(copies, ...)`` from ``relevance`` at the output, multiplying the relevance
@@ -131,4 +134,4 @@ class RelevanceTrace:
 
     def _backward(self, root, relevance: Tensor, names: list[str], cut: bool) -> dict[str, Tensor]:
         self.run.final_pass = False
-        return direct_grads(root, relevance, {n: self.edges[n] for n in names}, self.shapes, cut=cut)
+        return direct_grads(root, relevance, {n: self._places[n] for n in names}, self.shapes, cut=cut)
