@@ -133,7 +133,7 @@ def neuron_limit(model, layer, x, filters, method):
     for p in model.parameters():
         p.requires_grad_(False)
     try:
-        batch = (alphas.to(x.dtype).view(-1, 1, 1, 1) * x).requires_grad_(True)
+        batch = (alphas.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1) * x).requires_grad_(True)
         seen = {}
         handle = module.register_forward_hook(lambda m, a, out: seen.__setitem__("y", out) or out.clone())
         out = model(batch)
@@ -145,7 +145,7 @@ def neuron_limit(model, layer, x, filters, method):
             masked = torch.zeros_like(grad_y)
             masked[:, c] = grad_y[:, c]
             g, = torch.autograd.grad(y, batch, masked, retain_graph=i < len(filters) - 1)
-            maps.append((g * weights.to(g.dtype).view(-1, 1, 1, 1)).sum(0) * x[0])
+            maps.append((g * weights.to(device=g.device, dtype=g.dtype).view(-1, 1, 1, 1)).sum(0) * x[0])
         return torch.stack(maps)
     finally:
         for p in model.parameters():
@@ -200,7 +200,7 @@ def section_ig(repeats, device):
         for p in model.parameters():
             p.requires_grad_(False)
         try:
-            batch = (alphas.to(x.dtype).view(-1, 1, 1, 1) * x).requires_grad_(True)
+            batch = (alphas.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1) * x).requires_grad_(True)
             return torch.autograd.grad(model(batch)[:, TARGET].sum(), batch)[0]
         finally:
             for p in model.parameters():
@@ -353,6 +353,11 @@ def measure_memory(case: str, device: str) -> float:
 
 # ------------------------------------------------------------------------------------------- report
 
+def seconds(value: float) -> str:
+    """Seconds with enough digits for GPU timings (milliseconds under one second)."""
+    return f"{value:.1f} s" if value >= 1 else f"{value * 1000:.1f} ms"
+
+
 def write_markdown(results: dict, path: Path) -> None:
     m = results["machine"]
     lines = [
@@ -371,14 +376,14 @@ def write_markdown(results: dict, path: Path) -> None:
 
     r = results.get("layers")
     if r:
-        row("13 conv layers: one attrib call vs Captum looped (riemann_trapezoid)", f"{r['attrib_seconds']:.1f} s",
-            f"{r['captum_seconds']:.1f} s", f"{r['speedup']:.1f}× faster", "≥ 8×", r["speedup"] >= 8)
+        row("13 conv layers: one attrib call vs Captum looped (riemann_trapezoid)", seconds(r['attrib_seconds']),
+            seconds(r['captum_seconds']), f"{r['speedup']:.1f}× faster", "≥ 8×", r["speedup"] >= 8)
         worst = max(p["max_rel_diff_vs_captum"] for p in r["per_layer"])
         lines.append(f"| same numbers as Captum (largest relative difference over 13 layers) | | | {worst:.1e} | float32 | |")
-        lines.append(f"| 13 layers, attrib's default stieltjes_trapezoid | {r['attrib_stieltjes_seconds']:.1f} s | | | | |")
+        lines.append(f"| 13 layers, attrib's default stieltjes_trapezoid | {seconds(r['attrib_stieltjes_seconds'])} | | | | |")
     r = results.get("one_layer")
     if r:
-        row("one layer (features.28): time", f"{r['attrib_seconds']:.1f} s", f"{r['captum_seconds']:.1f} s",
+        row("one layer (features.28): time", seconds(r['attrib_seconds']), seconds(r['captum_seconds']),
             f"{r['time_ratio']:.2f}", "≤ 1", r["time_ratio"] <= 1)
         mb = r["peak_mb"]
         row("one layer (features.28): peak memory", f"{mb['attrib_one_layer']:.0f} MB",
@@ -392,15 +397,15 @@ def write_markdown(results: dict, path: Path) -> None:
     r = results.get("neuron")
     if r:
         for layer, e in r["layers"].items():
-            row(f"NeuronConductance, top-10 filters of {layer}: vs its limit", f"{e['attrib_seconds']:.1f} s",
-                f"{e['limit_seconds']:.1f} s (limit)", f"{e['ratio_to_limit']:.2f}", "≤ 1.2", e["ratio_to_limit"] <= 1.2)
-            row(f"NeuronConductance, top-10 filters of {layer}: vs 10 Captum calls", f"{e['attrib_seconds']:.1f} s",
-                f"{e['captum_10_calls_seconds']:.1f} s", f"{e['speedup_vs_captum']:.1f}× faster", "> 1×", e["speedup_vs_captum"] > 1)
+            row(f"NeuronConductance, top-10 filters of {layer}: vs its limit", seconds(e['attrib_seconds']),
+                seconds(e['limit_seconds']) + " (limit)", f"{e['ratio_to_limit']:.2f}", "≤ 1.2", e["ratio_to_limit"] <= 1.2)
+            row(f"NeuronConductance, top-10 filters of {layer}: vs 10 Captum calls", seconds(e['attrib_seconds']),
+                seconds(e['captum_10_calls_seconds']), f"{e['speedup_vs_captum']:.1f}× faster", "> 1×", e["speedup_vs_captum"] > 1)
     r = results.get("ig")
     if r:
-        row("IntegratedGradients vs n_steps forward+backward (limit)", f"{r['attrib_seconds']:.1f} s",
-            f"{r['limit_seconds']:.1f} s (limit)", f"{r['ratio_to_limit']:.3f}", "≤ 1.10", r["ratio_to_limit"] <= 1.10)
-        row("IntegratedGradients vs Captum", f"{r['attrib_seconds']:.1f} s", f"{r['captum_seconds']:.1f} s",
+        row("IntegratedGradients vs n_steps forward+backward (limit)", seconds(r['attrib_seconds']),
+            seconds(r['limit_seconds']) + " (limit)", f"{r['ratio_to_limit']:.3f}", "≤ 1.10", r["ratio_to_limit"] <= 1.10)
+        row("IntegratedGradients vs Captum", seconds(r['attrib_seconds']), seconds(r['captum_seconds']),
             f"{r['ratio_to_captum']:.3f}", "≤ 1", r["ratio_to_captum"] <= 1)
     r = results.get("memory")
     if r:
