@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .engine import as_args, check_baselines, check_inputs, check_model, expand_args
+from .engine import as_args, check_baselines, check_count, check_inputs, check_model, expand_args
 from .hooks import LayerSpec, capture, frozen_parameters, preserved, resolve_layers
 from .paths import uniform_nodes
 from .targets import TargetType, normalize_target, target_scores
@@ -40,8 +40,7 @@ def conductance_map(
     """Layer conductance ``(B, C, ...)`` of ``layer``'s output, differentiable w.r.t. ``inputs`` when
     ``create_graph``: ``sum_k (g_k + g_{k+1}) / 2 * (y_{k+1} - y_k)`` over nodes ``k / n_steps`` (the
     first at ``2**-60``, as :mod:`attrib.paths` explains): LayerConductance's ``stieltjes_trapezoid``."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    check_count("n_steps", n_steps)
     n = inputs.shape[0]
     baselines = check_baselines(baselines, inputs.detach())
     alphas = torch.tensor(uniform_nodes(n_steps), dtype=inputs.dtype, device=inputs.device)  # first node 2**-60
@@ -137,8 +136,7 @@ def conductance_ascent(
     n = inputs.shape[0]
     target = normalize_target(target, n)
     name = last_conv(model) if layer is None else resolve_layers(model, layer)[0][0]
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+    check_count("steps", steps, minimum=0)
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     limits = _bounds(bounds, inputs)

@@ -99,6 +99,14 @@ def check_baselines(baselines: Tensor | float | int | None, inputs: Tensor) -> T
     return baselines.detach().expand_as(inputs)
 
 
+def check_count(name: str, value: object, minimum: int = 1) -> int:
+    """An int (not a bool) of at least ``minimum``, or a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        wanted = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return value
+
+
 def check_internal_batch_size(internal_batch_size: int | None, rows: int) -> int:
     if internal_batch_size is None:
         return rows

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .engine import (
-    INPUT, as_args, check_inputs, check_internal_batch_size, check_model, endpoint_scores, expand_args, prepare, sweep,
+    INPUT, as_args, check_count, check_inputs, check_internal_batch_size, check_model, endpoint_scores, expand_args, prepare, sweep,
 )
 from .hooks import frozen_parameters
 from .paths import weighted_rule
@@ -151,8 +151,7 @@ class SmoothGrad:
     ) -> Attribution:
         check_model(self.model)
         inputs = check_inputs(self.model, inputs)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive int, got {n_samples!r}")
+        check_count("n_samples", n_samples)
         if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)) or not stdevs >= 0:
             raise ValueError(f"stdevs must be a number >= 0 (a fraction of the input range), got {stdevs!r}")
         if square and abs:

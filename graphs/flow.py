@@ -30,7 +30,7 @@ from torch.autograd.graph import get_gradient_edge
 
 from attrib import LayerActivation, LayerConductance
 from attrib.edges import direct_grads, frontier
-from attrib.engine import as_args, check_baselines, check_inputs, expand_args
+from attrib.engine import as_args, check_baselines, check_count, check_inputs, expand_args
 from attrib.hooks import LayerSpec, capture, frozen_parameters, resolve_layers
 from attrib.paths import uniform_nodes
 from attrib.lrp import LRP
@@ -147,8 +147,7 @@ def _conductance_parts(model, inputs, target, names, k, n_steps, baselines, args
     uniform nodes 0..1, where ``v_k`` is dF/dy' through c only (the gradient at the upper layer masked
     to c, taken down to y'). Summed over every c of the layers whose frontier holds y', it is the
     conductance of c' (exactly); summed over every c', the conductance of c up to the Riemann error."""
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int) or n_steps < 1:
-        raise ValueError(f"n_steps must be a positive int, got {n_steps!r}")
+    check_count("n_steps", n_steps)
     baselines = check_baselines(baselines, inputs)
     alphas = torch.tensor(uniform_nodes(n_steps), dtype=inputs.dtype, device=inputs.device)  # first node 2**-60
     nodes = n_steps + 1
@@ -228,8 +227,7 @@ def build_graph(
     inputs = check_inputs(model, inputs)
     if inputs.shape[0] != 1:
         raise ValueError(f"inputs: a graph explains one example; got a batch of {inputs.shape[0]}")
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_count("k", k)
     if method not in ("lrp", "conductance"):
         raise ValueError(f"method must be 'lrp' or 'conductance', got {method!r}")
     names = default_layers(model, inputs, additional_forward_args) if layers is None else [n for n, _ in resolve_layers(model, layers)]

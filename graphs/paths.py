@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 
+from attrib.engine import check_count
+
 from .flow import CLASS_LAYER, FlowGraph
 
 
@@ -44,8 +46,7 @@ class Path:
 
 def k_best_paths(flow: FlowGraph, k: int, graph: nx.DiGraph | None = None) -> list[Path]:
     """The ``k`` paths with the largest score from the class node to the lowest layer, best first."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive int, got {k!r}")
+    check_count("k", k)
     graph = flow.graph if graph is None else graph
     source = flow.class_node
     lowest = flow.layers[0]

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
 from ..edges import direct_grads, frontier
-from ..engine import as_args, check_inputs
+from ..engine import as_args, check_count, check_inputs
 from ..hooks import LayerSpec, resolve_layers
 from ..targets import TargetType, normalize_target, target_scores
 from .canonizers import FunctionalOps
@@ -47,8 +47,7 @@ class RelevanceTrace:
         inputs = check_inputs(model, inputs)
         if inputs.shape[0] != 1:
             raise ValueError(f"inputs: a trace follows one example, got a batch of {inputs.shape[0]}")
-        if isinstance(copies, bool) or not isinstance(copies, int) or copies < 1:
-            raise ValueError(f"copies must be a positive int, got {copies!r}")
+        check_count("copies", copies)
         if start not in ("score", "one_hot"):
             raise ValueError(f"start must be 'score' or 'one_hot', got {start!r}")
         target = normalize_target(target, 1)
