@@ -54,6 +54,26 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+
+
+def imagenet_pictures(batch: int = 1, size: int = 224, device: str = "cpu") -> torch.Tensor:
+    """Uniform random pixels (seed 2) in ImageNet-normalised space, the benchmarks' shared input."""
+    pixels = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(2))
+    return ((pixels - IMAGENET_MEAN) / IMAGENET_STD).to(device)
+
+
+def device_label(device: str) -> str:
+    """The GPU's name, or the CPU model, for the results' "device" field."""
+    return torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU: {cpu_model()}"
+
+
+def result_file(results: Path, stem: str, device: str) -> Path:
+    """``stem.json`` on CPU, ``stem_cuda.json`` (etc.) on an accelerator."""
+    return results / (f"{stem}.json" if device == "cpu" else f"{stem}_{device.split(':')[0]}.json")
+
+
 def limit_fn(model, x: torch.Tensor, target: int):
     """One plain forward + backward to the input with the parameters frozen: the floor every
     gradient-based method is measured against."""

@@ -23,7 +23,7 @@ import torch
 import torchvision
 
 import attrib
-from common import cpu_model, peak_rss_mb, rss_mb, side_by_side, sync
+from common import cpu_model, device_label, peak_rss_mb, result_file, rss_mb, side_by_side, sync
 
 warnings.filterwarnings("ignore", module="captum")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -494,10 +494,9 @@ def main() -> None:
         return
     import captum
 
-    stem = "conductance" if args.device == "cpu" else f"conductance_{args.device.split(':')[0]}"
-    out = Path(args.out) if args.out else RESULTS / f"{stem}.json"
+    out = Path(args.out) if args.out else result_file(RESULTS, "conductance", args.device)
     results = json.loads(out.read_text()) if out.exists() else {}
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU: {cpu_model()}"
+    device_name = device_label(args.device)
     results["machine"] = {
         "device": device_name, "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "captum": captum.__version__, "python": platform.python_version(),

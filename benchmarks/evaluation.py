@@ -165,9 +165,9 @@ def main() -> None:
     with tqdm(total=2 * (len(LAYERS) * len(ev.METHODS) + len(ev.METHODS) + 1), desc="evaluation") as bar:
         for name, model in (("trained", trained), ("random", random)):
             results[name] = study(model, train_x, train_y, test_x, test_y, args.steps, args.sanity_images, bar)
-    from common import cpu_model
+    from common import device_label
 
-    results["machine"] = {"device": f"CPU: {cpu_model()}", "threads": torch.get_num_threads(), "torch": torch.__version__,
+    results["machine"] = {"device": device_label("cpu"), "threads": torch.get_num_threads(), "torch": torch.__version__,
                           "attrib": attrib.__version__, "python": platform.python_version(), "images": len(test_y),
                           "steps": args.steps, "seconds": time.perf_counter() - started}
     out = RESULTS / "evaluation.json"

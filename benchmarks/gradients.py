@@ -22,7 +22,7 @@ import torchvision
 from torch import nn
 
 import attrib
-from common import cpu_model, limit_fn, side_by_side, sync
+from common import device_label, imagenet_pictures, limit_fn, result_file, side_by_side, sync
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,9 +36,7 @@ def build(device: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
     for module in twin.modules():
         if isinstance(module, nn.ReLU):
             module.inplace = False
-    pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return model, twin, ((pixels - mean) / std).to(device)
+    return model, twin, imagenet_pictures(1, 224, device)
 
 
 def cases(model: nn.Module, twin: nn.Module, x: torch.Tensor) -> dict:
@@ -166,8 +164,7 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    stem = "gradients" if args.device == "cpu" else f"gradients_{args.device.split(':')[0]}"
-    out = RESULTS / f"{stem}.json"
+    out = result_file(RESULTS, "gradients", args.device)
     results = json.loads(out.read_text()) if out.exists() else {}
     if args.report_only:
         write_markdown(results, out.with_suffix(".md"))
@@ -175,7 +172,7 @@ def main() -> None:
     import captum
 
     results["machine"] = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU: {cpu_model()}",
+        "device": device_label(args.device),
         "threads": torch.get_num_threads(), "torch": torch.__version__, "torchvision": torchvision.__version__,
         "captum": captum.__version__, "attrib": attrib.__version__, "python": platform.python_version(), "repeats": args.repeats,
     }

@@ -25,7 +25,10 @@ from torch import nn
 
 import attrib
 from attrib.lrp import LRP
-from common import cpu_model, limit_fn, peak_rss_mb, rss_mb, side_by_side, sync
+from common import (
+    IMAGENET_MEAN, IMAGENET_STD, cpu_model, device_label, imagenet_pictures, limit_fn, peak_rss_mb, result_file, rss_mb,
+    side_by_side, sync,
+)
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -41,9 +44,7 @@ def build(name: str, device: str) -> nn.Module:
 
 
 def pictures(batch: int, device: str) -> torch.Tensor:
-    pixels = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return ((pixels - mean) / std).to(device)
+    return imagenet_pictures(batch, SIZE, device)
 
 
 def zennit_composite(name: str, model_name: str):
@@ -60,7 +61,7 @@ def zennit_composite(name: str, model_name: str):
             canonizers=canonizers
         )
     if name == "epsilon_gamma_box":
-        mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
         return EpsilonGammaBox(low=(-mean / std).expand(1, 3, SIZE, SIZE), high=((1 - mean) / std).expand(1, 3, SIZE, SIZE),
                                canonizers=canonizers)
     return EpsilonPlusFlat(canonizers=canonizers)
@@ -269,8 +270,7 @@ def main() -> None:
         model_name, batch, tool, composite = args.memory_case
         memory_case(model_name, int(batch), tool, None if composite == "-" else composite, args.device)
         return
-    stem = "lrp" if args.device == "cpu" else f"lrp_{args.device.split(':')[0]}"
-    out = RESULTS / f"{stem}.json"
+    out = result_file(RESULTS, "lrp", args.device)
     results = json.loads(out.read_text()) if out.exists() else {}
     if args.report_only:
         write_markdown(results, out.with_suffix(".md"))
@@ -280,7 +280,7 @@ def main() -> None:
     import captum
 
     results["machine"] = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU: {cpu_model()}",
+        "device": device_label(args.device),
         "cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "zennit": version("zennit"), "captum": captum.__version__,
         "attrib": attrib.__version__, "python": platform.python_version(), "repeats": args.repeats,

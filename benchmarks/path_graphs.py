@@ -20,16 +20,10 @@ from torch import nn
 
 import attrib
 import graphs
-from common import cpu_model
+from common import device_label, imagenet_pictures
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET, K, LIMIT_S = 3, 8, 60.0
-
-
-def picture() -> torch.Tensor:
-    pixels = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    return (pixels - mean) / std
 
 
 def convs(model: nn.Module) -> list[str]:
@@ -56,7 +50,7 @@ def main() -> None:
     vgg = torchvision.models.vgg16(weights=None).eval()
     torch.manual_seed(0)
     resnet = torchvision.models.resnet18(weights=None).eval()
-    x = picture()
+    x = imagenet_pictures(1, 224)
     cases = {
         "vgg16 LRP graph, 13 conv layers (no conductance attribute)":
             lambda: graphs.build_graph(vgg, x, TARGET, layers=convs(vgg), k=K, conductance_steps=None),
@@ -70,7 +64,7 @@ def main() -> None:
             lambda: graphs.build_graph(resnet, x, TARGET, layers=convs(resnet), k=K, conductance_steps=None),
     }
     results = {"machine": {
-        "device": f"CPU: {cpu_model()}", "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "device": device_label("cpu"), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "torchvision": torchvision.__version__, "attrib": attrib.__version__, "python": platform.python_version(),
         "repeats": args.repeats, "k": K, "input": "1x3x224x224",
     }, "build": {}}
