@@ -161,7 +161,6 @@ def _explain_one(args, loaded, picture, layer, methods, folder: Path, index: int
         fig = figures.method_grid(x[0], {"guided backprop": guided}, signed={"guided backprop": False}, **shown)
         figure("guided", "guided backpropagation (absolute)", fig)
         step()
-    conductance_scores = None
     if "conductance" in methods or "deconv" in methods:
         result = LayerConductance(model, layer).attribute(x, target=target, baselines=base, n_steps=32)
         conductance_scores = filter_scores(result[layer], "max")[0]
@@ -179,7 +178,7 @@ def _explain_one(args, loaded, picture, layer, methods, folder: Path, index: int
             for channel in entry["top_filters"][:3]:
                 c = channel["filter"]
                 maps[f"filter {c}"] = DeconvReconstruction(model).attribute(
-                    x, layer=layer, neuron_selector=(c,) + (slice(None),) * (len(_shape(model, layer, x)) - 1)).attributions[0]
+                    x, layer=layer, neuron_selector=(c,) + (slice(None),) * (result[layer].dim() - 2)).attributions[0]
             figure("deconv", f"deconvolution reconstructions of the top filters of {layer}",
                    figures.reconstructions(x[0], maps, **shown))
         except ValueError as error:
@@ -187,12 +186,13 @@ def _explain_one(args, loaded, picture, layer, methods, folder: Path, index: int
         step()
     if "graph" in methods:
         flow = graphs.build_graph(model, x, target=target, k=args.k, conductance_steps=None)
-        paths = graphs.k_best_paths(flow, 5)
+        best = graphs.k_best_paths(flow, 100)  # best first: the best K are its first K
+        paths = best[:5]
         entry["paths"] = [{"nodes": [graphs.node_id(n) for n in p.nodes], "score": p.score, "carried": p.carried} for p in paths]
         fig = draw_graph(flow, paths)
         figure("graph", f"relevance flow between the top {args.k} channels of each layer; red: the 5 critical paths", fig)
-        ks = [k for k in (1, 5, 25, 100) if k <= max(1, len(graphs.k_best_paths(flow, 100)))]
-        sets = [graphs.k_best_paths(flow, k) for k in ks]
+        ks = [k for k in (1, 5, 25, 100) if k <= max(1, len(best))]
+        sets = [best[:k] for k in ks]
         maps = graphs.path_heatmaps(flow, sets)
         figure("kpaths", "full LRP heatmap and K-path heatmaps (channels off the K best paths masked in the backward pass)",
                figures.k_path_heatmaps(x[0], graphs.full_heatmap(flow), {k: m for k, m in zip(ks, maps)}, **shown))
@@ -206,12 +206,6 @@ def _explain_one(args, loaded, picture, layer, methods, folder: Path, index: int
         graphs.write_graphml(flow, folder / f"{stem}_graph.graphml")
         step()
     return entry
-
-
-def _shape(model, layer, x) -> tuple:
-    from .layer import LayerActivation
-
-    return tuple(LayerActivation(model, layer).attribute(x).attributions[layer].shape[1:])
 
 
 def explain(args) -> int:

@@ -236,7 +236,7 @@ def build_graph(
     if method == "lrp":
         parts = _lrp_parts(model, inputs, target, names, k, composite, additional_forward_args)
         conductance = _conductance(model, inputs, target, parts.names, conductance_steps, additional_forward_args)
-        meta = dict(method="lrp", composite=LRP(model, composite).composite.name)
+        meta = dict(method="lrp", composite=parts.trace.run.composite.name)
     else:
         parts = _conductance_parts(model, inputs, target, names, k, n_steps, baselines, additional_forward_args)
         conductance = parts.values
