@@ -29,17 +29,6 @@ from .targets import TargetType, normalize_target, target_scores
 METHODS = ("activation", "gradient_x_activation", "internal_influence", "conductance")
 
 
-def _scores(model: nn.Module, inputs: Tensor, target: TargetType, edit: dict | None = None, layer: str | None = None) -> Tensor:
-    example = torch.arange(inputs.shape[0], device=inputs.device)
-    with torch.no_grad():
-        if edit:
-            with capture(model, [layer], edit=edit):
-                output = model(inputs)
-        else:
-            output = model(inputs)
-    return target_scores(output, target, example)
-
-
 def _suppressor(mode: str) -> Callable[[Tensor, Tensor], Tensor]:
     if mode == "zero":
         return lambda t, keep: t * keep
@@ -48,19 +37,27 @@ def _suppressor(mode: str) -> Callable[[Tensor, Tensor], Tensor]:
     raise ValueError(f"mode must be 'zero' or 'suppress', got {mode!r}")
 
 
-def ablate(model: nn.Module, inputs: Tensor, layer: str, keep: Tensor, target: TargetType, mode: str = "zero") -> Tensor:
-    """Target scores ``(rows,)`` with the layer's channels multiplied by ``keep`` ``(rows, C)`` (0 =
-    ablated); ``inputs`` has one row per ablation (or one row, repeated)."""
+def _ablated_output(model: nn.Module, inputs: Tensor, layer: str, keep: Tensor, mode: str) -> Tensor:
+    """The model output, no graph, with the layer's channels multiplied by ``keep`` ``(rows, C)``
+    (0 = ablated, by ``mode``); ``inputs`` has one row per ablation, or one row, repeated."""
     rows = keep.shape[0]
     if inputs.shape[0] == 1:
         inputs = inputs.expand((rows,) + tuple(inputs.shape[1:]))
     suppress = _suppressor(mode)
 
     def edit(tensor: Tensor) -> Tensor:
-        mask = keep.to(tensor.dtype).reshape(keep.shape + (1,) * (tensor.dim() - 2))
-        return suppress(tensor, mask)
+        return suppress(tensor, keep.to(tensor.dtype).reshape(keep.shape + (1,) * (tensor.dim() - 2)))
 
-    return _scores(model, inputs, normalize_target(target, rows), {layer: edit}, layer)
+    with torch.no_grad(), capture(model, [layer], edit={layer: edit}):
+        return model(inputs)
+
+
+def ablate(model: nn.Module, inputs: Tensor, layer: str, keep: Tensor, target: TargetType, mode: str = "zero") -> Tensor:
+    """Target scores ``(rows,)`` with the layer's channels multiplied by ``keep`` ``(rows, C)`` (0 =
+    ablated); ``inputs`` has one row per ablation (or one row, repeated)."""
+    rows = keep.shape[0]
+    output = _ablated_output(model, inputs, layer, keep, mode)
+    return target_scores(output, normalize_target(target, rows), torch.arange(rows, device=output.device))
 
 
 def _channels(model: nn.Module, inputs: Tensor, layer: str) -> int:
@@ -74,7 +71,8 @@ def ablation_scores(model: nn.Module, inputs: Tensor, layer: str, target: Target
     ((layer, _),) = resolve_layers(model, layer)
     targets = normalize_target(target, inputs.shape[0])
     channels = _channels(model, inputs, layer)
-    full = _scores(model, inputs, targets)
+    with torch.no_grad():
+        full = target_scores(model(inputs), targets, torch.arange(inputs.shape[0], device=inputs.device))
     out = torch.empty(inputs.shape[0], channels, dtype=full.dtype, device=full.device)
     eye = 1 - torch.eye(channels, dtype=inputs.dtype, device=inputs.device)
     for b in range(inputs.shape[0]):
@@ -146,18 +144,13 @@ def flip_counts(model: nn.Module, inputs: Tensor, layer: str, importance: Tensor
     channels = importance.shape[1]
     limit = channels if max_filters is None else min(max_filters, channels)
     counts: list[int | None] = []
-    suppress = _suppressor(mode)
+    _suppressor(mode)  # a bad mode fails before any work
     for b in range(inputs.shape[0]):
         order = importance[b].argsort(descending=True)[:limit]
         keep = torch.ones(limit, channels, dtype=inputs.dtype, device=inputs.device)
         for k in range(limit):  # row k ablates the top k + 1 filters
             keep[k:, order[k]] = 0
-
-        def edit(tensor: Tensor, keep=keep) -> Tensor:
-            return suppress(tensor, keep.to(tensor.dtype).reshape(keep.shape + (1,) * (tensor.dim() - 2)))
-
-        with torch.no_grad(), capture(model, [layer], edit={layer: edit}):
-            labels = model(inputs[b:b + 1].expand((limit,) + tuple(inputs.shape[1:]))).argmax(1)
+        labels = _ablated_output(model, inputs[b:b + 1], layer, keep, mode).argmax(1)
         changed = torch.nonzero(labels != predicted[b])
         counts.append(int(changed[0, 0]) + 1 if changed.numel() else None)
     return counts
