@@ -5,6 +5,7 @@ from .cam import GradCAM, GuidedGradCAM
 from .conductance import LayerConductance, NeuronConductance
 from .deconv import DeconvReconstruction
 from .deeplift import DeepLift
+from .errors import InputError, InputTypeError
 from .gradients import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
 from .hooks import LayerReuseError, capture, mask, preserved, resolve_layers
 from .lrp import LRP
@@ -21,6 +22,8 @@ __all__ = [
     "GradCAM",
     "GuidedBackprop",
     "GuidedGradCAM",
+    "InputError",
+    "InputTypeError",
     "InputXGradient",
     "Saliency",
     "SmoothGrad",

@@ -18,6 +18,7 @@ from .engine import as_args, check_baselines, check_count, check_inputs, check_m
 from .hooks import LayerSpec, capture, frozen_parameters, preserved, resolve_layers
 from .paths import uniform_nodes
 from .targets import TargetType, normalize_target, target_scores
+from .errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -29,7 +30,7 @@ def last_conv(model: nn.Module) -> str:
     """The dotted name of the model's last convolution (in registration order)."""
     names = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
     if not names:
-        raise ValueError("layer: the model has no convolution; name the layer")
+        raise InputError("layer: the model has no convolution; name the layer")
     return names[-1]
 
 
@@ -72,21 +73,21 @@ def _bounds(bounds: Bounds, inputs: Tensor) -> tuple[Tensor, Tensor] | None:
         return None
     if isinstance(bounds, str):
         if bounds != "imagenet":
-            raise ValueError(f"bounds must be 'imagenet', (low, high) or None, got {bounds!r}")
+            raise InputError(f"bounds must be 'imagenet', (low, high) or None, got {bounds!r}")
         if inputs.dim() != 4 or inputs.shape[1] != 3:
-            raise ValueError("bounds: 'imagenet' needs (B, 3, H, W) inputs; give bounds=(low, high) for this model")
+            raise InputError("bounds: 'imagenet' needs (B, 3, H, W) inputs; give bounds=(low, high) for this model")
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         low, high = -mean / std, (1 - mean) / std
     elif isinstance(bounds, tuple) and len(bounds) == 2:
         low, high = (torch.as_tensor(b, dtype=torch.float64) for b in bounds)
     else:
-        raise ValueError(f"bounds must be 'imagenet', (low, high) or None, got {bounds!r}")
+        raise InputError(f"bounds must be 'imagenet', (low, high) or None, got {bounds!r}")
     if low.dim() == 1 and inputs.dim() > 1:
         if low.numel() != inputs.shape[1]:
-            raise ValueError(f"bounds: {low.numel()} per-channel values for {inputs.shape[1]} channels")
+            raise InputError(f"bounds: {low.numel()} per-channel values for {inputs.shape[1]} channels")
         low, high = (b.view((1, -1) + (1,) * (inputs.dim() - 2)) for b in (low, high))
     if bool((low > high).any()):
-        raise ValueError("bounds: low must not exceed high")
+        raise InputError("bounds: low must not exceed high")
     return low.to(inputs), high.to(inputs)
 
 
@@ -138,11 +139,11 @@ def conductance_ascent(
     name = last_conv(model) if layer is None else resolve_layers(model, layer)[0][0]
     check_count("steps", steps, minimum=0)
     if not (isinstance(lr, (int, float)) and lr > 0):
-        raise ValueError(f"lr must be a positive number, got {lr!r}")
+        raise InputError(f"lr must be a positive number, got {lr!r}")
     limits = _bounds(bounds, inputs)
     make = OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
     if make is None:
-        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable(params, lr=...), got {optimizer!r}")
+        raise InputError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable(params, lr=...), got {optimizer!r}")
 
     def objective_of(image: Tensor, create_graph: bool) -> Tensor:
         return aggregated_conductance(model, image, name, target, n_steps, baselines, create_graph, additional_forward_args)
@@ -155,7 +156,7 @@ def conductance_ascent(
         else:
             chosen = torch.as_tensor(filter, device=inputs.device).reshape(-1).expand(n).long()
             if bool(((chosen < 0) | (chosen >= scores.shape[1])).any()):
-                raise ValueError(f"filter: {filter!r} is out of range for {scores.shape[1]} filters at {name!r}")
+                raise InputError(f"filter: {filter!r} is out of range for {scores.shape[1]} filters at {name!r}")
         picked = conductance[torch.arange(n), chosen].flatten(1).argmax(1)
         neuron = torch.stack(torch.unravel_index(picked, conductance.shape[2:]), 1)
         effect = _neuron_gradient(model, inputs, name, chosen, picked, additional_forward_args)

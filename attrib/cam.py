@@ -12,6 +12,7 @@ from .engine import as_args, prepare, sweep
 from .hooks import LayerSpec, resolve_layers
 from .result import Attribution
 from .targets import TargetType
+from .errors import InputError
 
 _MODES = ("nearest", "bilinear", "bicubic", "area", "linear", "trilinear", "nearest-exact")
 
@@ -19,9 +20,9 @@ _MODES = ("nearest", "bilinear", "bicubic", "area", "linear", "trilinear", "near
 def upsample(maps: Tensor, size: tuple[int, ...], mode: str) -> Tensor:
     """Resize ``(B, 1, *spatial)`` maps to ``size`` (``align_corners=False`` where the mode has it)."""
     if mode not in _MODES:
-        raise ValueError(f"interpolate_mode must be one of {_MODES} or None, got {mode!r}")
+        raise InputError(f"interpolate_mode must be one of {_MODES} or None, got {mode!r}")
     if len(size) != maps.dim() - 2:
-        raise ValueError(f"cannot resize a map with {maps.dim() - 2} spatial dims to input size {tuple(size)}")
+        raise InputError(f"cannot resize a map with {maps.dim() - 2} spatial dims to input size {tuple(size)}")
     corners = False if mode in ("bilinear", "bicubic", "linear", "trilinear") else None
     return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=corners)
 
@@ -57,7 +58,7 @@ class GradCAM:
         ))
         activation, grads = chunk.values[self.layer], chunk.grads[self.layer]
         if activation.dim() < 2:
-            raise ValueError(f"layer: {self.layer!r} gives shape {tuple(activation.shape)}; Grad-CAM needs (B, C, ...)")
+            raise InputError(f"layer: {self.layer!r} gives shape {tuple(activation.shape)}; Grad-CAM needs (B, C, ...)")
         spatial = tuple(range(2, grads.dim()))
         weights = grads.mean(spatial) if spatial else grads
         cam = (weights.view(weights.shape + (1,) * len(spatial)) * activation).sum(1, keepdim=True)
@@ -96,7 +97,7 @@ class GuidedGradCAM:
             attribute_to_layer_input=attribute_to_layer_input, additional_forward_args=additional_forward_args,
         )
         if cam.attributions.shape[2:] != inputs.shape[2:]:
-            raise ValueError(f"layer: {self.gradcam.layer!r} has no spatial dimensions to map onto the input")
+            raise InputError(f"layer: {self.gradcam.layer!r} has no spatial dimensions to map onto the input")
         guided = self.guided.attribute(inputs, target, additional_forward_args)
         return Attribution(
             attributions=guided.attributions * cam.attributions, outputs=guided.outputs, method="guided_gradcam",

@@ -21,6 +21,7 @@ from .paths import STIELTJES, check_method, stieltjes_rule, uniform_nodes, weigh
 from .result import Attribution
 from .sums import StieltjesSum, WeightedSum, step_terms
 from .targets import NeuronSelector, TargetType, selector_weights
+from .errors import InputError
 
 
 
@@ -42,7 +43,7 @@ class LayerConductance:
         self.model = model
         self.layers = [name for name, _ in resolve_layers(model, layers)]
         if not self.layers:
-            raise ValueError("layers: give at least one layer")
+            raise InputError("layers: give at least one layer")
 
     def attribute(
         self,
@@ -83,11 +84,11 @@ class LayerConductance:
 
     def _refine(self, inputs, baselines, outputs, baseline_outputs, run, method, n_steps, tolerance, refine, max_steps):
         if method != STIELTJES:
-            raise ValueError(f"tolerance: adaptive refinement needs method='{STIELTJES}', got {method!r}")
+            raise InputError(f"tolerance: adaptive refinement needs method='{STIELTJES}', got {method!r}")
         if refine not in ("bisect", "double"):
-            raise ValueError(f"refine must be 'bisect' or 'double', got {refine!r}")
+            raise InputError(f"refine must be 'bisect' or 'double', got {refine!r}")
         if not tolerance > 0:
-            raise ValueError(f"tolerance must be positive, got {tolerance!r}")
+            raise InputError(f"tolerance must be positive, got {tolerance!r}")
         nodes = _NodeStore(self.model, inputs, baselines, run)
         nodes.evaluate(uniform_nodes(n_steps))
         change = outputs - baseline_outputs
@@ -202,7 +203,7 @@ class NeuronConductance:
         check_method(method)
         selectors = neuron_selector if isinstance(neuron_selector, list) else [neuron_selector]
         if not selectors:
-            raise ValueError("neuron_selector: the list is empty")
+            raise InputError("neuron_selector: the list is empty")
         alphas, weights = weighted_rule(method, n_steps)
         args = as_args(additional_forward_args)
         outputs, baseline_outputs = endpoint_scores(self.model, inputs, baselines, target, args)

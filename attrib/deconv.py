@@ -26,6 +26,7 @@ from .engine import as_args, check_inputs, check_model
 from .hooks import LayerSpec, preserved, resolve_layers
 from .result import Attribution
 from .targets import NeuronSelector, selector_weights
+from .errors import InputError
 
 _POOLS = {nn.MaxPool1d: F.max_pool1d_with_indices, nn.MaxPool2d: F.max_pool2d_with_indices, nn.MaxPool3d: F.max_pool3d_with_indices}
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,11 +58,11 @@ def transpose_conv(module: nn.Module, signal: Tensor, shape: torch.Size) -> Tens
 def _check_supported(name: str, module: nn.Module) -> None:
     if type(module) in _POOLS or isinstance(module, _CONVS + _LINEAR_MAPS + _RESHAPES + (nn.ReLU, nn.Linear)):
         if isinstance(module, _CONVS) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
-            raise ValueError(f"layer {name!r}: padding {module.padding!r} / padding_mode {module.padding_mode!r} has no transposed form here; use integer zero padding")
+            raise InputError(f"layer {name!r}: padding {module.padding!r} / padding_mode {module.padding_mode!r} has no transposed form here; use integer zero padding")
         return
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return
-    raise ValueError(
+    raise InputError(
         f"layer {name!r} ({type(module).__name__}) has no deconvolution step; supported: Conv, ReLU, MaxPool, "
         "Linear, BatchNorm, AvgPool, Flatten, Dropout, Identity"
     )
@@ -93,7 +94,7 @@ class DeconvReconstruction:
                 previous, version = last[0]
                 same = isinstance(x, Tensor) and (x is previous or (x.data_ptr() == previous.data_ptr() and x.numel() == previous.numel()))
                 if not same or x._version != version:
-                    raise ValueError(
+                    raise InputError(
                         f"layer: the path to {layer!r} is not a plain chain of layers: the input of {name!r} is not "
                         "the unchanged output of the layer before it (a residual addition or another functional op "
                         "in between); deconvolution reconstruction needs VGG/AlexNet-like models"
@@ -127,7 +128,7 @@ class DeconvReconstruction:
             finally:
                 for handle in handles:
                     handle.remove()
-        raise ValueError(f"layer: {layer!r} did not run in the forward pass")
+        raise InputError(f"layer: {layer!r} did not run in the forward pass")
 
     def attribute(
         self, inputs: Tensor, layer: LayerSpec, neuron_selector: NeuronSelector, additional_forward_args: Any = None,
@@ -136,7 +137,7 @@ class DeconvReconstruction:
         inputs = check_inputs(self.model, inputs)
         ((name, module),) = resolve_layers(self.model, layer)
         if list(module.children()):
-            raise ValueError(f"layer: {name!r} is a container; choose one of its leaf layers")
+            raise InputError(f"layer: {name!r} is a container; choose one of its leaf layers")
         calls, activation = self._record(inputs, name, as_args(additional_forward_args))
         signal = activation * selector_weights(neuron_selector, activation)
         start = signal.clone()

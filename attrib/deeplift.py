@@ -30,6 +30,7 @@ from .engine import as_args, expand_args, prepare
 from .hooks import frozen_parameters
 from .result import Attribution
 from .targets import TargetType, target_scores
+from .errors import InputError
 
 ELEMENTWISE: set[Callable] = {
     F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
@@ -154,7 +155,7 @@ class DeepLift:
 
     def __init__(self, model: nn.Module, multiply_by_inputs: bool = True, maxpool: str = "rescale") -> None:
         if maxpool not in ("rescale", "gradient"):
-            raise ValueError(f"maxpool must be 'rescale' or 'gradient', got {maxpool!r}")
+            raise InputError(f"maxpool must be 'rescale' or 'gradient', got {maxpool!r}")
         self.model = model
         self.multiply_by_inputs = multiply_by_inputs
         self.maxpool = maxpool
@@ -176,7 +177,7 @@ class DeepLift:
                 output = self.model(probe, *args)
             scores = target_scores(output, target, example)
             if not scores.requires_grad:
-                raise ValueError("inputs: the explained output does not depend on the inputs")
+                raise InputError("inputs: the explained output does not depend on the inputs")
             outputs, baseline_outputs = _halves(scores.detach())
             multipliers = _halves(torch.autograd.grad(scores[:n].sum(), probe)[0])[0]
         difference = inputs - baselines

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from .hooks import LayerSpec, capture, frozen_parameters, resolve_layers
 from .targets import TargetType, normalize_target, target_scores
+from .errors import InputError, InputTypeError
 
 INPUT = "<input>"
 
@@ -48,13 +49,13 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dty
 
 def check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     stochastic = [
         name for name, module in model.named_modules()
         if module.training and isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
     ]
     if stochastic:
-        raise ValueError(
+        raise InputError(
             f"model: {stochastic[0]!r} is in training mode, where rows of the interpolated batch would mix "
             "(batch statistics) or be random (dropout); call model.eval() first"
         )
@@ -62,18 +63,18 @@ def check_model(model: nn.Module) -> None:
 
 def check_inputs(model: nn.Module, inputs: Tensor) -> Tensor:
     if not isinstance(inputs, Tensor):
-        raise TypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+        raise InputTypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
     if inputs.dim() == 0:
-        raise ValueError("inputs must have a batch dimension")
+        raise InputError("inputs must have a batch dimension")
     if not inputs.is_floating_point():
-        raise TypeError(f"inputs must be floating point to be interpolated, got {inputs.dtype}")
+        raise InputTypeError(f"inputs must be floating point to be interpolated, got {inputs.dtype}")
     device, dtype = model_device_dtype(model)
     if device is not None and inputs.device != device:
-        raise ValueError(f"inputs are on {inputs.device} but the model is on {device}; move one of them")
+        raise InputError(f"inputs are on {inputs.device} but the model is on {device}; move one of them")
     if dtype is not None and inputs.dtype != dtype:
-        raise TypeError(f"inputs are {inputs.dtype} but the model's parameters are {dtype}")
+        raise InputTypeError(f"inputs are {inputs.dtype} but the model's parameters are {dtype}")
     if not torch.isfinite(inputs).all():
-        raise ValueError("inputs contain NaN or infinite values")
+        raise InputError("inputs contain NaN or infinite values")
     return inputs.detach()
 
 
@@ -84,18 +85,18 @@ def check_baselines(baselines: Tensor | float | int | None, inputs: Tensor) -> T
     if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
         return torch.full_like(inputs, float(baselines))
     if not isinstance(baselines, Tensor):
-        raise TypeError(f"baselines must be None, a number or a tensor, got {type(baselines).__name__}")
+        raise InputTypeError(f"baselines must be None, a number or a tensor, got {type(baselines).__name__}")
     if baselines.shape != inputs.shape and baselines.shape != (1,) + inputs.shape[1:]:
-        raise ValueError(
+        raise InputError(
             f"baselines of shape {tuple(baselines.shape)} do not match inputs of shape {tuple(inputs.shape)}; "
             f"give shape {tuple(inputs.shape)} or {(1,) + tuple(inputs.shape[1:])}"
         )
     if baselines.device != inputs.device:
-        raise ValueError(f"baselines are on {baselines.device} but inputs are on {inputs.device}")
+        raise InputError(f"baselines are on {baselines.device} but inputs are on {inputs.device}")
     if baselines.dtype != inputs.dtype:
-        raise TypeError(f"baselines are {baselines.dtype} but inputs are {inputs.dtype}")
+        raise InputTypeError(f"baselines are {baselines.dtype} but inputs are {inputs.dtype}")
     if not torch.isfinite(baselines).all():
-        raise ValueError("baselines contain NaN or infinite values")
+        raise InputError("baselines contain NaN or infinite values")
     return baselines.detach().expand_as(inputs)
 
 
@@ -103,7 +104,7 @@ def check_count(name: str, value: object, minimum: int = 1) -> int:
     """An int (not a bool) of at least ``minimum``, or a ValueError naming the argument."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         wanted = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+        raise InputError(f"{name} must be {wanted}, got {value!r}")
     return value
 
 
@@ -111,9 +112,9 @@ def check_internal_batch_size(internal_batch_size: int | None, rows: int) -> int
     if internal_batch_size is None:
         return rows
     if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
-        raise TypeError(f"internal_batch_size must be an int or None, got {type(internal_batch_size).__name__}")
+        raise InputTypeError(f"internal_batch_size must be an int or None, got {type(internal_batch_size).__name__}")
     if internal_batch_size < 1:
-        raise ValueError(f"internal_batch_size must be at least 1, got {internal_batch_size}")
+        raise InputError(f"internal_batch_size must be at least 1, got {internal_batch_size}")
     return internal_batch_size
 
 
@@ -235,7 +236,7 @@ def sweep(
     and no layer's activations and gradients are all held at once.
     """
     if consume is not None and differentiate is not None:
-        raise ValueError("sweep: give differentiate or consume, not both")
+        raise InputError("sweep: give differentiate or consume, not both")
     n = inputs.shape[0]
     rows = alphas.shape[0] * n
     chunk_rows = check_internal_batch_size(internal_batch_size, rows)

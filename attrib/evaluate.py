@@ -25,6 +25,7 @@ from .engine import check_inputs
 from .hooks import capture, resolve_layers
 from .layer import InternalInfluence, LayerActivation, LayerGradientXActivation
 from .targets import TargetType, normalize_target, target_scores
+from .errors import InputError
 
 METHODS = ("activation", "gradient_x_activation", "internal_influence", "conductance")
 
@@ -34,7 +35,7 @@ def _suppressor(mode: str) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda t, keep: t * keep
     if mode == "suppress":
         return lambda t, keep: t.masked_fill(keep == 0, float("-inf"))
-    raise ValueError(f"mode must be 'zero' or 'suppress', got {mode!r}")
+    raise InputError(f"mode must be 'zero' or 'suppress', got {mode!r}")
 
 
 def _ablated_output(model: nn.Module, inputs: Tensor, layer: str, keep: Tensor, mode: str) -> Tensor:
@@ -95,7 +96,7 @@ def layer_attribution(model: nn.Module, inputs: Tensor, layer: str, target: Targ
         return InternalInfluence(model, layer).attribute(inputs, target=target, baselines=baselines, n_steps=n_steps).attributions[layer]
     if method == "conductance":
         return LayerConductance(model, layer).attribute(inputs, target=target, baselines=baselines, n_steps=n_steps).attributions[layer]
-    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    raise InputError(f"method must be one of {METHODS}, got {method!r}")
 
 
 def filter_importance(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, method: str,

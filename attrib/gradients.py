@@ -17,6 +17,7 @@ from .paths import weighted_rule
 from .result import Attribution
 from .sums import WeightedSum
 from .targets import TargetType, normalize_target, target_scores
+from .errors import InputError
 
 
 class IntegratedGradients:
@@ -84,7 +85,7 @@ def input_gradients(
         scores = target_scores(output, target, example)
         (grads,) = torch.autograd.grad(scores.sum(), probe, allow_unused=True)
     if grads is None:
-        raise ValueError("inputs: the explained output does not depend on the inputs")
+        raise InputError("inputs: the explained output does not depend on the inputs")
     return grads, scores.detach()
 
 
@@ -153,9 +154,9 @@ class SmoothGrad:
         inputs = check_inputs(self.model, inputs)
         check_count("n_samples", n_samples)
         if isinstance(stdevs, bool) or not isinstance(stdevs, (int, float)) or not stdevs >= 0:
-            raise ValueError(f"stdevs must be a number >= 0 (a fraction of the input range), got {stdevs!r}")
+            raise InputError(f"stdevs must be a number >= 0 (a fraction of the input range), got {stdevs!r}")
         if square and abs:
-            raise ValueError("square and abs: choose one")
+            raise InputError("square and abs: choose one")
         n = inputs.shape[0]
         target = normalize_target(target, n)
         rows = n_samples * n

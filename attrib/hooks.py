@@ -16,12 +16,13 @@ from typing import Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
+from .errors import InputError, InputTypeError
 
 LayerSpec = Union[str, nn.Module]
 Edit = Callable[[Tensor], Tensor]
 
 
-class LayerReuseError(ValueError):
+class LayerReuseError(InputError):
     """A hooked module ran more than once in one forward pass, so 'its output' is ambiguous."""
 
 
@@ -33,7 +34,7 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) ->
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
     if not isinstance(layers, Sequence):
-        raise TypeError("layers must be a layer name, a module, or a list of them")
+        raise InputTypeError("layers must be a layer name, a module, or a list of them")
     by_name = dict(model.named_modules())
     by_module = {id(module): name for name, module in reversed(list(model.named_modules()))}
     resolved: list[tuple[str, nn.Module]] = []
@@ -42,17 +43,17 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) ->
             if layer not in by_name or layer == "":
                 close = difflib.get_close_matches(layer, [n for n in by_name if n], n=5, cutoff=0.5)
                 hint = f"; closest names: {', '.join(close)}" if close else ""
-                raise ValueError(f"layers: {layer!r} is not a submodule of the model{hint}")
+                raise InputError(f"layers: {layer!r} is not a submodule of the model{hint}")
             resolved.append((layer, by_name[layer]))
         elif isinstance(layer, nn.Module):
             if id(layer) not in by_module or by_module[id(layer)] == "":
-                raise ValueError(f"layers: the {type(layer).__name__} module given is not a submodule of the model")
+                raise InputError(f"layers: the {type(layer).__name__} module given is not a submodule of the model")
             resolved.append((by_module[id(layer)], layer))
         else:
-            raise TypeError(f"layers: expected a name or an nn.Module, got {type(layer).__name__}")
+            raise InputTypeError(f"layers: expected a name or an nn.Module, got {type(layer).__name__}")
     names = [name for name, _ in resolved]
     if len(set(names)) != len(names):
-        raise ValueError(f"layers: a layer is listed twice: {names}")
+        raise InputError(f"layers: a layer is listed twice: {names}")
     return resolved
 
 
@@ -126,14 +127,14 @@ class capture:
         leaf: bool = False,
     ) -> None:
         if on not in ("output", "input"):
-            raise ValueError(f"on must be 'output' or 'input', got {on!r}")
+            raise InputError(f"on must be 'output' or 'input', got {on!r}")
         self.model = model
         self.layers = resolve_layers(model, layers)
         self.on = on
         self.edit = dict(edit or {})
         unknown = set(self.edit) - {name for name, _ in self.layers}
         if unknown:
-            raise ValueError(f"edit: {sorted(unknown)} are not among the captured layers")
+            raise InputError(f"edit: {sorted(unknown)} are not among the captured layers")
         self.leaf = leaf
         self.captured: dict[str, Tensor] = {}
         self._calls: dict[str, int] = {}
@@ -145,7 +146,7 @@ class capture:
 
     def _take(self, name: str, tensor: object) -> Tensor:
         if not isinstance(tensor, Tensor):
-            raise TypeError(f"layer {name!r} {self.on} is a {type(tensor).__name__}, not a tensor")
+            raise InputTypeError(f"layer {name!r} {self.on} is a {type(tensor).__name__}, not a tensor")
         self._calls[name] = self._calls.get(name, 0) + 1
         if self._calls[name] > 1:
             raise LayerReuseError(
@@ -166,7 +167,7 @@ class capture:
     def _input_hook(self, name: str):
         def hook(module, args):
             if len(args) == 0:
-                raise TypeError(f"layer {name!r} was called without a positional input to capture")
+                raise InputTypeError(f"layer {name!r} was called without a positional input to capture")
             return (self._take(name, args[0]),) + tuple(args[1:])
         return hook
 

@@ -11,13 +11,11 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from .errors import InputError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
-
-
-class InputError(ValueError):
-    """Bad input named in one line (the CLI prints it and exits with status 2)."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ from .paths import weighted_rule
 from .result import Attribution
 from .sums import WeightedSum
 from .targets import TargetType, normalize_target, target_scores
+from .errors import InputError
 
 
 class _LayerMethod:
@@ -20,7 +21,7 @@ class _LayerMethod:
         self.model = model
         self.layers = [name for name, _ in resolve_layers(model, layers)]
         if not self.layers:
-            raise ValueError("layers: give at least one layer")
+            raise InputError("layers: give at least one layer")
 
 
 class InternalInfluence(_LayerMethod):

@@ -25,6 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+from .errors import InputError, InputTypeError
 
 CAPTUM_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 STIELTJES = "stieltjes_trapezoid"
@@ -34,15 +35,15 @@ FIRST_NODE = 2.0 ** -60
 
 def check_method(method: str) -> str:
     if method not in METHODS:
-        raise ValueError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+        raise InputError(f"method: {method!r} is not one of {', '.join(METHODS)}")
     return method
 
 
 def check_n_steps(n_steps: int, minimum: int = 1) -> int:
     if isinstance(n_steps, bool) or not isinstance(n_steps, int):
-        raise TypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
+        raise InputTypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
     if n_steps < minimum:
-        raise ValueError(f"n_steps must be at least {minimum}, got {n_steps}")
+        raise InputError(f"n_steps must be at least {minimum}, got {n_steps}")
     return n_steps
 
 

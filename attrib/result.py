@@ -6,6 +6,7 @@ from typing import Any, Union
 
 import torch
 from torch import Tensor
+from .errors import InputError
 
 Attributions = Union[Tensor, dict[str, Tensor]]
 
@@ -45,7 +46,7 @@ class Attribution:
         if isinstance(self.attributions, dict):
             if layer is None:
                 if len(self.attributions) != 1:
-                    raise ValueError(f"layer: name one of {list(self.attributions)}")
+                    raise InputError(f"layer: name one of {list(self.attributions)}")
                 layer = next(iter(self.attributions))
             return filter_scores(self[layer], reduce)
         return filter_scores(self.attributions, reduce)
@@ -55,18 +56,18 @@ def filter_scores(attributions: Tensor, reduce: str = "sum") -> Tensor:
     """Aggregate a (B, C, ...) map per channel: ``"sum"`` (Dhamdhere et al. Eq. 3 summed over the
     filter's neurons) or ``"max"`` (the neuron-selection paper's max over H x W)."""
     if attributions.dim() < 2:
-        raise ValueError(f"attributions: need (B, C, ...) to score filters, got shape {tuple(attributions.shape)}")
+        raise InputError(f"attributions: need (B, C, ...) to score filters, got shape {tuple(attributions.shape)}")
     flat = attributions.reshape(attributions.shape[0], attributions.shape[1], -1)
     if reduce == "sum":
         return flat.sum(-1)
     if reduce == "max":
         return flat.amax(-1)
-    raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+    raise InputError(f"reduce must be 'sum' or 'max', got {reduce!r}")
 
 
 def top_filters(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """The k largest scores and their channel indices, per example: ((B, k), (B, k)) or ((k,), (k,))."""
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= scores.shape[-1]:
-        raise ValueError(f"k must be an int in [1, {scores.shape[-1]}], got {k!r}")
+        raise InputError(f"k must be an int in [1, {scores.shape[-1]}], got {k!r}")
     values, indices = torch.topk(scores, k, dim=-1)
     return values, indices

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence, Union
 
 import torch
 from torch import Tensor
+from .errors import InputError, InputTypeError
 
 TargetType = Union[None, int, tuple, Sequence[Union[int, tuple]], Tensor, Callable[[Any], Tensor]]
 NeuronSelector = Union[int, tuple, Callable[[Tensor], Tensor]]
@@ -23,15 +24,15 @@ def _index(target: object, shape: torch.Size) -> tuple:
     """Check one index (int or tuple) against the non-batch shape; return it as a tuple."""
     index = (target,) if isinstance(target, int) else target
     if not isinstance(index, tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in index):
-        raise TypeError(f"target: expected an int or a tuple of ints, got {target!r}")
+        raise InputTypeError(f"target: expected an int or a tuple of ints, got {target!r}")
     if len(index) != len(shape):
-        raise ValueError(
+        raise InputError(
             f"target: {target!r} indexes {len(index)} dimension(s) but the model output has "
             f"{len(shape)} per example (shape {tuple(shape)})"
         )
     for i, size in zip(index, shape):
         if not -size <= i < size:
-            raise ValueError(f"target: {target!r} is out of range for model output of shape {tuple(shape)} per example")
+            raise InputError(f"target: {target!r} is out of range for model output of shape {tuple(shape)} per example")
     return tuple(i % size for i, size in zip(index, shape))
 
 
@@ -39,19 +40,19 @@ def normalize_target(target: TargetType, n_examples: int) -> TargetType:
     """Turn a per-example tensor target into a list and check per-example lengths; ints pass."""
     if isinstance(target, Tensor):
         if target.dtype.is_floating_point or target.dtype == torch.bool:
-            raise TypeError(f"target: an integer tensor is needed, got dtype {target.dtype}")
+            raise InputTypeError(f"target: an integer tensor is needed, got dtype {target.dtype}")
         if target.dim() == 0:
             return int(target)
         if target.dim() != 1 or target.shape[0] != n_examples:
-            raise ValueError(f"target: a tensor target needs shape ({n_examples},), got {tuple(target.shape)}")
+            raise InputError(f"target: a tensor target needs shape ({n_examples},), got {tuple(target.shape)}")
         return [int(t) for t in target.tolist()]
     if isinstance(target, list):
         if len(target) != n_examples:
-            raise ValueError(f"target: {len(target)} targets given for {n_examples} examples")
+            raise InputError(f"target: {len(target)} targets given for {n_examples} examples")
     elif target is not None and not isinstance(target, (int, tuple)) and not callable(target):
-        raise TypeError(f"target: unsupported type {type(target).__name__}")
+        raise InputTypeError(f"target: unsupported type {type(target).__name__}")
     if isinstance(target, bool):
-        raise TypeError("target: a bool is not a class index")
+        raise InputTypeError("target: a bool is not a class index")
     return target
 
 
@@ -62,19 +63,19 @@ def target_scores(output: object, target: TargetType, example: Tensor) -> Tensor
         scores = target(output)
         if not isinstance(scores, Tensor) or scores.shape != (rows,):
             got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            raise ValueError(f"target: the callable must return one score per example, shape ({rows},); got {got}")
+            raise InputError(f"target: the callable must return one score per example, shape ({rows},); got {got}")
         return scores
     if not isinstance(output, Tensor):
-        raise TypeError(
+        raise InputTypeError(
             f"model output is a {type(output).__name__}, not a tensor; pass a callable target that maps it "
             "to one score per example"
         )
     if output.dim() == 0 or output.shape[0] != rows:
-        raise ValueError(f"model output has shape {tuple(output.shape)}; expected {rows} rows (one per input row)")
+        raise InputError(f"model output has shape {tuple(output.shape)}; expected {rows} rows (one per input row)")
     per_example = output.shape[1:]
     if target is None:
         if per_example.numel() != 1:
-            raise ValueError(
+            raise InputError(
                 f"target is required: the model returns {per_example.numel()} scores per example "
                 f"(output shape {tuple(output.shape)})"
             )
@@ -101,11 +102,11 @@ def selector_weights(selector: NeuronSelector, layer_value: Tensor) -> Tensor:
             probe = layer_value.detach().requires_grad_(True)
             value = selector(probe)
             if not isinstance(value, Tensor) or value.shape != (layer_value.shape[0],):
-                raise ValueError("neuron_selector: a callable must return one value per example")
+                raise InputError("neuron_selector: a callable must return one value per example")
             return torch.autograd.grad(value.sum(), probe)[0]
     index = (selector,) if isinstance(selector, int) else selector
     if not isinstance(index, tuple) or len(index) != layer_value.dim() - 1:
-        raise ValueError(
+        raise InputError(
             f"neuron_selector: {selector!r} must index all {layer_value.dim() - 1} non-batch dimensions "
             f"of the layer (shape {tuple(layer_value.shape[1:])})"
         )
@@ -113,5 +114,5 @@ def selector_weights(selector: NeuronSelector, layer_value: Tensor) -> Tensor:
     try:
         weights[index] = 1
     except IndexError as error:
-        raise ValueError(f"neuron_selector: {selector!r} is out of range for layer shape {tuple(layer_value.shape[1:])}") from error
+        raise InputError(f"neuron_selector: {selector!r} is out of range for layer shape {tuple(layer_value.shape[1:])}") from error
     return weights.unsqueeze(0)

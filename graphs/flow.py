@@ -37,6 +37,7 @@ from attrib.lrp import LRP
 from attrib.lrp.composites import Composite
 from attrib.lrp.trace import INPUT, RelevanceTrace
 from attrib.targets import TargetType, normalize_target, target_scores
+from attrib.errors import InputError
 
 CLASS_LAYER = "output"
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -77,7 +78,7 @@ def default_layers(model: nn.Module, inputs: Tensor, additional_forward_args: An
     model output (modules that do not run in eval mode, such as auxiliary heads, are left out)."""
     names = [name for name, module in model.named_modules() if isinstance(module, LAYER_TYPES)]
     if not names:
-        raise ValueError("layers: the model has no Conv or Linear layer; name the layers")
+        raise InputError("layers: the model has no Conv or Linear layer; name the layers")
     with capture(model, names) as cap, torch.no_grad():
         output = model(inputs, *as_args(additional_forward_args))
         ran = dict(cap.captured)
@@ -158,7 +159,7 @@ def _conductance_parts(model, inputs, target, names, k, n_steps, baselines, args
         scores = target_scores(output, normalize_target(target, 1) if not callable(target) else target, example)
         missing = [name for name in names if name not in cap.captured or not cap[name].requires_grad]
         if missing:
-            raise ValueError(f"layers: {missing} are not on the input's graph")
+            raise InputError(f"layers: {missing} are not on the input's graph")
         names = [name for name in cap.captured if name in names]  # the order they ran in
         tensors = {name: cap[name] for name in names}
         places = {name: get_gradient_edge(tensors[name]) for name in names}
@@ -226,13 +227,13 @@ def build_graph(
     """
     inputs = check_inputs(model, inputs)
     if inputs.shape[0] != 1:
-        raise ValueError(f"inputs: a graph explains one example; got a batch of {inputs.shape[0]}")
+        raise InputError(f"inputs: a graph explains one example; got a batch of {inputs.shape[0]}")
     check_count("k", k)
     if method not in ("lrp", "conductance"):
-        raise ValueError(f"method must be 'lrp' or 'conductance', got {method!r}")
+        raise InputError(f"method must be 'lrp' or 'conductance', got {method!r}")
     names = default_layers(model, inputs, additional_forward_args) if layers is None else [n for n, _ in resolve_layers(model, layers)]
     if not names:
-        raise ValueError("layers: give at least one layer")
+        raise InputError("layers: give at least one layer")
     if method == "lrp":
         parts = _lrp_parts(model, inputs, target, names, k, composite, additional_forward_args)
         conductance = _conductance(model, inputs, target, parts.names, conductance_steps, additional_forward_args)

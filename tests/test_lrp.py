@@ -422,3 +422,44 @@ def test_gamma_survives_a_denominator_that_rounds_to_zero_below_an_inplace_relu(
     expected = (1.25 / (1.25 + 1e-6)) ** 2
     assert torch.isfinite(relevance).all()
     assert abs(float(relevance) - expected) < 5e-7  # float32
+
+
+def test_modules_that_never_run_need_no_rule_and_the_first_rule_goes_to_the_first_layer_that_runs():
+    """An unused LSTM (no rule) and an unused BatchNorm without running statistics (not affine) do
+    not make LRP refuse the model; the composite's first-layer rule goes to the first linear layer
+    that runs, not to an unused Linear registered before it. The relevance equals that of the same
+    model without the unused modules."""
+    torch.manual_seed(0)
+
+    class Used(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.relu, self.pool = nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+            self.flat, self.fc = nn.Flatten(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.flat(self.pool(self.relu(self.conv(x)))))
+
+    class WithUnused(Used):
+        def __init__(self):
+            super().__init__()
+            self.unused_bn = nn.BatchNorm2d(3, track_running_stats=False)
+            self.unused_lstm = nn.LSTM(4, 4)
+            self.unused_linear = nn.Linear(3, 3)
+
+    plain = Used().double().eval()
+    extra = WithUnused().double().eval()
+    extra.load_state_dict(plain.state_dict(), strict=False)
+    # the unused Linear comes first in registration order
+    extra._modules = dict(sorted(extra._modules.items(), key=lambda item: not item[0].startswith("unused")))
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    for name in ("epsilon", "epsilon_gamma_box", "epsilon_plus_flat"):
+        expected = LRP(plain, name).attribute(x, target=1)
+        got = LRP(extra, name).attribute(x, target=1)
+        assert relative(got.attributions, expected.attributions) < 1e-12, name
+        assert got.info["conservation"].rows[0].rule == expected.info["conservation"].rows[0].rule
+    with pytest.raises(ValueError, match="unused_lstm"):  # a module without a rule that does run is named
+        class Runs(WithUnused):
+            def forward(self, x):
+                return super().forward(x) + self.unused_lstm(x.flatten(2)[..., :4].sum(1, keepdim=True))[0][:, 0, :2]
+        LRP(Runs().double().eval(), "epsilon").attribute(x, target=1)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, ZBox, ZPlus
+from ..errors import InputError, InputTypeError
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -59,15 +60,15 @@ class Composite:
 
     def __post_init__(self) -> None:
         if not isinstance(self.addition_rule, Norm):
-            raise TypeError(f"addition_rule: expected a Norm rule, got {type(self.addition_rule).__name__}")
+            raise InputTypeError(f"addition_rule: expected a Norm rule, got {type(self.addition_rule).__name__}")
         if self.maxpool not in ("winner", "average"):
-            raise ValueError(f"maxpool must be 'winner' or 'average', got {self.maxpool!r}")
+            raise InputError(f"maxpool must be 'winner' or 'average', got {self.maxpool!r}")
         for pattern, rule in self.names.items():
             if not isinstance(rule, Rule):
-                raise TypeError(f"names[{pattern!r}]: expected a Rule, got {type(rule).__name__}")
+                raise InputTypeError(f"names[{pattern!r}]: expected a Rule, got {type(rule).__name__}")
         for entry in self.types:
             if not (isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[1], Rule)):
-                raise TypeError(f"types: expected (type, Rule) pairs, got {entry!r}")
+                raise InputTypeError(f"types: expected (type, Rule) pairs, got {entry!r}")
 
     def _named(self, name: str) -> Rule | None:
         """The rule of the first pattern in ``names`` that matches ``name``."""
@@ -94,11 +95,11 @@ class Composite:
         if isinstance(module, TRANSPARENT):
             return None
         if isinstance(module, LINEAR_TYPES):
-            raise ValueError(
+            raise InputError(
                 f"composite {self.name!r}: no rule for layer {name!r} ({type(module).__name__}); "
                 "map its type or name to a rule"
             )
-        raise ValueError(
+        raise InputError(
             f"LRP has no rule for layer {name!r} ({type(module).__name__}); map it in the composite, e.g. "
             f"Composite(names={{{name!r}: Pass()}}) for an elementwise layer"
         )
@@ -137,7 +138,7 @@ def register_composite(name: str):
 
 def _bounds(low, high) -> tuple:
     if (low is None) != (high is None):
-        raise ValueError("low and high: give both or neither")
+        raise InputError("low and high: give both or neither")
     if low is None:
         mean, std = torch.tensor(IMAGENET_MEAN, dtype=torch.float64), torch.tensor(IMAGENET_STD, dtype=torch.float64)
         return -mean / std, (1 - mean) / std

@@ -27,6 +27,7 @@ from .composites import BATCHNORMS, COMPOSITES, LINEAR_TYPES, MAX_POOLS, WINNER_
 from .layers import ConvView, FoldedView, FunctionView, LayerView, LinearView, MaxAsAveragePoolView, view_of
 from .report import ConservationReport, LayerBalance, per_example_sum
 from .rules import Gradient, Norm, Pass, Rule, divide
+from ..errors import InputError, InputTypeError
 
 if TYPE_CHECKING:
     from .trace import RelevanceTrace
@@ -82,7 +83,7 @@ class _Step:
 
     def _input(self) -> Tensor:
         if self.x._version != self.x_version:
-            raise RuntimeError(
+            raise InputError(
                 f"LRP: the input of {self.row.name!r} was modified in place after the layer ran, so its "
                 "relevance cannot be computed; make that operation out of place"
             )
@@ -123,7 +124,7 @@ class _SumStep(_Step):
     def propagate(self, relevance):
         a = self._input()
         if self.b._version != self.b_version:
-            raise RuntimeError(f"LRP: an operand of the addition {self.row.name!r} was modified in place afterwards")
+            raise InputError(f"LRP: an operand of the addition {self.row.name!r} was modified in place afterwards")
         share = divide(relevance, a + self.b, self.rule.epsilon, scratch=True)
         to_b = (self.b * share).sum_to_size(self.b.shape)
         result = (share.mul_(a).sum_to_size(a.shape), to_b)
@@ -131,7 +132,20 @@ class _SumStep(_Step):
         return result
 
 
-Plan = dict[int, tuple[str, Rule, LayerView, str]]  # id(module) -> (label, rule, view, repr(rule))
+Entry = tuple[str, Rule, LayerView, str]  # (label, rule, view, repr(rule))
+
+
+class Plan(dict):
+    """``id(module) -> Entry`` for every leaf module with a rule. ``first``: linear layers' entries
+    under the composite's first-layer rule, given to the first linear layer that runs on the input's
+    graph; ``refused``: why no rule fits a leaf, raised only if that leaf runs (a module that
+    ``forward`` never calls needs no rule); ``labels``: every leaf's label."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first: dict[int, Entry] = {}
+        self.refused: dict[int, InputError] = {}
+        self.labels: dict[int, str] = {}
 
 
 class _Run:
@@ -156,6 +170,7 @@ class _Run:
         self.start_output: Tensor | None = None
         self.per_layer = True  # sum the relevance entering and leaving every layer for the report
         self.final_pass = False  # the last backward pass: steps may overwrite what they kept
+        self.first_taken = False  # whether the first linear layer on the input's graph has run
 
     # ------------------------------------------------------------------ forward
     def _label(self, name: str) -> str:
@@ -177,11 +192,22 @@ class _Run:
             self.saved_outputs[id(out)] = (out, step)
         return out, step
 
+    def _entry(self, module: nn.Module) -> Entry:
+        """This call's rule: the first-layer rule for the first linear layer on the input's graph."""
+        key = id(module)
+        entry = self.plan.get(key)
+        if isinstance(module, LINEAR_TYPES) and not self.first_taken:
+            self.first_taken = True
+            entry = self.plan.first.get(key, entry)
+        if entry is None:
+            raise self.plan.refused[key]
+        return entry
+
     def pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
-        name = self.plan[id(module)][0]
+        name = self.plan.labels[id(module)]
         self.depth += 1
         if not args or not isinstance(args[0], Tensor):
-            raise TypeError(f"LRP: layer {name!r} was called without a tensor as its first argument")
+            raise InputTypeError(f"LRP: layer {name!r} was called without a tensor as its first argument")
         x = args[0]
         if not (x.requires_grad and torch.is_grad_enabled()):
             self.inputs.append(None)
@@ -207,9 +233,9 @@ class _Run:
         x = self.inputs.pop()
         if x is None:
             return None
-        name, rule, view, rule_text = self.plan[id(module)]
+        name, rule, view, rule_text = self._entry(module)
         if not isinstance(output, Tensor):
-            raise TypeError(f"LRP: layer {name!r} returned a {type(output).__name__}, not a tensor")
+            raise InputTypeError(f"LRP: layer {name!r} returned a {type(output).__name__}, not a tensor")
         label = self._label(name)
         merged = self.linear_outputs.get(id(x)) if isinstance(module, BATCHNORMS) and self.composite.merge_batchnorm else None
         if merged is not None and merged[0] is x:
@@ -296,7 +322,7 @@ class _Run:
             tensor = args[0] if side == "in" else output
             self._label(name)
             if not (isinstance(tensor, Tensor) and tensor.requires_grad):
-                raise ValueError(f"layers: the {side}put of {name!r} is not on the input's graph, so it gets no relevance")
+                raise InputError(f"layers: the {side}put of {name!r} is not on the input's graph, so it gets no relevance")
             tensor.register_hook(lambda relevance: self.records.__setitem__(name, relevance.detach()))
             if side == "out":
                 self.outputs[name], self.edges[name] = tensor, get_gradient_edge(tensor)
@@ -304,23 +330,27 @@ class _Run:
 
     def start_hook(self, module, args, output) -> None:
         if not (isinstance(output, Tensor) and output.requires_grad):
-            raise ValueError("start_layer: its output is not a tensor on the input's graph")
+            raise InputError("start_layer: its output is not a tensor on the input's graph")
         self.start_output = output
         raise _Stop
+
+    def _hooked(self, module: nn.Module) -> bool:
+        key = id(module)
+        return key in self.plan or key in self.plan.first or key in self.plan.refused
 
     def hooks(self, stack: ExitStack) -> None:
         """Register every hook on ``stack`` (removed when it closes)."""
         def keep(handle):
             stack.callback(handle.remove)
         for name, module in self.model.named_modules():
-            if id(module) in self.plan:
+            if self._hooked(module):
                 keep(module.register_forward_pre_hook(self.pre_hook))
                 keep(module.register_forward_hook(self.post_hook))
             elif any(True for _ in module.children()):
                 keep(module.register_forward_pre_hook(self.parent_pre_hook(name)))
                 keep(module.register_forward_hook(self.parent_post_hook))
         for name, (module, side) in self.record.items():
-            if id(module) not in self.plan:
+            if not self._hooked(module):
                 if side == "in":
                     keep(module.register_forward_pre_hook(self.record_hook(name, "in")))
                 else:
@@ -349,10 +379,10 @@ class _Run:
         self.final_pass = not retain
         found = torch.autograd.grad(tensor, inputs, relevance, retain_graph=retain, allow_unused=True)[0]
         if found is None:
-            raise ValueError("inputs: the explained output does not depend on the inputs")
+            raise InputError("inputs: the explained output does not depend on the inputs")
         missing = [name for name in self.record if name not in self.records]
         if missing:
-            raise ValueError(f"layers: {missing} received no relevance (not between the input and the explained output)")
+            raise InputError(f"layers: {missing} received no relevance (not between the input and the explained output)")
         report = ConservationReport(
             [row for row in self.rows if row.entering is not None], per_example_sum(relevance), per_example_sum(found),
             [] if self.per_layer else ["per-layer sums were not taken (conservation=False)"],
@@ -376,10 +406,10 @@ class LRP:
         check_model(model)
         if isinstance(composite, str):
             if composite not in COMPOSITES:
-                raise ValueError(f"composite: unknown name {composite!r}; known: {', '.join(sorted(COMPOSITES))}")
+                raise InputError(f"composite: unknown name {composite!r}; known: {', '.join(sorted(COMPOSITES))}")
             composite = COMPOSITES[composite]()
         if not isinstance(composite, Composite):
-            raise TypeError(f"composite: expected a name or a Composite, got {type(composite).__name__}")
+            raise InputTypeError(f"composite: expected a name or a Composite, got {type(composite).__name__}")
         self.model = model
         self.composite = composite
         self._views: dict[Any, LayerView] = {}
@@ -401,23 +431,39 @@ class LRP:
         leaves = [(name, m) for name, m in self.model.named_modules() if not any(True for _ in m.children())]
         unused = self.composite.unused_patterns([name for name, _ in leaves])
         if unused:
-            raise ValueError(f"composite {self.composite.name!r}: no layer of the model matches {unused}")
-        first = next((name for name, m in leaves if isinstance(m, LINEAR_TYPES)), None)
-        plan: Plan = {}
+            raise InputError(f"composite {self.composite.name!r}: no layer of the model matches {unused}")
+        plan = Plan()
         for name, module in leaves:
-            label = name or type(module).__name__
-            rule = self.composite.rule_for(name, module, name == first)
-            if rule is None or (isinstance(rule, Gradient) and isinstance(module, WINNER_POOLS)):
-                continue  # autograd's own gradient is the rule (max pooling: the winner takes all)
-            if isinstance(module, BATCHNORMS) and (module.running_mean is None or module.running_var is None):
-                raise ValueError(f"LRP: BatchNorm {label!r} keeps no running statistics, so it is not an affine map per example")
-            if self.composite.maxpool == "average" and isinstance(module, MAX_POOLS):
-                view = self.view(("average", id(module)), lambda: MaxAsAveragePoolView(module))
-            else:
-                view = self.view(id(module), lambda: view_of(module))
-            rule.check(view, label)
-            plan[id(module)] = (label, rule, view, repr(rule))
+            plan.labels[id(module)] = name or type(module).__name__
+            try:
+                entry = self._entry(name, module, first=False)
+                if entry is not None:
+                    plan[id(module)] = entry
+            except InputError as error:
+                plan.refused[id(module)] = error
+            if isinstance(module, LINEAR_TYPES) and self.composite.first is not None:
+                try:
+                    entry = self._entry(name, module, first=True)
+                    if entry is not None:
+                        plan.first[id(module)] = entry
+                except InputError as error:
+                    plan.refused.setdefault(id(module), error)
         return plan
+
+    def _entry(self, name: str, module: nn.Module, first: bool) -> Entry | None:
+        """The rule, view and label of one leaf (``None``: autograd's gradient is its rule)."""
+        label = name or type(module).__name__
+        rule = self.composite.rule_for(name, module, first)
+        if rule is None or (isinstance(rule, Gradient) and isinstance(module, WINNER_POOLS)):
+            return None  # autograd's own gradient is the rule (max pooling: the winner takes all)
+        if isinstance(module, BATCHNORMS) and (module.running_mean is None or module.running_var is None):
+            raise InputError(f"LRP: BatchNorm {label!r} keeps no running statistics, so it is not an affine map per example")
+        if self.composite.maxpool == "average" and isinstance(module, MAX_POOLS):
+            view = self.view(("average", id(module)), lambda: MaxAsAveragePoolView(module))
+        else:
+            view = self.view(id(module), lambda: view_of(module))
+        rule.check(view, label)
+        return (label, rule, view, repr(rule))
 
     def attribute(
         self,
@@ -449,18 +495,18 @@ class LRP:
         check_model(model)
         inputs = check_inputs(model, inputs)
         if start not in ("score", "one_hot"):
-            raise ValueError(f"start must be 'score' or 'one_hot', got {start!r}")
+            raise InputError(f"start must be 'score' or 'one_hot', got {start!r}")
         side = "in" if attribute_to_layer_input else "out"
         record = {name: (module, side) for name, module in resolve_layers(model, layers)} if layers else {}
         start_module = None
         if start_layer is not None:
             if target is not None:
-                raise ValueError("target: not used when starting from start_layer; select units with neuron_selector")
+                raise InputError("target: not used when starting from start_layer; select units with neuron_selector")
             if neuron_selector is None:
-                raise ValueError("neuron_selector: required with start_layer")
+                raise InputError("neuron_selector: required with start_layer")
             (start_name, start_module), = resolve_layers(model, start_layer)
         elif neuron_selector is not None:
-            raise ValueError("neuron_selector: give start_layer too")
+            raise InputError("neuron_selector: give start_layer too")
         else:
             target = normalize_target(target, inputs.shape[0])
         plan = self._plan()
@@ -481,7 +527,7 @@ class LRP:
             if start_module is None:
                 return self._from_output(run, x, output, target, start)
             if run.start_output is None:
-                raise ValueError(f"start_layer: {start_name!r} did not run in the forward pass")
+                raise InputError(f"start_layer: {start_name!r} did not run in the forward pass")
             return self._from_layer(run, x, run.start_output, neuron_selector, start)
 
     def trace(
@@ -497,9 +543,9 @@ class LRP:
 
     def _from_output(self, run: _Run, x: Tensor, output: Any, target: TargetType, start: str) -> Attribution:
         if not isinstance(output, Tensor):
-            raise TypeError(f"model output is a {type(output).__name__}; LRP needs a tensor output")
+            raise InputTypeError(f"model output is a {type(output).__name__}; LRP needs a tensor output")
         if not output.requires_grad:
-            raise ValueError("inputs: the model output does not depend on the inputs")
+            raise InputError("inputs: the model output does not depend on the inputs")
         scores = target_scores(output, target, torch.arange(x.shape[0], device=x.device))
         selection, = torch.autograd.grad(scores.sum(), output, retain_graph=True)
         relevance = selection if start == "one_hot" else output.detach() * selection
@@ -513,7 +559,7 @@ class LRP:
     def _from_layer(self, run: _Run, x: Tensor, value: Tensor, neuron_selector, start: str) -> Attribution:
         selectors = neuron_selector if isinstance(neuron_selector, list) else [neuron_selector]
         if not selectors:
-            raise ValueError("neuron_selector: the list is empty")
+            raise InputError("neuron_selector: the list is empty")
         results = []
         for i, selector in enumerate(selectors):
             weights = selector_weights(selector, value.detach()).expand_as(value)

@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from ..errors import InputError
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -161,7 +162,7 @@ class MaxAsAveragePoolView(FunctionView):
     def __init__(self, module: nn.Module) -> None:
         dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(module)]
         if module.dilation not in (1, (1,) * dims):
-            raise ValueError(f"maxpool='average' needs dilation 1, got {module.dilation!r}")
+            raise InputError(f"maxpool='average' needs dilation 1, got {module.dilation!r}")
         average = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[dims - 1]
         stride = module.stride if module.stride is not None else module.kernel_size
         super().__init__(

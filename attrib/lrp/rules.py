@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Union
 
 import torch
 from torch import Tensor
+from ..errors import InputError
 
 if TYPE_CHECKING:
     from .layers import LayerView
@@ -113,7 +114,7 @@ class Rule:
     def check(self, layer: "LayerView", name: str) -> None:
         """Raise ValueError if this rule cannot be used on ``layer``."""
         if self.needs_weight and layer.weight is None:
-            raise ValueError(
+            raise InputError(
                 f"composite: rule {self!r} needs weights, but layer {name!r} ({layer.kind}) has none"
             )
 
@@ -138,7 +139,7 @@ class Epsilon(_BiasRule):
 
     def __init__(self, epsilon: float = 1e-6, relative: bool = False, bias: bool = True) -> None:
         if not epsilon >= 0:
-            raise ValueError(f"epsilon must be >= 0, got {epsilon!r}")
+            raise InputError(f"epsilon must be >= 0, got {epsilon!r}")
         self.epsilon = epsilon
         self.relative = relative
         super().__init__(bias)
@@ -184,7 +185,7 @@ class Gamma(_BiasRule):
 
     def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6, bias: bool = True) -> None:
         if not gamma >= 0:
-            raise ValueError(f"gamma must be >= 0, got {gamma!r}")
+            raise InputError(f"gamma must be >= 0, got {gamma!r}")
         self.gamma = gamma
         self.epsilon = epsilon
         super().__init__(bias)
@@ -252,7 +253,7 @@ class AlphaBeta(_BiasRule):
 
     def __init__(self, alpha: float = 2.0, beta: float = 1.0, epsilon: float = 1e-6, bias: bool = True) -> None:
         if alpha < 0 or beta < 0 or abs(alpha - beta - 1) > 1e-12:
-            raise ValueError(f"alpha and beta must be >= 0 with alpha - beta = 1, got alpha={alpha!r}, beta={beta!r}")
+            raise InputError(f"alpha and beta must be >= 0 with alpha - beta = 1, got alpha={alpha!r}, beta={beta!r}")
         self.alpha = alpha
         self.beta = beta
         self.epsilon = epsilon
@@ -329,7 +330,7 @@ class ZBox(Rule):
         try:
             return torch.broadcast_to(bound, x.shape[1:]).expand_as(x)
         except RuntimeError:
-            raise ValueError(
+            raise InputError(
                 f"ZBox {name}: shape {tuple(bound.shape)} does not broadcast to the input layer's shape "
                 f"{tuple(x.shape[1:])} per example"
             ) from None
@@ -378,7 +379,7 @@ class Pass(Rule):
 
     def relevance(self, layer, x, z, relevance):
         if relevance.shape != x.shape:
-            raise ValueError(f"Pass needs a layer whose output has its input's shape; got {tuple(x.shape)} -> {tuple(relevance.shape)}")
+            raise InputError(f"Pass needs a layer whose output has its input's shape; got {tuple(x.shape)} -> {tuple(relevance.shape)}")
         return relevance
 
 

@@ -21,6 +21,7 @@ from ..engine import as_args, check_count, check_inputs
 from ..hooks import LayerSpec, resolve_layers
 from ..targets import TargetType, normalize_target, target_scores
 from .canonizers import FunctionalOps
+from ..errors import InputError
 
 if TYPE_CHECKING:
     from .engine import LRP
@@ -46,10 +47,10 @@ class RelevanceTrace:
         model = lrp.model
         inputs = check_inputs(model, inputs)
         if inputs.shape[0] != 1:
-            raise ValueError(f"inputs: a trace follows one example, got a batch of {inputs.shape[0]}")
+            raise InputError(f"inputs: a trace follows one example, got a batch of {inputs.shape[0]}")
         check_count("copies", copies)
         if start not in ("score", "one_hot"):
-            raise ValueError(f"start must be 'score' or 'one_hot', got {start!r}")
+            raise InputError(f"start must be 'score' or 'one_hot', got {start!r}")
         target = normalize_target(target, 1)
         if isinstance(target, list):
             target = target[0]
@@ -68,13 +69,13 @@ class RelevanceTrace:
                 finally:
                     self.run.finish_forward()
             if not isinstance(output, Tensor) or not output.requires_grad:
-                raise ValueError("inputs: the model output is not a tensor that depends on the inputs")
+                raise InputError("inputs: the model output is not a tensor that depends on the inputs")
             rows = torch.arange(copies, device=inputs.device)
             scores = target_scores(output, target, rows)
             (selection,) = torch.autograd.grad(scores.sum(), output, retain_graph=True)
         missing = [name for name, _ in resolved if name not in self.run.outputs]
         if missing:
-            raise ValueError(f"layers: {missing} did not run between the input and the output")
+            raise InputError(f"layers: {missing} did not run between the input and the output")
         order = {name: i for i, name in enumerate(self.run.edges)}
         self.names = sorted((name for name, _ in resolved), key=order.__getitem__)
         self.edges = {name: self.run.edges[name] for name in self.names}
@@ -105,7 +106,7 @@ class RelevanceTrace:
         root = self.output if upper is None else self.edges[upper]
         shape = tuple(self.output.shape) if upper is None else self.shapes[upper]
         if tuple(relevance.shape) != shape:
-            raise ValueError(f"relevance: expected shape {shape} at {upper or OUTPUT!r}, got {tuple(relevance.shape)}")
+            raise InputError(f"relevance: expected shape {shape} at {upper or OUTPUT!r}, got {tuple(relevance.shape)}")
         return self._backward(root, relevance, self.frontier(upper, with_input=True), cut=True)
 
     def to_input(self, relevance: Tensor, keep: dict[str, Tensor] | None = None) -> Tensor:

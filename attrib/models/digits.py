@@ -14,6 +14,7 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from ..errors import InputError
 
 SIZE = 32
 # mean and std of the training digits after scaling to 0-1 and upscaling (set by the training script)
@@ -46,7 +47,7 @@ def preprocess(digits: Tensor) -> Tensor:
     if digits.dim() == 3:
         digits = digits.unsqueeze(1)
     if digits.dim() != 4 or digits.shape[1] != 1:
-        raise ValueError(f"digits: expected (B, 8, 8) or (B, 1, 8, 8), got {tuple(digits.shape)}")
+        raise InputError(f"digits: expected (B, 8, 8) or (B, 1, 8, 8), got {tuple(digits.shape)}")
     scaled = F.interpolate(digits / 16.0, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
     return (scaled - MEAN) / STD
 
