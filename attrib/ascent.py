@@ -150,6 +150,9 @@ def conductance_ascent(
 
     with preserved(model):
         conductance = conductance_map(model, inputs, name, target, n_steps, baselines, False, additional_forward_args)
+        if conductance.dim() < 3:
+            raise InputError(f"layer: {name!r} gives shape {tuple(conductance.shape)}, without spatial dimensions; the "
+                             "ascent maximises a filter's largest conductance over positions: choose a convolutional layer")
         scores = conductance.flatten(2).amax(-1)
         if filter is None:
             chosen = scores.argmax(1)

@@ -15,14 +15,18 @@ from .targets import TargetType
 from .errors import InputError
 
 _MODES = ("nearest", "bilinear", "bicubic", "area", "linear", "trilinear", "nearest-exact")
+_LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
 
 def upsample(maps: Tensor, size: tuple[int, ...], mode: str) -> Tensor:
-    """Resize ``(B, 1, *spatial)`` maps to ``size`` (``align_corners=False`` where the mode has it)."""
+    """Resize ``(B, 1, *spatial)`` maps to ``size`` (``align_corners=False`` where the mode has it);
+    ``linear``, ``bilinear`` and ``trilinear`` each mean linear interpolation in the map's dimensions."""
     if mode not in _MODES:
         raise InputError(f"interpolate_mode must be one of {_MODES} or None, got {mode!r}")
     if len(size) != maps.dim() - 2:
         raise InputError(f"cannot resize a map with {maps.dim() - 2} spatial dims to input size {tuple(size)}")
+    if mode in _LINEAR:  # linear interpolation in as many dimensions as the map has (Conv1d/2d/3d layers)
+        mode = _LINEAR[maps.dim() - 2] if maps.dim() - 2 in _LINEAR else mode
     corners = False if mode in ("bilinear", "bicubic", "linear", "trilinear") else None
     return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=corners)
 
@@ -57,8 +61,11 @@ class GradCAM:
             attribute_to_layer_input=attribute_to_layer_input, additional_forward_args=as_args(additional_forward_args),
         ))
         activation, grads = chunk.values[self.layer], chunk.grads[self.layer]
-        if activation.dim() < 2:
-            raise InputError(f"layer: {self.layer!r} gives shape {tuple(activation.shape)}; Grad-CAM needs (B, C, ...)")
+        if activation.dim() < 3:
+            raise InputError(
+                f"layer: {self.layer!r} gives shape {tuple(activation.shape)}, without spatial dimensions; Grad-CAM "
+                "needs a layer with (B, C, H, W) (or (B, C, L), (B, C, D, H, W)) output, such as a convolution"
+            )
         spatial = tuple(range(2, grads.dim()))
         weights = grads.mean(spatial) if spatial else grads
         cam = (weights.view(weights.shape + (1,) * len(spatial)) * activation).sum(1, keepdim=True)

@@ -1,23 +1,26 @@
 """The ``attrib`` command: ``explain``, ``audit``, ``layers``, ``bench``.
 
 Bad input (a missing or unreadable file, an unknown model, layer or method, a target out of range,
-weights that do not fit) ends the run with one line on stderr and exit status 2. ``explain`` writes
-into a temporary folder beside ``--out`` and moves it into place only when everything is written,
-so an interrupted run never leaves a report that looks complete.
+weights that do not fit, an ``--out`` attrib must not replace) ends the run with one line on stderr
+and exit status 2, before any work starts; any other exception is a bug and keeps its traceback
+(exit 1). ``explain`` writes into a hidden staging folder beside ``--out`` and renames it into place
+only when everything is written (:mod:`attrib.report_folder`): an existing ``--out`` is replaced only
+when attrib wrote it, and Ctrl-C or ``kill`` leaves nothing behind.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 METHODS = ("conductance", "ascent", "gradcam", "deeplift", "lrp", "ig", "guided", "deconv", "graph")
+SPATIAL = {"ascent": "conductance ascent", "gradcam": "Grad-CAM", "deconv": "deconvolution"}  # need (B, C, H, W) at the layer
+LRP_COMPOSITE = "epsilon_plus"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,11 +29,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _methods(text: str) -> list[str]:
+def _methods(text: str | None) -> list[str]:
+    if text is None:
+        return list(METHODS)
     chosen = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
-        from .inputs import InputError
+        from .errors import InputError
 
         raise InputError(f"--methods: unknown {unknown or text!r}; choose from {', '.join(METHODS)}")
     return chosen
@@ -46,9 +51,36 @@ def _relative(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-12)
 
 
-def _check(method: str, where: str, value: float, reference: float) -> dict:
+def _check(method: str, where: str, value: float, reference: float, reference_name: str, tolerance: float,
+           note: str = "") -> dict:
+    """A completeness/conservation row: ``value`` should equal ``reference`` (named, e.g. F(x) - F(x'))."""
+    error = _relative(float(value), float(reference))
     return {"method": method, "where": where, "value": float(value), "reference": float(reference),
-            "relative_error": _relative(float(value), float(reference))}
+            "reference_name": reference_name, "relative_error": error, "tolerance": tolerance,
+            "passed": error <= tolerance, "note": note}
+
+
+def _share(method: str, where: str, value: float, reference: float, reference_name: str = "F(x) - F(x')",
+           short: str = "not a cut: share of F(x) - F(x')",
+           note: str = "not a cut (a skip connection or another branch bypasses it): its conductance is the share of "
+                       "the score change that flows through it, not a completeness check") -> dict:
+    """A row that is information, not a check (no pass/fail): ``value`` as a share of ``reference``."""
+    return {"method": method, "where": where, "value": float(value), "reference": float(reference),
+            "reference_name": reference_name, "relative_error": None, "tolerance": None, "passed": None,
+            "share": float(value) / float(reference) if float(reference) else float("nan"), "short": short, "note": note}
+
+
+def _lrp_check(name: str, report, tolerance: float) -> dict:
+    """LRP conservation: relevance at the input plus what each layer absorbed equals F(x) (the start)."""
+    start, arrived = float(report.start[0]), float(report.input[0])
+    absorbed = sum(float(row.difference[0]) for row in report.rows)
+    check = _check(f"LRP {name}", "input + absorbed", arrived - absorbed, start, "F(x)", tolerance)
+    if abs(arrived - start) > tolerance * max(abs(start), 1e-12):
+        worst = report.worst(0)
+        check["note"] = (f"{100 * arrived / start:.1f}% of F(x) reaches the input; the rest is absorbed by biases and the "
+                         f"rules' epsilon (most at {worst.name}: {float(worst.difference[0]):+.3g}), which LRP does by design")
+    check["reaching_input"] = arrived
+    return check
 
 
 def _baseline(loaded, x):
@@ -62,241 +94,334 @@ def _baseline(loaded, x):
     return torch.zeros_like(x)
 
 
-def _layer(model, name: str | None) -> str:
-    from .ascent import last_conv
-    from .hooks import resolve_layers
-
-    if name is None:
-        return last_conv(model)
-    ((resolved, _),) = resolve_layers(model, name)
-    return resolved
-
-
-def _target(args, output, loaded) -> int:
+def _target(args, output) -> int:
     classes = output.shape[1]
     if args.target is None:
         return int(output.argmax(1))
-    if not 0 <= args.target < classes:
-        from .inputs import InputError
+    if not -classes <= args.target < classes:
+        from .errors import InputError
 
-        raise InputError(f"--target: {args.target} is out of range for {classes} classes")
-    return args.target
+        raise InputError(f"--target: {args.target} is out of range for {classes} classes (use 0..{classes - 1}, or "
+                         "-1 for the last)")
+    return args.target % classes
 
 
-def _explain_one(args, loaded, picture, layer, methods, folder: Path, index: int, bar) -> dict:
+def _load(args):
+    from .inputs import load_model
+
+    return load_model(args.model, args.weights, channels=args.channels, size=args.input_size, mean=args.mean,
+                      std=args.std, output=args.output)
+
+
+@contextmanager
+def _timed(timings: dict, part: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[part] = timings.get(part, 0.0) + time.perf_counter() - started
+
+
+def _plan(args, loaded, pictures, layer: str, methods: list[str], explicit: bool) -> tuple[list[str], dict[str, str]]:
+    """Every method's preconditions, checked before any work starts: the methods to run and, for
+    the others, why not. A method the user named that cannot run is an error; one of the default
+    set is skipped with its reason (shown in the report)."""
     import torch
 
-    import graphs
-    from viz import figures
-    from viz.graph import draw_graph, draw_k_curves
+    from . import DeconvReconstruction
+    from .errors import InputError
+    from .hooks import capture
+    from .lrp import LRP
+
+    model, x = loaded.model, pictures[0].tensor
+    with capture(model, [layer]) as cap, torch.no_grad():
+        model(x.clone())
+        shape = tuple(cap[layer].shape[1:])
+    module = dict(model.named_modules())[layer]
+    reasons: dict[str, str] = {}
+    if len(shape) < 2:
+        for method in SPATIAL:
+            reasons[method] = (f"--layer {layer} ({type(module).__name__}) gives ({', '.join(map(str, shape))},) per example, "
+                               f"without spatial dimensions; {SPATIAL[method]} needs a convolutional layer")
+    if "deconv" in methods and "deconv" not in reasons:
+        try:
+            DeconvReconstruction(model).attribute(x, layer=layer, neuron_selector=(0,) + (slice(None),) * (len(shape) - 1))
+        except InputError as error:
+            reasons["deconv"] = f"deconvolution: {error}"
+    if "lrp" in methods or "graph" in methods:
+        try:
+            LRP(model, LRP_COMPOSITE).attribute(x, target=0, conservation=False)
+        except InputError as error:
+            for method in ("lrp", "graph"):
+                reasons[method] = f"LRP ({LRP_COMPOSITE}): {error}"
+    refused = [m for m in methods if m in reasons]
+    if explicit and refused:
+        raise InputError(f"--methods: {reasons[refused[0]]}")
+    return [m for m in methods if m not in reasons], {m: reasons[m] for m in refused}
+
+
+def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Path, index: int, bar) -> dict:
+    import torch
 
     from . import (DeconvReconstruction, DeepLift, GradCAM, GuidedBackprop, IntegratedGradients, LayerConductance,
                    conductance_ascent)
     from .inputs import check_forward
     from .lrp import LRP
+    from viz import figures
+
     from .result import filter_scores
 
     model, x = loaded.model, picture.tensor
     output = check_forward(loaded, picture)
     probabilities = torch.softmax(output, 1)[0]
     top = torch.topk(probabilities, min(5, probabilities.numel()))
-    target = _target(args, output, loaded)
+    target = _target(args, output)
     base = _baseline(loaded, x)
     stem = f"{index:02d}_{picture.name}"
     shown = dict(mean=loaded.mean or None, std=loaded.std or None)
+    timings: dict[str, float] = {}
     entry: dict[str, Any] = {
-        "name": picture.name, "label": picture.label, "target": target,
+        "name": picture.name, "label": picture.label, "target": target, "input": picture.record,
         "prediction": {"class": int(top.indices[0]), "probability": float(top.values[0]),
                        "top": [[int(c), float(p)] for c, p in zip(top.indices, top.values)]},
-        "checks": [], "figures": [], "notes": [],
+        "checks": [], "figures": [], "notes": [], "seconds": timings,
     }
     grid: dict[str, Any] = {}
+    tolerance = args.tolerance
 
     def figure(name: str, title: str, fig) -> None:
         file = f"{stem}_{name}.png"
-        figures.save(fig, folder / file)
+        with _timed(timings, "figures"):
+            figures.save(fig, folder / file)
         entry["figures"].append({"file": file, "title": title})
 
-    def step():
+    if "conductance" in methods or "ascent" in methods or "deconv" in methods:
+        with _timed(timings, "conductance"):
+            result = LayerConductance(model, layer).attribute(x, target=target, baselines=base, n_steps=args.n_steps)
+            conductance = result[layer]
+            scores = filter_scores(conductance, "max")[0] if conductance.dim() > 2 else conductance[0]
+            order = torch.argsort(scores, descending=True)[:5].tolist()
+        change = float(result.outputs - result.baseline_outputs)
+        entry["top_filters"] = [{"filter": c, "conductance": float(scores[c])} for c in order]
+        entry["checks"].append(_check("layer conductance", layer, float(conductance.sum()), change, "F(x) - F(x')", tolerance)
+                               if is_cut else _share("layer conductance", layer, float(conductance.sum()), change))
+        entry["checks"][-1]["n_steps"] = args.n_steps
+        if "conductance" in methods:
+            figure("conductance", f"aggregated conductance (max over H x W) of every filter of {layer}; red: the top filter, "
+                   "which the conductance ascent and the deconvolution use",
+                   figures.conductance_distribution(scores, layer=layer))
         bar.update(1)
-
     if "ascent" in methods:
-        ascent = conductance_ascent(model, x, layer=layer, target=target, steps=args.steps, lr=0.1, n_steps=8,
-                                    baselines=base, bounds=loaded.bounds)
-        grid["conductance ascent"] = ascent.image[0]
+        with _timed(timings, "ascent"):
+            ascent = conductance_ascent(model, x, layer=layer, target=target, filter=order[0], steps=args.steps, lr=0.1,
+                                        n_steps=args.ascent_n_steps, baselines=base, bounds=loaded.bounds)
         entry["ascent"] = {"filter": int(ascent.filter[0]), "objective": ascent.objective[:, 0].tolist(),
-                           "neuron": ascent.neuron[0].tolist()}
-        figure("ascent", f"conductance ascent on filter {int(ascent.filter[0])} of {layer}: original | optimised image | "
-               "gradient effect of its strongest neuron",
+                           "neuron": ascent.neuron[0].tolist(), "iterations": args.steps, "n_steps": args.ascent_n_steps,
+                           "lr": 0.1}
+        figure("ascent", f"conductance ascent on filter {int(ascent.filter[0])} of {layer} (the top filter of the conductance "
+               f"chart; {args.steps} Adam steps at lr 0.1, objective from {args.ascent_n_steps}-step conductance): original | "
+               "optimised image | gradient effect of its strongest neuron",
                figures.ascent_triptych(x[0], ascent.image[0], ascent.gradient_effect[0], **shown))
-        step()
+        bar.update(1)
     if "gradcam" in methods:
-        grid["Grad-CAM"] = GradCAM(model, layer).attribute(x, target=target).attributions[0]
-        step()
+        with _timed(timings, "gradcam"):
+            grid["Grad-CAM"] = GradCAM(model, layer).attribute(x, target=target).attributions[0]
+        bar.update(1)
     if "deeplift" in methods:
-        result = DeepLift(model).attribute(x, target=target, baselines=base)
+        with _timed(timings, "deeplift"):
+            result = DeepLift(model).attribute(x, target=target, baselines=base)
         grid["DeepLIFT"] = result.attributions[0]
         entry["checks"].append(_check("DeepLIFT", "input", float(result.attributions.sum()),
-                                      float(result.outputs - result.baseline_outputs)))
-        step()
+                                      float(result.outputs - result.baseline_outputs), "F(x) - F(x')", tolerance))
+        bar.update(1)
     if "lrp" in methods:
-        result = LRP(model, "epsilon_plus").attribute(x, target=target)
+        with _timed(timings, "lrp"):
+            result = LRP(model, LRP_COMPOSITE).attribute(x, target=target)
         grid["LRP"] = result.attributions[0]
         report = result.info["conservation"]
-        entry["checks"].append(_check("LRP epsilon_plus", "input", float(report.input[0]), float(report.start[0])))
+        entry["checks"].append(_lrp_check(LRP_COMPOSITE, report, tolerance))
         entry["lrp_layers"] = [{"layer": r.name, "rule": r.rule, "entering": float(r.entering[0]), "leaving": float(r.leaving[0])}
                                for r in report.rows]
-        step()
+        bar.update(1)
     if "ig" in methods:
-        result = IntegratedGradients(model).attribute(x, target=target, baselines=base, n_steps=64)
+        with _timed(timings, "ig"):
+            result = IntegratedGradients(model).attribute(x, target=target, baselines=base, n_steps=args.n_steps)
         grid["integrated gradients"] = result.attributions[0]
         entry["checks"].append(_check("integrated gradients", "input", float(result.attributions.sum()),
-                                      float(result.outputs - result.baseline_outputs)))
-        step()
+                                      float(result.outputs - result.baseline_outputs), "F(x) - F(x')", tolerance))
+        entry["checks"][-1]["n_steps"] = args.n_steps
+        bar.update(1)
     if grid:
-        figure("grid", "method comparison (signed: blue < 0 < red, clipped at the 99th percentile of |a|)",
+        figure("grid", "attributions (signed: blue < 0 < red; each panel on its own scale, clipped at the 99th percentile "
+               "of its |a|, as its colour bar says)",
                figures.method_grid(x[0], grid, **shown))
     if "guided" in methods:
-        guided = GuidedBackprop(model).attribute(x, target=target).attributions[0]
+        with _timed(timings, "guided"):
+            guided = GuidedBackprop(model).attribute(x, target=target).attributions[0]
         fig = figures.method_grid(x[0], {"guided backprop": guided}, signed={"guided backprop": False}, **shown)
         figure("guided", "guided backpropagation (absolute)", fig)
-        step()
-    if "conductance" in methods or "deconv" in methods:
-        result = LayerConductance(model, layer).attribute(x, target=target, baselines=base, n_steps=32)
-        conductance_scores = filter_scores(result[layer], "max")[0]
-        order = torch.argsort(conductance_scores, descending=True)[:5].tolist()
-        entry["top_filters"] = [{"filter": c, "conductance": float(conductance_scores[c])} for c in order]
-        entry["checks"].append(_check("layer conductance", layer, float(result[layer].sum()),
-                                      float(result.outputs - result.baseline_outputs)))
-        if "conductance" in methods:
-            figure("conductance", f"aggregated conductance (max over H x W) of every filter of {layer}",
-                   figures.conductance_distribution(conductance_scores, layer=layer))
-        step()
+        bar.update(1)
     if "deconv" in methods:
-        try:
+        with _timed(timings, "deconv"):
             maps = {}
             for channel in entry["top_filters"][:3]:
                 c = channel["filter"]
                 maps[f"filter {c}"] = DeconvReconstruction(model).attribute(
-                    x, layer=layer, neuron_selector=(c,) + (slice(None),) * (result[layer].dim() - 2)).attributions[0]
-            figure("deconv", f"deconvolution reconstructions of the top filters of {layer}",
-                   figures.reconstructions(x[0], maps, **shown))
-        except ValueError as error:
-            entry["notes"].append(f"deconvolution skipped: {error}")
-        step()
+                    x, layer=layer, neuron_selector=(c,) + (slice(None),) * (conductance.dim() - 2)).attributions[0]
+        figure("deconv", f"deconvolution reconstructions of the top filters of {layer} by aggregated conductance "
+               "(each min-max rescaled)", figures.reconstructions(x[0], maps, **shown))
+        bar.update(1)
     if "graph" in methods:
+        _graph(args, model, x, target, entry, figure, folder, stem, shown, timings)
+        bar.update(1)
+    return entry
+
+
+def _graph(args, model, x, target, entry, figure, folder, stem, shown, timings) -> None:
+    import graphs
+    from viz import figures
+    from viz.graph import draw_graph, draw_k_curves
+
+    with _timed(timings, "graph"):
         flow = graphs.build_graph(model, x, target=target, k=args.k, conductance_steps=None)
-        best = graphs.k_best_paths(flow, 100)  # best first: the best K are its first K
-        paths = best[:5]
-        entry["paths"] = [{"nodes": [graphs.node_id(n) for n in p.nodes], "score": p.score, "carried": p.carried} for p in paths]
-        fig = draw_graph(flow, paths)
-        figure("graph", f"relevance flow between the top {args.k} channels of each layer; red: the 5 critical paths", fig)
+        best = graphs.k_best_paths(flow, max(100, args.max_k))  # best first: the best K are its first K
+    paths = best[:5]
+    entry["paths"] = [{"nodes": [graphs.node_id(n) for n in p.nodes], "score": p.score, "carried": p.carried} for p in paths]
+    figure("graph", f"relevance flow between the top {args.k} channels of each layer; red: the 5 critical paths",
+           draw_graph(flow, paths))
+    with _timed(timings, "k-paths"):
         ks = [k for k in (1, 5, 25, 100) if k <= max(1, len(best))]
-        sets = [best[:k] for k in ks]
-        maps = graphs.path_heatmaps(flow, sets)
-        figure("kpaths", "full LRP heatmap and K-path heatmaps (channels off the K best paths masked in the backward pass)",
-               figures.k_path_heatmaps(x[0], graphs.full_heatmap(flow), {k: m for k, m in zip(ks, maps)}, **shown))
+        maps = graphs.path_heatmaps(flow, [best[:k] for k in ks])
+        full = graphs.full_heatmap(flow)
         curves = graphs.k_curves(flow, max_k=args.max_k)
-        entry["k_curve"] = {"ks": curves.ks, "score_mse": curves.score_mse, "score_smape": curves.score_smape,
-                            "heatmap_mse": curves.heatmap_mse, "heatmap_smape": curves.heatmap_smape,
-                            "chosen_k": curves.choose(args.smape, "heatmap_smape"), "smape_threshold": args.smape}
-        figure("kcurves", "MSE and SMAPE of the K-path score and heatmap against the full ones",
-               draw_k_curves(curves, threshold=args.smape))
+    kmaps = {k: m for k, m in zip(ks, maps)}
+    scale = figures.k_path_scale(full, kmaps)
+    figure("kpaths", "full LRP heatmap and K-path heatmaps (channels off the K best paths masked in the backward pass). "
+           + scale.caption, figures.k_path_heatmaps(x[0], full, kmaps, **shown))
+    chosen = curves.choose(args.distance)
+    entry["k_curve"] = {"ks": curves.ks, "heatmap_distance": curves.heatmap_distance, "heatmap_share": curves.heatmap_share,
+                        "score_share": curves.score_share, "full_relevance": curves.full_relevance,
+                        "full_score": curves.full_score, "score_mse": curves.score_mse, "score_smape": curves.score_smape,
+                        "heatmap_mse": curves.heatmap_mse, "heatmap_smape": curves.heatmap_smape,
+                        "chosen_k": chosen, "distance_threshold": args.distance, "plateau_k": curves.plateau()}
+    entry["k_path_scale"] = {"limit": scale.limit, "shares": {str(k): v for k, v in scale.shares.items()},
+                             "distances": {str(k): v for k, v in scale.distances.items()}}
+    figure("kcurves", "shape distance of the K-path heatmap to the full one (each map / its L1 norm; 0 same shape, 2 nothing "
+           "in common) and the share of relevance and score the K paths carry, against K",
+           draw_k_curves(curves, threshold=args.distance))
+    with _timed(timings, "figures"):
         graphs.write_json(flow, folder / f"{stem}_graph.json")
         graphs.write_graphml(flow, folder / f"{stem}_graph.graphml")
-        step()
-    return entry
 
 
 def explain(args) -> int:
     import torch
 
+    from .cuts import cut_layers, default_layer
+    from .hooks import resolve_layers
+    from .inputs import check_forward, load_pictures
+    from .report_folder import check_out, staged
     from viz.report import write_html
 
-    from .inputs import check_forward, load_model, load_pictures
-
+    started = time.perf_counter()
+    out = check_out(args.out)  # before anything else: never work towards an output that would be refused
     torch.manual_seed(0)
-    loaded = load_model(args.model, args.weights)
+    loaded = _load(args)
     pictures = load_pictures(args.images, loaded)
-    layer = _layer(loaded.model, args.layer)
     methods = _methods(args.methods)
     for picture in pictures:  # bad shapes and targets stop the run before anything is written
-        _target(args, check_forward(loaded, picture), loaded)
-    out = Path(args.out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    started = time.perf_counter()
-    try:
+        _target(args, check_forward(loaded, picture))
+    x = pictures[0].tensor
+    layer = default_layer(loaded.model, x) if args.layer is None else resolve_layers(loaded.model, args.layer)[0][0]
+    is_cut = cut_layers(loaded.model, x, [layer])[layer]
+    methods, skipped = _plan(args, loaded, pictures, layer, methods, explicit=args.methods is not None)
+    with staged(out) as staging:
         with _progress(len(pictures) * len(methods), args.quiet, "explain") as bar:
-            images = [_explain_one(args, loaded, p, layer, methods, staging, i, bar) for i, p in enumerate(pictures)]
+            images = [_explain_one(args, loaded, p, layer, methods, is_cut, staging, i, bar) for i, p in enumerate(pictures)]
         report = {
-            "model": {"name": loaded.name, "weights": loaded.weights, "notes": loaded.notes},
-            "layer": layer, "methods": methods, "images": images, "seconds": time.perf_counter() - started,
-            "argv": sys.argv[1:],
+            "model": {"name": loaded.name, "weights": loaded.weights, "notes": loaded.notes, "output": loaded.output,
+                      "input": {"channels": loaded.channels, "size": loaded.size, "mean": list(loaded.mean),
+                                "std": list(loaded.std)}},
+            "layer": layer, "layer_is_cut": is_cut, "methods": methods, "skipped": skipped, "tolerance": args.tolerance,
+            "settings": {"n_steps": args.n_steps, "ascent_iterations": args.steps, "ascent_n_steps": args.ascent_n_steps,
+                         "k": args.k, "max_k": args.max_k, "distance": args.distance, "lrp_composite": LRP_COMPOSITE},
+            "images": images, "seconds": time.perf_counter() - started, "argv": sys.argv[1:],
         }
         (staging / "report.json").write_text(json.dumps(report, indent=1))
         write_html(report, staging)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(old / out.name)
-            staging.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if not args.quiet:
+        for method, reason in skipped.items():
+            print(f"attrib: skipped {method}: {reason}", file=sys.stderr)
         print(f"wrote {out / 'index.html'} ({len(images)} images, {report['seconds']:.1f} s)")
     return 0
 
 
 def audit(args) -> int:
-    from . import DeepLift, IntegratedGradients, LayerConductance
-    from .inputs import check_forward, load_model, load_pictures
-    from .lrp import LRP
-
-    loaded = load_model(args.model, args.weights)
-    pictures = load_pictures(args.images, loaded)
     import torch.nn as nn
 
+    from . import DeepLift, IntegratedGradients, LayerConductance
+    from .cuts import cut_layers
+    from .inputs import check_forward, load_pictures
+    from .lrp import LRP
+
+    loaded = _load(args)
+    pictures = load_pictures(args.images, loaded)
+    targets = [_target(args, check_forward(loaded, picture)) for picture in pictures]
     layers = [n for n, m in loaded.model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    cuts = cut_layers(loaded.model, pictures[0].tensor, layers)
+    tolerance = args.tolerance
     rows = []
-    for picture in pictures:
-        output = check_forward(loaded, picture)
-        target = _target(args, output, loaded)
+    for picture, target in zip(pictures, targets):
         x, base = picture.tensor, _baseline(loaded, picture.tensor)
         result = IntegratedGradients(loaded.model).attribute(x, target=target, baselines=base, n_steps=args.n_steps)
         change = float(result.outputs - result.baseline_outputs)
-        rows.append((picture.name, _check("integrated gradients", "input", float(result.attributions.sum()), change)))
+        rows.append((picture.name, _check("integrated gradients", "input", float(result.attributions.sum()), change,
+                                          "F(x) - F(x')", tolerance)))
         result = DeepLift(loaded.model).attribute(x, target=target, baselines=base)
-        rows.append((picture.name, _check("DeepLIFT", "input", float(result.attributions.sum()), change)))
+        rows.append((picture.name, _check("DeepLIFT", "input", float(result.attributions.sum()), change, "F(x) - F(x')", tolerance)))
         result = LayerConductance(loaded.model, layers).attribute(x, target=target, baselines=base, n_steps=args.n_steps)
         for name in layers:
-            rows.append((picture.name, _check("layer conductance", name, float(result[name].sum()), change)))
+            value = float(result[name].sum())
+            rows.append((picture.name, _check("layer conductance", name, value, change, "F(x) - F(x')", tolerance) if cuts[name]
+                         else _share("layer conductance", name, value, change)))
         report = LRP(loaded.model, args.composite).attribute(x, target=target).info["conservation"]
         start = float(report.start[0])
+        modules = dict(loaded.model.named_modules())
         for row in report.rows:
-            # a layer's own loss relative to the explained score (bias and epsilon absorb by design)
-            rows.append((picture.name, _check(f"LRP {args.composite}", row.name, float(row.leaving[0]) - float(row.entering[0]) + start, start)))
-        rows.append((picture.name, _check(f"LRP {args.composite}", "input", float(report.input[0]), start)))
+            difference = float(row.difference[0])
+            module = modules.get(row.name.split("#")[0])
+            if "+" in row.name or getattr(module, "bias", None) is not None:  # a bias absorbs relevance by design
+                rows.append((picture.name, _share(f"LRP {args.composite}", row.name, -difference, start, "F(x)",
+                                                  "absorbed by its bias and epsilon: share of F(x)",
+                                                  "the layer has a bias, which LRP lets absorb relevance by design")))
+            else:  # no bias: what enters must leave (up to epsilon)
+                rows.append((picture.name, _check(f"LRP {args.composite}", row.name, difference + start, start, "F(x)", tolerance)))
+        rows.append((picture.name, _lrp_check(args.composite, report, tolerance)))
     width = max(len(f"{c['method']} @ {c['where']}") for _, c in rows)
-    failed = 0
+    checked = [check for _, check in rows if check["passed"] is not None]
+    failed = sum(not check["passed"] for check in checked)
     print(f"{'image':<12} {'check':<{width}}  {'relative error':>14}  ok")
     for name, check in rows:
-        ok = check["relative_error"] <= args.tolerance
-        failed += not ok
-        print(f"{name:<12} {check['method'] + ' @ ' + check['where']:<{width}}  {check['relative_error']:>14.3e}  {'yes' if ok else 'NO'}")
-    print(f"{failed} of {len(rows)} checks above the tolerance {args.tolerance:g}")
+        label = f"{check['method']} @ {check['where']}"
+        if check["passed"] is None:
+            print(f"{name:<12} {label:<{width}}  {'share ' + format(check['share'], '.3f'):>14}  -  ({check['short']})")
+        else:
+            print(f"{name:<12} {label:<{width}}  {check['relative_error']:>14.3e}  {'yes' if check['passed'] else 'NO'}")
+    bypassed = sum(check["passed"] is None and check["method"] == "layer conductance" for _, check in rows)
+    biased = len(rows) - len(checked) - bypassed
+    print(f"{failed} of {len(checked)} checks above the tolerance {tolerance:g}"
+          + (f"; {bypassed} conductance rows are at layers that are not cuts (skip connections or branches bypass them), "
+             "so they are shares of F(x) - F(x'), not checks" if bypassed else "")
+          + (f"; {biased} LRP rows are layers with a bias, which absorbs relevance by design (shares of F(x))" if biased else ""))
     return 1 if failed else 0
 
 
 def layers(args) -> int:
     import torch
 
-    from .inputs import load_model
+    from .errors import InputError
 
-    loaded = load_model(args.model, None)
+    loaded = _load(args)
     shapes: dict[str, tuple] = {}
 
     def record(name: str):
@@ -307,20 +432,26 @@ def layers(args) -> int:
 
     handles = [module.register_forward_hook(record(name))
                for name, module in loaded.model.named_modules() if name and not list(module.children())]
+    size = (1, loaded.channels, loaded.size, loaded.size)
     try:
         with torch.no_grad():
-            loaded.model(torch.zeros(1, loaded.channels, loaded.size, loaded.size))
+            loaded.model(torch.zeros(size))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise InputError(f"--model: {args.model} does not accept input of shape {size} ({first}); give its input with "
+                         "--channels and --input-size (or declare them in the factory's attrib_input)") from None
     finally:
         for handle in handles:
             handle.remove()
     modules = dict(loaded.model.named_modules())
+    print(f"input {size[1:]}")
     for name, shape in shapes.items():
         print(f"{name:<32} {type(modules[name]).__name__:<20} {shape}")
     return 0
 
 
 def bench(args) -> int:
-    from .inputs import InputError
+    from .errors import InputError
 
     folder = Path(args.dir)
     scripts = {"conductance": "conductance.py", "lrp": "lrp.py", "gradients": "gradients.py", "graphs": "path_graphs.py",
@@ -340,6 +471,17 @@ def bench(args) -> int:
     return 0
 
 
+def _numbers(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _key(text: str) -> str | int:
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="attrib", description="Attribution for PyTorch models: explain, audit, list layers, benchmark.")
     commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -348,20 +490,36 @@ def parser() -> argparse.ArgumentParser:
         if images:
             p.add_argument("images", nargs="*", help="image files, or chelsea/coffee/astronaut/rocket (scikit-image); "
                                                      "default: the model's own samples")
-        p.add_argument("--model", default="digits", help="digits (embedded), a torchvision name, or package.module:factory")
+            p.add_argument("--target", type=int, default=None,
+                           help="class to explain (default: the predicted one; negative counts from the last)")
+            p.add_argument("--quiet", action="store_true", help="no progress bars")
+        else:
+            p.add_argument("model", help="digits, a torchvision name, or package.module:factory")
+        if images:
+            p.add_argument("--model", default="digits", help="digits (embedded), a torchvision name, or package.module:factory")
         p.add_argument("--weights", default=None, help="a state-dict file, or DEFAULT (embedded / local torch cache; never downloaded)")
-        p.add_argument("--target", type=int, default=None, help="class to explain (default: the predicted one)")
-        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        custom = p.add_argument_group("custom models (package.module:factory); these override what the factory declares")
+        custom.add_argument("--channels", type=int, default=None, help="input channels (default 3)")
+        custom.add_argument("--input-size", type=int, default=None, dest="input_size", help="input height = width (default 224)")
+        custom.add_argument("--mean", type=_numbers, default=None, help="per-channel mean of the normalisation, e.g. 0.5,0.5,0.5")
+        custom.add_argument("--std", type=_numbers, default=None, help="per-channel std of the normalisation")
+        custom.add_argument("--output", type=_key, default=None, help="key (dict) or index (tuple) of the scores to explain")
 
     p = commands.add_parser("explain", help="write figures, report.json and index.html")
     model_options(p)
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated from {', '.join(METHODS)}")
-    p.add_argument("--layer", default=None, help="layer for conductance, Grad-CAM, ascent, deconvolution (default: the last conv)")
-    p.add_argument("--out", default="attrib-report", help="output folder (replaced when the run completes)")
+    p.add_argument("--methods", default=None, help=f"comma-separated from {', '.join(METHODS)} (default: all that apply)")
+    p.add_argument("--layer", default=None, help="layer for conductance, Grad-CAM, ascent, deconvolution (default: the last "
+                                                  "convolution, or the block around it that every path crosses)")
+    p.add_argument("--out", default="attrib-report", help="output folder: created, or replaced only if attrib wrote it")
+    p.add_argument("--n-steps", type=int, default=32, dest="n_steps", help="integration steps of IG and conductance")
     p.add_argument("--steps", type=int, default=30, help="conductance-ascent iterations")
+    p.add_argument("--ascent-n-steps", type=int, default=8, dest="ascent_n_steps",
+                   help="conductance steps inside each ascent iteration")
     p.add_argument("--k", type=int, default=6, help="channels per layer in the path graph")
     p.add_argument("--max-k", type=int, default=50, dest="max_k", help="largest K on the K-path curves")
-    p.add_argument("--smape", type=float, default=0.5, help="heatmap SMAPE threshold that chooses K")
+    p.add_argument("--distance", type=float, default=1.0,
+                   help="shape distance (0..2) of the unit-L1 K-path and full heatmaps at which K is chosen")
+    p.add_argument("--tolerance", type=float, default=0.05, help="largest relative completeness error marked as passed")
     p.set_defaults(run=explain)
 
     p = commands.add_parser("audit", help="completeness and conservation errors; exit 1 above the tolerance")
@@ -372,7 +530,7 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(run=audit)
 
     p = commands.add_parser("layers", help="layer names and output shapes (what --layer takes)")
-    p.add_argument("model", help="digits, a torchvision name, or package.module:factory")
+    model_options(p, images=False)
     p.set_defaults(run=layers)
 
     p = commands.add_parser("bench", help="run the benchmark scripts (repository checkout)")
@@ -383,18 +541,25 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    from .inputs import InputError
+    """Run the command; bad input (:class:`attrib.errors.InputError`) is one line and status 2, an
+    interrupt (Ctrl-C, SIGTERM, SIGHUP) 128 + the signal, anything else a bug with its traceback."""
+    import signal
 
+    from .errors import InputError
+    from .report_folder import Terminated, termination_as_interrupt
+
+    args = parser().parse_args(argv)
     try:
-        return args.run(args)
-    except (InputError, ValueError, TypeError, FileNotFoundError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        with termination_as_interrupt():
+            return args.run(args)
+    except InputError as error:
+        message = " ".join(str(error).split()) or type(error).__name__
         print(f"attrib: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("attrib: interrupted; nothing was written to the output folder", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        number = interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT
+        print(f"attrib: interrupted ({signal.Signals(number).name}); nothing was written to the output folder", file=sys.stderr)
+        return 128 + int(number)
 
 
 if __name__ == "__main__":

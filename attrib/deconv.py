@@ -42,6 +42,7 @@ class _Call:
     def __init__(self, name: str, module: nn.Module, x: Tensor, switches: Tensor | None) -> None:
         self.name, self.module, self.shape, self.switches = name, module, x.shape, switches
         self.x = x.clone() if isinstance(module, _LINEAR_MAPS) else None
+        self.out_shape: torch.Size | None = None  # its output's shape (a functional flatten may follow)
 
 
 _CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
@@ -111,6 +112,8 @@ class DeconvReconstruction:
         def after(name: str):
             def record(module, hook_args, output):
                 last[0] = (output, output._version)
+                if calls and calls[-1].module is module:
+                    calls[-1].out_shape = output.shape
                 if name == layer:
                     raise _Reached(output)
             return record
@@ -142,8 +145,8 @@ class DeconvReconstruction:
         signal = activation * selector_weights(neuron_selector, activation)
         start = signal.clone()
         with torch.no_grad():
-            for call in reversed(calls):
-                signal = self._down(call, signal)
+            for call in reversed(calls):  # a view between layers (torch.flatten in VGG's forward) is undone first
+                signal = self._down(call, signal.reshape(call.out_shape or signal.shape))
         return Attribution(
             attributions=signal, method="deconvolution", evaluations=1,
             info={"layer": name, "start": start, "path": [call.name for call in calls]},

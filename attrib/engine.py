@@ -66,6 +66,8 @@ def check_inputs(model: nn.Module, inputs: Tensor) -> Tensor:
         raise InputTypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
     if inputs.dim() == 0:
         raise InputError("inputs must have a batch dimension")
+    if inputs.shape[0] == 0:
+        raise InputError(f"inputs: the batch is empty (shape {tuple(inputs.shape)}); give at least one example")
     if not inputs.is_floating_point():
         raise InputTypeError(f"inputs must be floating point to be interpolated, got {inputs.dtype}")
     device, dtype = model_device_dtype(model)
@@ -253,7 +255,8 @@ def sweep(
             with torch.enable_grad():
                 interpolated = baselines[example] + alphas[node].view(shape) * diff[example]
                 interpolated.requires_grad_(input_grad)
-                output = model(interpolated, *expand_args(additional_forward_args, example, n))
+                fed = interpolated.clone() if input_grad else interpolated  # a model may change its input in place
+                output = model(fed, *expand_args(additional_forward_args, example, n))
                 scores = target_scores(output, target, example)
                 tensors = {name: cap.captured[name] for name in names}
                 cap.captured.clear()
@@ -269,7 +272,7 @@ def sweep(
                     grads = (differentiate or _gradients)(scores, tensors)
             chunk.values.update({name: tensor.detach() for name, tensor in tensors.items()})
             chunk.grads.update({name: grad.detach() for name, grad in grads.items()})
-            del interpolated, output, scores, tensors, grads  # nothing of this chunk's graph outlives it
+            del interpolated, fed, output, scores, tensors, grads  # nothing of this chunk's graph outlives it
             yield chunk
             del chunk
 

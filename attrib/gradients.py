@@ -81,7 +81,7 @@ def input_gradients(
     with frozen_parameters(model), torch.enable_grad():
         probe = inputs.clone().requires_grad_(True)
         with mode if mode is not None else nullcontext():
-            output = model(probe, *args)
+            output = model(probe.clone(), *args)  # a model may change its input in place
         scores = target_scores(output, target, example)
         (grads,) = torch.autograd.grad(scores.sum(), probe, allow_unused=True)
     if grads is None:

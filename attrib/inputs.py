@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -32,10 +32,19 @@ class Loaded:
     weights: str = "random init"
     notes: list[str] = field(default_factory=list)
     bounds: tuple | str | None = "imagenet"
+    output: str | int | None = None  # the element of a dict/tuple output that is explained
+
+
+def _positive(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"--{name}: must be a positive int, got {value!r}")
+    return value
 
 
 def _state_dict(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"--weights: {path} is a folder, not a weight file")
     if not path.is_file():
         raise InputError(f"--weights: no such file: {path}")
     try:
@@ -49,12 +58,34 @@ def _state_dict(path: str | Path) -> dict:
     return state
 
 
+def _listed(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
+def mismatch(model: nn.Module, state: dict) -> str | None:
+    """What keeps ``state`` from loading into ``model`` (missing and unexpected keys, shapes), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f"{len(missing)} missing keys ({_listed(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected keys ({_listed(unexpected)})" if unexpected else "",
+             f"{len(shapes)} shape mismatches ({_listed(shapes, 2)})" if shapes else ""]
+    found = "; ".join(part for part in parts if part)
+    return found or None
+
+
 def _apply(model: nn.Module, state: dict, source: str) -> None:
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise InputError(f"--weights: {source} does not fit this model: {first}") from None
+    problem = mismatch(model, state)
+    if problem is None:
+        try:
+            model.load_state_dict(state)
+            return
+        except RuntimeError as error:
+            problem = str(error).strip().replace("\n", " ")
+    raise InputError(f"--weights: {source} does not fit {type(model).__name__}: {problem}; is it the weight file of another "
+                     "architecture?")
 
 
 def cached_torchvision_weights(name: str) -> Path:
@@ -83,8 +114,67 @@ def _torchvision_pretrained(spec: str, state: dict, source: str) -> nn.Module:
         _api.load_state_dict_from_url = original
 
 
-def load_model(spec: str, weights: str | None = None) -> Loaded:
-    """``digits``, a torchvision classification model name, or ``package.module:factory``."""
+class OutputSelected(nn.Module):
+    """``model`` with one element of its dict/tuple/list output as the output. It shares the model's
+    submodules, parameters and buffers under the same names (``--layer`` names stay the model's own)
+    and leaves the model object itself untouched."""
+
+    def __init__(self, model: nn.Module, key: str | int) -> None:
+        super().__init__()
+        self.__dict__["inner"] = model  # not registered: the submodules below are the model's own
+        self._modules, self._parameters, self._buffers = model._modules, model._parameters, model._buffers
+        self.key = key
+
+    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+        return select_output(self.inner(*args, **kwargs), self.key)
+
+
+def select_output(output: Any, key: str | int | None) -> Any:
+    """``output[key]`` for a dict (by key) or a tuple/list (by index), with a one-line error naming
+    what there is; ``output`` itself when ``key`` is None."""
+    if key is None:
+        return output
+    if isinstance(output, dict):
+        if key not in output:
+            raise InputError(f"--output: {key!r} is not a key of the model's output; it has {list(output)}")
+        return output[key]
+    if isinstance(output, (tuple, list)):
+        try:
+            return output[int(key)]
+        except (ValueError, IndexError):
+            raise InputError(f"--output: {key!r} is not an index of the model's {len(output)}-element output") from None
+    raise InputError(f"--output: the model returns a {type(output).__name__}, which has no elements to choose from")
+
+
+DECLARED = ("channels", "size", "mean", "std", "output")
+
+
+def _declared(factory: Callable, module: Any, spec: str) -> dict:
+    """The input a factory declares: ``factory.attrib_input`` or its module's ``ATTRIB_INPUT``, a dict
+    with any of ``channels``, ``size``, ``mean``, ``std``, ``output``."""
+    declared = getattr(factory, "attrib_input", None)
+    if declared is None:
+        declared = getattr(module, "ATTRIB_INPUT", None)
+    if declared is None:
+        return {}
+    if not isinstance(declared, dict) or set(declared) - set(DECLARED):
+        raise InputError(f"--model: {spec} declares its input as {declared!r}; give a dict with keys among {', '.join(DECLARED)}")
+    return declared
+
+
+def load_model(spec: str, weights: str | None = None, *, channels: int | None = None, size: int | None = None,
+               mean: Sequence[float] | None = None, std: Sequence[float] | None = None, output: str | int | None = None) -> Loaded:
+    """``digits``, a torchvision classification model name, or ``package.module:factory``.
+
+    A factory's input defaults to 3 x 224 x 224 with ImageNet's normalisation; the factory may
+    declare others (``factory.attrib_input = {"channels": 1, "size": 28, "mean": [0.13], "std": [0.31],
+    "output": "logits"}``, or ``ATTRIB_INPUT`` in its module), and the keyword arguments override both.
+    ``output`` picks one element of a dict/tuple output (a key or an index).
+    """
+    options = {k: v for k, v in dict(channels=channels, size=size, mean=mean, std=std, output=output).items() if v is not None}
+    if options and ":" not in spec:
+        raise InputError(f"--{next(iter(options))}: only a custom model (package.module:factory) takes input options; "
+                         f"{spec} has its own")
     if spec == "digits":
         from .models import load_digits_model, pixel_bounds
         from .models.digits import MEAN, SIZE, STD, DigitsNet
@@ -98,17 +188,30 @@ def load_model(spec: str, weights: str | None = None) -> Loaded:
     if ":" in spec:
         module_name, _, attribute = spec.partition(":")
         try:
-            factory: Callable = getattr(importlib.import_module(module_name), attribute)
+            module = importlib.import_module(module_name)
+            factory: Callable = getattr(module, attribute)
         except (ImportError, AttributeError) as error:
             raise InputError(f"--model: cannot import {spec!r}: {error}") from None
         model = factory()
         if not isinstance(model, nn.Module):
             raise InputError(f"--model: {spec} returned a {type(model).__name__}, not an nn.Module")
-        loaded = Loaded(model, spec, 3, 224, IMAGENET_MEAN, IMAGENET_STD)
+        chosen = {**_declared(factory, module, spec), **options}
+        channels = _positive("channels", chosen.get("channels", 3))
+        size = _positive("size", chosen.get("size", 224))
+        default_norm = channels == 3 and "mean" not in chosen and "std" not in chosen
+        mean = tuple(chosen.get("mean", IMAGENET_MEAN if default_norm else (0.0,) * channels))
+        std = tuple(chosen.get("std", IMAGENET_STD if default_norm else (1.0,) * channels))
+        if len(mean) != channels or len(std) != channels or not all(s > 0 for s in std):
+            raise InputError(f"--mean/--std: need {channels} values each (std > 0), got mean {list(mean)}, std {list(std)}")
         if weights not in (None, "DEFAULT"):
             _apply(model, _state_dict(weights), weights)
-            loaded.weights = str(weights)
         model.eval()
+        key = chosen.get("output")
+        shown = OutputSelected(model, key) if key is not None else model
+        bounds = (tuple((0 - m) / s for m, s in zip(mean, std)), tuple((1 - m) / s for m, s in zip(mean, std)))
+        loaded = Loaded(shown, spec, channels, size, mean, std, bounds=bounds, output=key)
+        if weights not in (None, "DEFAULT"):
+            loaded.weights = str(weights)
         return loaded
     import torchvision
 
@@ -138,47 +241,43 @@ def load_model(spec: str, weights: str | None = None) -> Loaded:
 
 @dataclass
 class Picture:
-    """One input: ``tensor`` (1, C, H, W) in the model's normalised space and where it came from."""
+    """One input: ``tensor`` (1, C, H, W) in the model's normalised space, where it came from and
+    what was done to it (``record``: the decoding record of :func:`attrib.images.decode` plus the
+    resize steps)."""
 
     name: str
     tensor: Tensor
     label: int | None = None
+    record: dict = field(default_factory=dict)
 
 
-def _resize_crop(image, size: int):
-    from PIL import Image
-
-    width, height = image.size
-    scale = size * 256 / 224 / min(width, height) if size >= 64 else size / min(width, height)
-    image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
-    width, height = image.size
-    left, top = (width - size) // 2, (height - size) // 2
-    return image.crop((left, top, left + size, top + size))
-
-
-def _to_tensor(image, loaded: Loaded) -> Tensor:
-    import numpy as np
-
-    array = np.asarray(image, dtype=np.float32) / 255.0
-    tensor = torch.from_numpy(array.copy())
-    tensor = tensor.unsqueeze(0) if tensor.dim() == 2 else tensor.permute(2, 0, 1)
-    mean = torch.tensor(loaded.mean or (0.0,) * tensor.shape[0]).view(-1, 1, 1)
-    std = torch.tensor(loaded.std or (1.0,) * tensor.shape[0]).view(-1, 1, 1)
+def _to_tensor(array, loaded: Loaded) -> Tensor:
+    """``(H, W, C)`` values in [0, 1] to ``(1, C, H, W)`` in the model's normalised space."""
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    mean = torch.tensor(loaded.mean or (0.0,) * tensor.shape[0], dtype=tensor.dtype).view(-1, 1, 1)
+    std = torch.tensor(loaded.std or (1.0,) * tensor.shape[0], dtype=tensor.dtype).view(-1, 1, 1)
     return ((tensor - mean) / std).unsqueeze(0)
 
 
 def load_pictures(sources: list[str], loaded: Loaded) -> list[Picture]:
-    """Image files (any format pillow reads) or the names of scikit-image's bundled photos; with no
-    sources, the model's own samples (three held-out digits, or the photo of a cat)."""
-    from PIL import Image, UnidentifiedImageError
+    """Image files (any mode pillow opens, decoded faithfully by :mod:`attrib.images`) or the names
+    of scikit-image's bundled photos; with no sources, the model's own samples (three held-out
+    digits, or the photo of a cat)."""
+    from PIL import Image
+
+    from .images import decode, open_image, resize_crop
 
     if not sources:
         if loaded.name == "digits":
             from .models import preprocess, sample_digits
 
             images, labels = sample_digits()
-            return [Picture(f"digit_{int(labels[i])}", preprocess(images[i:i + 1]), int(labels[i])) for i in (3, 5, 8)]
+            return [Picture(f"digit_{int(labels[i])}", preprocess(images[i:i + 1]), int(labels[i]),
+                            {"source": "held-out sample of sklearn's digits", "steps": ["8×8 grey levels 0-16 upscaled to 32×32"]})
+                    for i in (3, 5, 8)]
         sources = ["chelsea"]
+    if loaded.channels not in (1, 3):
+        raise InputError(f"--model: {loaded.channels}-channel inputs cannot be made from image files")
     pictures = []
     for source in sources:
         if source in PHOTOS and not Path(source).exists():
@@ -186,34 +285,35 @@ def load_pictures(sources: list[str], loaded: Loaded) -> list[Picture]:
                 import skimage.data
             except ImportError:
                 raise InputError(f"image {source!r}: scikit-image is needed for its bundled photos (pip install scikit-image)") from None
-            image = Image.fromarray(getattr(skimage.data, source)())
+            image, origin = Image.fromarray(getattr(skimage.data, source)()), f"scikit-image's photo {source!r}"
         else:
-            path = Path(source)
-            if not path.is_file():
-                raise InputError(f"image {source!r}: no such file (or one of the bundled photos: {', '.join(PHOTOS)})")
-            try:
-                image = Image.open(path)
-                image.load()
-            except (UnidentifiedImageError, OSError):
-                raise InputError(f"image {source!r}: not an image pillow can read") from None
-        if loaded.channels == 1:
-            image = image.convert("L")
-        elif loaded.channels == 3:
-            image = image.convert("RGB")
-        else:
-            raise InputError(f"--model: {loaded.channels}-channel inputs cannot be made from image files")
-        pictures.append(Picture(Path(source).stem, _to_tensor(_resize_crop(image, loaded.size), loaded)))
+            image, origin = open_image(source), str(source)
+        array, record = decode(image, loaded.channels)
+        array, steps = resize_crop(array, loaded.size)
+        record = {"source": origin, **record, "steps": record["steps"] + steps}
+        pictures.append(Picture(Path(source).stem, _to_tensor(array, loaded), record=record))
     return pictures
 
 
 def check_forward(loaded: Loaded, picture: Picture) -> Tensor:
-    """The model's output on one picture, or a one-line error when the model rejects its shape."""
+    """The model's output on one picture, or a one-line error when the model rejects its shape,
+    changes its input in place, or returns something other than (batch, classes) scores."""
+    fed = picture.tensor.clone()
+    version = fed._version
     try:
         with torch.no_grad():
-            output = loaded.model(picture.tensor)
+            output = loaded.model(fed)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[0]
         raise InputError(f"image {picture.name!r} of shape {tuple(picture.tensor.shape)} does not fit the model: {first}") from None
+    if fed._version != version:
+        raise InputError("--model: the model changes its input tensor in place (e.g. x += ..., x.relu_()), so the input "
+                         "an attribution refers to would not be the one explained; make that operation out of place")
+    if isinstance(output, (dict, tuple, list)):
+        keys = list(output) if isinstance(output, dict) else list(range(len(output)))
+        raise InputError(f"--model: the model returns a {type(output).__name__} ({keys}); choose the scores to explain with "
+                         "--output KEY (or declare 'output' in the factory's attrib_input)")
     if not isinstance(output, Tensor) or output.dim() != 2:
-        raise InputError(f"--model: the output must be (batch, classes) scores, got {type(output).__name__}")
+        shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
+        raise InputError(f"--model: the output must be (batch, classes) scores, got {shape}")
     return output

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence, Union
 
+import operator
+
 import torch
 from torch import Tensor
 from .errors import InputError, InputTypeError
@@ -36,8 +38,24 @@ def _index(target: object, shape: torch.Size) -> tuple:
     return tuple(i % size for i, size in zip(index, shape))
 
 
+def _plain_ints(target: object) -> object:
+    """numpy (or any ``__index__``) integers as Python ints, numpy arrays as tensors; the rest as is."""
+    if isinstance(target, (bool, Tensor)) or callable(target):
+        return target
+    if hasattr(target, "__array__") and not isinstance(target, (int, tuple, list)):
+        array = torch.as_tensor(target)
+        return array if array.dim() else _plain_ints(array.item())
+    if hasattr(target, "__index__") and not isinstance(target, int):
+        return operator.index(target)  # type: ignore[call-overload]
+    if isinstance(target, (tuple, list)):
+        return type(target)(_plain_ints(t) for t in target)
+    return target
+
+
 def normalize_target(target: TargetType, n_examples: int) -> TargetType:
-    """Turn a per-example tensor target into a list and check per-example lengths; ints pass."""
+    """Turn a per-example tensor target into a list and check per-example lengths; ints pass
+    (numpy integers and arrays count as ints and tensors)."""
+    target = _plain_ints(target)  # type: ignore[assignment]
     if isinstance(target, Tensor):
         if target.dtype.is_floating_point or target.dtype == torch.bool:
             raise InputTypeError(f"target: an integer tensor is needed, got dtype {target.dtype}")

@@ -51,20 +51,20 @@ def test_explain_writes_figures_numbers_and_html(report):
 
 def test_explain_replaces_an_old_report_only_when_complete(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("previous run")
+    assert cli.main(["explain", "--out", str(out), "--methods", "gradcam"] + FAST) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr("viz.report.write_html", interrupted)
-    code = cli.main(["explain", "--out", str(out), "--methods", "gradcam"] + FAST)
+    code = cli.main(["explain", "--out", str(out), "--methods", "ig"] + FAST)
     assert code == 130
-    assert (out / "old.txt").read_text() == "previous run"  # untouched
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no half-written folder left behind
     monkeypatch.undo()
     assert cli.main(["explain", "--out", str(out), "--methods", "gradcam,ig"] + FAST) == 0
-    assert not (out / "old.txt").exists() and (out / "index.html").is_file()
+    assert json.loads((out / "report.json").read_text())["methods"] == ["gradcam", "ig"]
 
 
 def one_channel():

@@ -196,8 +196,8 @@ def test_k_curves_and_choice():
     s = curves.scores[0]
     assert math.isclose(curves.score_smape[0], abs(s - flow.score) / ((abs(s) + abs(flow.score)) / 2), rel_tol=1e-12)
     best = min(curves.heatmap_smape)
-    assert curves.choose(best) == curves.ks[curves.heatmap_smape.index(best)]
-    assert curves.choose(-1.0) is None
+    assert curves.choose(best, metric="heatmap_smape") == curves.ks[curves.heatmap_smape.index(best)]
+    assert curves.choose(-1.0, metric="heatmap_smape") is None
     with pytest.raises(ValueError, match="metric"):
         curves.choose(0.1, metric="accuracy")
 

@@ -1,7 +1,9 @@
 """Drawing a flow graph: layers stacked by depth (class node on top), channels left to right by
-rank, edge width by share, the critical paths in red."""
+rank, edge width by share, the critical paths in red, node colour by value (with a colour bar);
+and the K-path curves."""
 from __future__ import annotations
 
+import math
 from pathlib import Path as FilePath
 from typing import Sequence
 
@@ -11,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
 
 from graphs.flow import CLASS_LAYER, FlowGraph  # noqa: E402
 from graphs.paths import Path  # noqa: E402
@@ -59,7 +62,7 @@ def draw_graph(
         peak[node[0]] = max(peak.get(node[0], 0.0), abs(graph.nodes[node]["value"]))
     colour = np.array([graph.nodes[n]["value"] / (peak[n[0]] or 1.0) for n in nodes])
     xs, ys = zip(*(positions[n] for n in nodes))
-    ax.scatter(xs, ys, c=colour, cmap="bwr", vmin=-1, vmax=1, s=90, edgecolors="black", linewidths=0.5, zorder=4)
+    dots = ax.scatter(xs, ys, c=colour, cmap="bwr", vmin=-1, vmax=1, s=90, edgecolors="black", linewidths=0.5, zorder=4)
     for node in nodes:
         x, y = positions[node]
         if node[0] == CLASS_LAYER:
@@ -71,6 +74,9 @@ def draw_graph(
     ax.set_yticklabels([layer if layer != CLASS_LAYER else "class" for _, layer in depths], fontsize=8)
     ax.set_xticks([])
     what = "relevance" if graph.graph.get("method", "lrp") == "lrp" else "conductance"
+    bar = fig.colorbar(dots, ax=ax, fraction=0.03, pad=0.01, ticks=[-1, 0, 1])
+    bar.set_label(f"node {what} / largest |{what}| in its layer", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
     ax.set_xlabel(f"channels ranked by {what} in the direction of the score (left = strongest), numbered\n"
                   f"red: critical paths; edge width: share; node colour: {what} per layer (blue < 0 < red)", fontsize=8)
     for side in ("top", "right", "bottom"):
@@ -84,18 +90,36 @@ def draw_graph(
 
 
 def draw_k_curves(curves, path: str | FilePath | None = None, threshold: float | None = None):
-    """MSE and SMAPE of the K-path score and heatmap against K."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, (label, values) in zip(axes, [("MSE", (curves.score_mse, curves.heatmap_mse)), ("SMAPE", (curves.score_smape, curves.heatmap_smape))]):
-        ax.plot(curves.ks, values[0], marker="o", label="score")
-        ax.plot(curves.ks, values[1], marker="s", label="heatmap")
-        ax.set_xlabel("K (critical paths kept)")
-        ax.set_ylabel(label)
-        if label == "MSE":
-            ax.set_yscale("symlog", linthresh=1e-12)
-        if threshold is not None and label == "SMAPE":
-            ax.axhline(threshold, color="#d62728", linestyle="--", linewidth=1)
-        ax.legend(fontsize=8)
+    """Against K: the shape distance of the K-path heatmap to the full one (unit-L1 maps, 0..2;
+    ``threshold`` and the K it chooses marked), and the share of the relevance / score the K paths
+    carry (symlog: shares of a deep network's paths span many decades and may be negative)."""
+    fig, (shape, amount) = plt.subplots(1, 2, figsize=(9, 3.4))
+    shape.plot(curves.ks, curves.heatmap_distance, marker="s", label="heatmap shape distance")
+    shape.set_ylim(0, 2)
+    shape.set_xlabel("K (critical paths kept)")
+    shape.set_ylabel("sum |a/|a|_1 - b/|b|_1|\n(0 same shape, 2 nothing in common)", fontsize=8)
+    if threshold is not None:
+        chosen = curves.choose(threshold)
+        shape.axhline(threshold, color="#d62728", linestyle="--", linewidth=1,
+                      label=f"threshold {threshold:g}: " + (f"K = {chosen}" if chosen is not None else "no K reaches it"))
+        if chosen is not None:
+            shape.axvline(chosen, color="#d62728", linestyle=":", linewidth=1)
+    shape.legend(fontsize=8)
+    amount.plot(curves.ks, curves.heatmap_share, marker="s", label="sum of K-path map / sum of full map")
+    amount.plot(curves.ks, curves.score_share, marker="o", label="masked score / full score")
+    values = np.array([v for v in list(curves.heatmap_share) + list(curves.score_share) if np.isfinite(v)])
+    if values.size and (values > 0).all():
+        amount.set_yscale("log")
+    else:  # negative shares too: symmetric log, linear only below the smallest non-zero |share|
+        nonzero = np.abs(values[values != 0])
+        linthresh = float(nonzero.min()) if nonzero.size else 1e-12
+        amount.set_yscale("symlog", linthresh=linthresh)
+        decades = max(1, math.ceil(math.log10(max(1.0, float(nonzero.max()) if nonzero.size else 1.0) / linthresh) / 6))
+        amount.yaxis.set_major_locator(SymmetricalLogLocator(linthresh=linthresh, base=10.0 ** decades))
+    amount.axhline(1.0, color="#7f7f7f", linewidth=0.8)
+    amount.set_xlabel("K (critical paths kept)")
+    amount.set_ylabel("share carried by the K paths", fontsize=8)
+    amount.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=110)

@@ -1,0 +1,95 @@
+"""Which layers are cuts: layers that every path from the input to the output crosses.
+
+Completeness (the conductance of a layer adds up to F(x) - F(x')) is a property of cuts only: a
+layer that a skip connection bypasses (a convolution inside a residual block, one branch of an
+Inception module) carries only part of the score change, and that share is what its conductance
+sums to. A layer is a cut when, in the autograd graph of one forward pass, the output's node cannot
+reach the input without passing through the node that made the layer's output.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .engine import as_args, check_inputs
+from .errors import InputError
+from .hooks import LayerSpec, frozen_parameters, preserved, resolve_layers
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _reaches(start: Any, goal: Any, blocked: Any) -> bool:
+    """Whether ``goal`` is reachable from ``start`` in the autograd graph without visiting ``blocked``."""
+    stack, seen = [start], {id(blocked)}
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        if node is goal:
+            return True
+        seen.add(id(node))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return False
+
+
+def cut_layers(
+    model: nn.Module, inputs: Tensor, layers: LayerSpec | Sequence[LayerSpec], additional_forward_args: Any = None,
+) -> dict[str, bool]:
+    """``{layer: whether every path from the input to the output crosses it}`` for one forward pass
+    (the first example of ``inputs`` is enough: the structure does not depend on the values). A layer
+    that runs more than once, or whose output does not depend on the input, is not a cut."""
+    resolved = resolve_layers(model, layers)
+    inputs = check_inputs(model, inputs)
+    made: dict[str, list] = {name: [] for name, _ in resolved}
+
+    def record(name: str):
+        def hook(module, args, output):
+            made[name].append(output.grad_fn if isinstance(output, Tensor) else None)
+        return hook
+
+    probe = inputs[:1].clone().requires_grad_(True)
+    handles = [module.register_forward_hook(record(name)) for name, module in resolved]
+    try:
+        with preserved(model), frozen_parameters(model), torch.enable_grad():
+            output = model(probe.clone(), *as_args(additional_forward_args))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not isinstance(output, Tensor) or output.grad_fn is None:
+        raise InputError("inputs: the model output is not a tensor that depends on the inputs")
+    start = output.grad_fn
+    leaf = _leaf_of(start, probe)
+    return {name: len(nodes) == 1 and nodes[0] is not None and _reaches(start, nodes[0], None)
+            and not _reaches(start, leaf, nodes[0]) for name, nodes in made.items()}
+
+
+def _leaf_of(start: Any, probe: Tensor) -> Any:
+    """The graph node that accumulates the gradient of ``probe``."""
+    stack, seen = [start], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ == "AccumulateGrad" and node.variable is probe:
+            return node
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    raise InputError("inputs: the model output does not depend on the inputs")
+
+
+def default_layer(model: nn.Module, inputs: Tensor, additional_forward_args: Any = None) -> str:
+    """The layer to explain by default: the last convolution if it is a cut; otherwise the outermost
+    block around it that is a cut (torchvision's ResNet18: ``layer4``, not ``layer4.1.conv2``)."""
+    names = [name for name, module in model.named_modules() if isinstance(module, CONVOLUTIONS)]
+    if not names:
+        raise InputError("layer: the model has no convolution; name the layer")
+    last = names[-1]
+    parts = last.split(".")
+    candidates = [last] + [".".join(parts[:i]) for i in range(1, len(parts))]  # itself, then outermost first
+    cuts = cut_layers(model, inputs, candidates, additional_forward_args)
+    for name in candidates:
+        if cuts[name]:
+            return name
+    return last

@@ -1,0 +1,134 @@
+"""Writing a report folder without ever touching what attrib did not write.
+
+The report is built in a hidden staging folder beside ``--out`` and renamed into place when it is
+complete, so a report folder is either complete or absent. The folder carries a manifest
+(:data:`MANIFEST`) listing every file attrib wrote into it. An existing ``--out`` is replaced only
+when it is a folder whose manifest says attrib wrote it and that holds nothing else; anything
+else (a file, a link, the current folder, a folder of the user's, a report the user added files
+to) is refused with an :class:`~attrib.errors.InputError` before any work starts. SIGTERM and
+SIGHUP are turned into :class:`Terminated` (a ``KeyboardInterrupt``), so the staging folder is
+removed on ``kill`` as on Ctrl-C.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .errors import InputError
+
+MANIFEST = ".attrib-report.json"
+TOOL = "attrib report"
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM or SIGHUP; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextmanager
+def termination_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` (previous handlers restored)."""
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    previous = {}
+    try:
+        for number in (signal.SIGTERM, signal.SIGHUP):
+            previous[number] = signal.signal(number, handler)
+    except ValueError:  # not the main thread: signals stay as they are
+        pass
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
+def _manifest(folder: Path) -> dict | None:
+    try:
+        data = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("tool") == TOOL and isinstance(data.get("files"), list) else None
+
+
+def _refuse(out: Path, why: str) -> InputError:
+    return InputError(f"--out: {out} {why}; attrib only replaces a report folder it wrote itself, so choose another "
+                      "path or remove it yourself")
+
+
+def check_out(path: str | os.PathLike) -> Path:
+    """The absolute ``--out`` path, or an InputError when attrib must not write or replace there."""
+    out = Path(os.path.abspath(path))
+    here = Path.cwd().resolve()
+    if out.is_symlink():
+        raise _refuse(out, "is a symbolic link")
+    if out.exists() or out.is_symlink():
+        if not out.is_dir():
+            raise _refuse(out, "is a file")
+        if here == out.resolve() or out.resolve() in here.parents:
+            raise _refuse(out, "is the current folder or holds it")
+        manifest = _manifest(out)
+        if manifest is None:
+            raise _refuse(out, f"exists and was not written by attrib (no {MANIFEST} in it)")
+        extra = sorted(set(_contents(out)) - set(manifest["files"]))
+        if extra:
+            raise _refuse(out, f"holds files attrib did not write ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
+    parent = out.parent
+    for folder in [parent, *parent.parents]:  # the nearest existing ancestor must be a writable folder
+        if folder.exists():
+            if not folder.is_dir():
+                raise InputError(f"--out: {folder} is a file, so no folder can be made under it")
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise InputError(f"--out: cannot write in {folder} (permission denied)")
+            break
+    return out
+
+
+def _contents(folder: Path) -> list[str]:
+    """Every file and folder under ``folder`` (relative, '/'-separated), the manifest excluded."""
+    names = []
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            relative = (Path(root) / name).relative_to(folder).as_posix()
+            if relative != MANIFEST:
+                names.append(relative)
+    return sorted(names)
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A fresh staging folder beside ``out``; on success it gets a manifest, normal permissions and
+    replaces ``out`` (checked again, just before, with :func:`check_out`); on any exception,
+    KeyboardInterrupt and :class:`Terminated` included, it is removed and ``out`` is untouched."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as error:
+        raise InputError(f"--out: cannot create a folder in {out.parent}: {error.strerror or error}") from None
+    try:
+        yield staging
+        (staging / MANIFEST).write_text(json.dumps({"tool": TOOL, "files": _contents(staging)}, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700
+        check_out(out)  # nothing the user put there since the start is replaced
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(trash / out.name)
+            staging.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

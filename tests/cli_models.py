@@ -1,0 +1,91 @@
+"""Model factories for the command-line tests (``--model cli_models:name``, with tests/ on PYTHONPATH)."""
+import torch
+from torch import nn
+
+
+class Residual(nn.Module):
+    """conv -> (conv, conv) + skip -> pool -> linear: the inner convolutions are bypassed, so not cuts."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.head = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        return self.head(h + self.block(h))
+
+
+def residual():
+    torch.manual_seed(0)
+    return Residual()
+
+
+residual.attrib_input = {"size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+
+
+class DictOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 6, 3), nn.ReLU())
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        features = self.features(x)
+        return {"features": features, "logits": self.fc(features.mean((2, 3)))}
+
+
+def dict_output():
+    torch.manual_seed(1)
+    return DictOutput()
+
+
+dict_output.attrib_input = {"channels": 1, "size": 28, "mean": [0.5], "std": [0.5], "output": "logits"}
+
+
+def one_channel_28():
+    """Takes 1 x 28 x 28 and declares nothing (the command line must be told)."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 26 * 26, 3))
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        x.mul_(2.0)  # changes the caller's tensor
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def inplace_input():
+    torch.manual_seed(3)
+    return InPlace()
+
+
+inplace_input.attrib_input = {"size": 16}
+
+
+class Buggy(nn.Module):
+    """Fine on one example; a bug (ValueError) on a batch, as a real bug would surface mid-run."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 2, 3)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            raise ValueError("an internal bug in the user's model")
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def buggy():
+    torch.manual_seed(4)
+    return Buggy()
+
+
+buggy.attrib_input = {"size": 16}
