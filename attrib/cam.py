@@ -25,7 +25,7 @@ def upsample(maps: Tensor, size: tuple[int, ...], mode: str) -> Tensor:
         raise InputError(f"interpolate_mode must be one of {_MODES} or None, got {mode!r}")
     if len(size) != maps.dim() - 2:
         raise InputError(f"cannot resize a map with {maps.dim() - 2} spatial dims to input size {tuple(size)}")
-    if mode in _LINEAR:  # linear interpolation in as many dimensions as the map has (Conv1d/2d/3d layers)
+    if mode in _LINEAR.values():  # linear interpolation in as many dimensions as the map has (Conv1d/2d/3d layers)
         mode = _LINEAR[maps.dim() - 2] if maps.dim() - 2 in _LINEAR else mode
     corners = False if mode in ("bilinear", "bicubic", "linear", "trilinear") else None
     return F.interpolate(maps, size=tuple(size), mode=mode, align_corners=corners)

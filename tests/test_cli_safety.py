@@ -220,3 +220,16 @@ def test_a_factory_declares_its_input_and_output(tmp_path):
     assert [n for n, _ in loaded.model.named_modules()][1:3] == ["features", "features.0"]  # the model's own names
     done = run(["layers", "cli_models:one_channel_28", "--channels", "1", "--input-size", "28"], tmp_path)
     assert done.returncode == 0 and "(2, 26, 26)" in done.stdout
+
+
+# ------------------------------------------------------------------ 2. pictures decoded faithfully
+def test_a_16_bit_grey_png_reaches_the_model_with_its_value_not_white(tmp_path):
+    from attrib.inputs import load_model, load_pictures
+    from attrib.models.digits import MEAN, STD
+
+    Image.fromarray(np.full((32, 32), 30000, dtype=np.uint16)).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    (picture,) = load_pictures([str(tmp_path / "deep.png")], load_model("digits"))
+    expected = (30000 / 65535 - MEAN) / STD  # Pillow's convert("L") would have given (1 - MEAN) / STD
+    assert torch.allclose(picture.tensor, torch.full_like(picture.tensor, expected), atol=1e-5)
+    assert any("65535" in step for step in picture.record["steps"])
