@@ -149,33 +149,36 @@ def conductance_ascent(
         return aggregated_conductance(model, image, name, target, n_steps, baselines, create_graph, additional_forward_args)
 
     with preserved(model):
-        conductance = conductance_map(model, inputs, name, target, n_steps, baselines, False, additional_forward_args)
+        image = inputs.clone().requires_grad_(True)
+        # the conductance at the input chooses the filter and is the first iteration's objective (one pass for both)
+        conductance = conductance_map(model, image, name, target, n_steps, baselines, steps > 0, additional_forward_args)
         if conductance.dim() < 3:
             raise InputError(f"layer: {name!r} gives shape {tuple(conductance.shape)}, without spatial dimensions; the "
                              "ascent maximises a filter's largest conductance over positions: choose a convolutional layer")
-        scores = conductance.flatten(2).amax(-1)
+        scores = conductance.detach().flatten(2).amax(-1)
         if filter is None:
             chosen = scores.argmax(1)
         else:
             chosen = torch.as_tensor(filter, device=inputs.device).reshape(-1).expand(n).long()
             if bool(((chosen < 0) | (chosen >= scores.shape[1])).any()):
                 raise InputError(f"filter: {filter!r} is out of range for {scores.shape[1]} filters at {name!r}")
-        picked = conductance[torch.arange(n), chosen].flatten(1).argmax(1)
+        picked = conductance.detach()[torch.arange(n), chosen].flatten(1).argmax(1)
         neuron = torch.stack(torch.unravel_index(picked, conductance.shape[2:]), 1)
         effect = _neuron_gradient(model, inputs, name, chosen, picked, additional_forward_args)
 
-        image = inputs.clone().requires_grad_(True)
         opt = make([image], lr=lr)
         history = []
-        for _ in range(steps):
+        for step in range(steps):
             opt.zero_grad()
-            value = objective_of(image, True).gather(1, chosen.view(-1, 1)).squeeze(1)
+            objective = conductance.flatten(2).amax(-1) if step == 0 else objective_of(image, True)
+            value = objective.gather(1, chosen.view(-1, 1)).squeeze(1)
             history.append(value.detach())
             (-value.sum()).backward()
             opt.step()
             if limits is not None:
                 with torch.no_grad():
                     image.copy_(torch.maximum(torch.minimum(image, limits[1]), limits[0]))
+        del conductance
         final = objective_of(image.detach(), False).gather(1, chosen.view(-1, 1)).squeeze(1)
         history.append(final.detach())
     return AscentResult(

@@ -106,6 +106,32 @@ def _target(args, output) -> int:
     return args.target % classes
 
 
+LARGE = 65  # inputs from this size up (ImageNet models) get the lighter defaults, so a 224 px image takes about a minute
+
+
+def _size_defaults(size: int) -> dict[str, int]:
+    """The explain settings for an input size: the same methods, fewer ascent iterations, ascent
+    steps and K on large inputs (the report shows the values used)."""
+    if size < LARGE:
+        return {"n_steps": 32, "steps": 30, "ascent_n_steps": 8, "max_k": 50}
+    return {"n_steps": 16, "steps": 8, "ascent_n_steps": 4, "max_k": 17}  # 17 K-path maps + the full one: 3 passes of k=6
+
+
+def _settle(args, size: int) -> dict[str, Any]:
+    """Fill the settings left to their size-dependent default; check every count."""
+    from .engine import check_count
+
+    chosen = {}
+    for name, value in _size_defaults(size).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+        chosen[name] = getattr(args, name)
+    for name in ("n_steps", "ascent_n_steps", "max_k", "k"):
+        check_count(f"--{name.replace('_', '-')}", getattr(args, name))
+    check_count("--steps", args.steps, minimum=0)
+    return chosen
+
+
 def _load(args):
     from .inputs import load_model
 
@@ -128,6 +154,8 @@ def _plan(args, loaded, pictures, layer: str, methods: list[str], explicit: bool
     set is skipped with its reason (shown in the report)."""
     import torch
 
+    from torch import nn
+
     from . import DeconvReconstruction
     from .errors import InputError
     from .hooks import capture
@@ -148,6 +176,12 @@ def _plan(args, loaded, pictures, layer: str, methods: list[str], explicit: bool
             DeconvReconstruction(model).attribute(x, layer=layer, neuron_selector=(0,) + (slice(None),) * (len(shape) - 1))
         except InputError as error:
             reasons["deconv"] = f"deconvolution: {error}"
+            inner = [n for n, m in module.named_modules() if n and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+            if inner:  # a block: the reason it cannot be reconstructed through, rather than "a container"
+                try:
+                    DeconvReconstruction(model).attribute(x, layer=f"{layer}.{inner[-1]}", neuron_selector=(0,))
+                except InputError as deeper:
+                    reasons["deconv"] += f"; and inside it: {deeper}"
     if "lrp" in methods or "graph" in methods:
         try:
             LRP(model, LRP_COMPOSITE).attribute(x, target=0, conservation=False)
@@ -284,21 +318,18 @@ def _graph(args, model, x, target, entry, figure, folder, stem, shown, timings) 
 
     with _timed(timings, "graph"):
         flow = graphs.build_graph(model, x, target=target, k=args.k, conductance_steps=None)
-        best = graphs.k_best_paths(flow, max(100, args.max_k))  # best first: the best K are its first K
-    paths = best[:5]
+        paths = graphs.k_best_paths(flow, 5)
     entry["paths"] = [{"nodes": [graphs.node_id(n) for n in p.nodes], "score": p.score, "carried": p.carried} for p in paths]
     figure("graph", f"relevance flow between the top {args.k} channels of each layer; red: the 5 critical paths",
            draw_graph(flow, paths))
     with _timed(timings, "k-paths"):
-        ks = [k for k in (1, 5, 25, 100) if k <= max(1, len(best))]
-        maps = graphs.path_heatmaps(flow, [best[:k] for k in ks])
-        full = graphs.full_heatmap(flow)
-        curves = graphs.k_curves(flow, max_k=args.max_k)
-    kmaps = {k: m for k, m in zip(ks, maps)}
+        curves = graphs.k_curves(flow, max_k=args.max_k)  # every K-path map and the full one, batched
+    chosen = curves.choose(args.distance)
+    ks = sorted({k for k in (1, 5, 25, len(curves.ks), chosen) if k is not None and 1 <= k <= len(curves.ks)})
+    full, kmaps = curves.full_map, {k: curves.maps[k - 1] for k in ks}
     scale = figures.k_path_scale(full, kmaps)
     figure("kpaths", "full LRP heatmap and K-path heatmaps (channels off the K best paths masked in the backward pass). "
            + scale.caption, figures.k_path_heatmaps(x[0], full, kmaps, **shown))
-    chosen = curves.choose(args.distance)
     entry["k_curve"] = {"ks": curves.ks, "heatmap_distance": curves.heatmap_distance, "heatmap_share": curves.heatmap_share,
                         "score_share": curves.score_share, "full_relevance": curves.full_relevance,
                         "full_score": curves.full_score, "score_mse": curves.score_mse, "score_smape": curves.score_smape,
@@ -327,6 +358,7 @@ def explain(args) -> int:
     out = check_out(args.out)  # before anything else: never work towards an output that would be refused
     torch.manual_seed(0)
     loaded = _load(args)
+    _settle(args, loaded.size)
     pictures = load_pictures(args.images, loaded)
     methods = _methods(args.methods)
     for picture in pictures:  # bad shapes and targets stop the run before anything is written
@@ -335,6 +367,7 @@ def explain(args) -> int:
     layer = default_layer(loaded.model, x) if args.layer is None else resolve_layers(loaded.model, args.layer)[0][0]
     is_cut = cut_layers(loaded.model, x, [layer])[layer]
     methods, skipped = _plan(args, loaded, pictures, layer, methods, explicit=args.methods is not None)
+    setup = time.perf_counter() - started
     with staged(out) as staging:
         with _progress(len(pictures) * len(methods), args.quiet, "explain") as bar:
             images = [_explain_one(args, loaded, p, layer, methods, is_cut, staging, i, bar) for i, p in enumerate(pictures)]
@@ -345,7 +378,7 @@ def explain(args) -> int:
             "layer": layer, "layer_is_cut": is_cut, "methods": methods, "skipped": skipped, "tolerance": args.tolerance,
             "settings": {"n_steps": args.n_steps, "ascent_iterations": args.steps, "ascent_n_steps": args.ascent_n_steps,
                          "k": args.k, "max_k": args.max_k, "distance": args.distance, "lrp_composite": LRP_COMPOSITE},
-            "images": images, "seconds": time.perf_counter() - started, "argv": sys.argv[1:],
+            "images": images, "seconds": time.perf_counter() - started, "setup_seconds": setup, "argv": sys.argv[1:],
         }
         (staging / "report.json").write_text(json.dumps(report, indent=1))
         write_html(report, staging)
@@ -511,12 +544,18 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default=None, help="layer for conductance, Grad-CAM, ascent, deconvolution (default: the last "
                                                   "convolution, or the block around it that every path crosses)")
     p.add_argument("--out", default="attrib-report", help="output folder: created, or replaced only if attrib wrote it")
-    p.add_argument("--n-steps", type=int, default=32, dest="n_steps", help="integration steps of IG and conductance")
-    p.add_argument("--steps", type=int, default=30, help="conductance-ascent iterations")
-    p.add_argument("--ascent-n-steps", type=int, default=8, dest="ascent_n_steps",
-                   help="conductance steps inside each ascent iteration")
+    p.add_argument("--n-steps", type=int, default=None, dest="n_steps",
+                   help=f"integration steps of IG and conductance (default {_size_defaults(0)['n_steps']}; "
+                        f"{_size_defaults(LARGE)['n_steps']} for inputs over {LARGE - 1} px)")
+    p.add_argument("--steps", type=int, default=None, help=f"conductance-ascent iterations (default {_size_defaults(0)['steps']}; "
+                                                            f"{_size_defaults(LARGE)['steps']} for inputs over {LARGE - 1} px)")
+    p.add_argument("--ascent-n-steps", type=int, default=None, dest="ascent_n_steps",
+                   help=f"conductance steps inside each ascent iteration (default {_size_defaults(0)['ascent_n_steps']}; "
+                        f"{_size_defaults(LARGE)['ascent_n_steps']} for inputs over {LARGE - 1} px)")
     p.add_argument("--k", type=int, default=6, help="channels per layer in the path graph")
-    p.add_argument("--max-k", type=int, default=50, dest="max_k", help="largest K on the K-path curves")
+    p.add_argument("--max-k", type=int, default=None, dest="max_k",
+                   help=f"largest K on the K-path curves (default {_size_defaults(0)['max_k']}; "
+                        f"{_size_defaults(LARGE)['max_k']} for inputs over {LARGE - 1} px)")
     p.add_argument("--distance", type=float, default=1.0,
                    help="shape distance (0..2) of the unit-L1 K-path and full heatmaps at which K is chosen")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest relative completeness error marked as passed")

@@ -77,13 +77,17 @@ def share(part: Tensor, whole: Tensor) -> float:
     return float(part.detach().double().sum()) / total if total != 0 else math.nan
 
 
-def _masks(flow: FlowGraph, path_sets: list[list[Path]]) -> dict[str, Tensor]:
-    """Per layer ``(len(path_sets), C)``: 1 on channels that lie on a path of each set."""
+def _masks(flow: FlowGraph, path_sets: list[list[Path] | None]) -> dict[str, Tensor]:
+    """Per layer ``(len(path_sets), C)``: 1 on channels that lie on a path of each set (everywhere
+    for a set that is ``None``: nothing masked)."""
     masks = {}
     for layer in flow.layers:
         channels = flow.values[layer].shape[0]
         weights = torch.zeros(len(path_sets), channels, dtype=flow.inputs.dtype, device=flow.inputs.device)
         for row, paths in enumerate(path_sets):
+            if paths is None:
+                weights[row] = 1
+                continue
             for path in paths:
                 channel = path.channels.get(layer)
                 if channel is not None:
@@ -98,8 +102,9 @@ def _trace(flow: FlowGraph):
     return flow.trace
 
 
-def path_heatmaps(flow: FlowGraph, path_sets: list[list[Path]]) -> Tensor:
-    """``(len(path_sets), *input)``: the input relevance keeping only each set's path channels."""
+def path_heatmaps(flow: FlowGraph, path_sets: list[list[Path] | None]) -> Tensor:
+    """``(len(path_sets), *input)``: the input relevance keeping only each set's path channels
+    (``None``: the full map, in the same batched backward pass)."""
     trace = _trace(flow)
     copies = trace.copies
     masks = _masks(flow, path_sets)
@@ -163,6 +168,8 @@ class KCurves:
     heatmap_share: list[float] = field(default_factory=list)
     score_share: list[float] = field(default_factory=list)
     full_relevance: float = math.nan
+    maps: Tensor | None = field(default=None, repr=False)  # (N, *input): the K-path heatmaps, K = 1..N
+    full_map: Tensor | None = field(default=None, repr=False)  # the full heatmap of the same pass
 
     def _values(self, metric: str) -> list[float]:
         if metric not in _LOWER_IS_BETTER:
@@ -196,9 +203,10 @@ def k_curves(flow: FlowGraph, max_k: int = 10) -> KCurves:
     scores = path_scores(flow, sets).detach().cpu()
     nothing = [math.nan] * len(ks)
     heat_mse, heat_smape, distance, carried, full_relevance = nothing, nothing, nothing, nothing, math.nan
+    maps = full = None
     if flow.trace is not None:
-        full = full_heatmap(flow)
-        maps = path_heatmaps(flow, sets)
+        *rows, full = path_heatmaps(flow, [*sets, None])  # the full map rides in a spare row of the last pass
+        maps = torch.stack(rows) if rows else full.new_zeros((0,) + full.shape)
         heat_mse, heat_smape = [mse(m, full) for m in maps], [smape(m, full) for m in maps]
         distance, carried = [shape_distance(m, full) for m in maps], [share(m, full) for m in maps]
         full_relevance = float(full.double().sum())
@@ -208,5 +216,5 @@ def k_curves(flow: FlowGraph, max_k: int = 10) -> KCurves:
         score_smape=[smape(s.view(1), reference) for s in scores],
         heatmap_mse=heat_mse, heatmap_smape=heat_smape, full_score=full_score,
         heatmap_distance=distance, heatmap_share=carried,
-        score_share=[share(s, reference) for s in scores], full_relevance=full_relevance,
+        score_share=[share(s, reference) for s in scores], full_relevance=full_relevance, maps=maps, full_map=full,
     )

@@ -192,7 +192,7 @@ def reconstructions(image, maps: Mapping[str, object], path=None, mean=None, std
         array = _array(value)
         while array.ndim > 3:
             array = array[0]
-        _plain(ax, to_display(array), f"{name}\n(min-max rescaled)")
+        _plain(ax, to_display(array), f"{name}, min-max rescaled")
     return _save(fig, path)
 
 
