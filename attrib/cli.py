@@ -153,7 +153,6 @@ def _plan(args, loaded, pictures, layer: str, methods: list[str], explicit: bool
     the others, why not. A method the user named that cannot run is an error; one of the default
     set is skipped with its reason (shown in the report)."""
     import torch
-
     from torch import nn
 
     from . import DeconvReconstruction
@@ -164,6 +163,8 @@ def _plan(args, loaded, pictures, layer: str, methods: list[str], explicit: bool
     model, x = loaded.model, pictures[0].tensor
     with capture(model, [layer]) as cap, torch.no_grad():
         model(x.clone())
+        if layer not in cap.captured:
+            raise InputError(f"--layer: {layer!r} does not run in the model's forward pass; `attrib layers` lists those that do")
         shape = tuple(cap[layer].shape[1:])
     module = dict(model.named_modules())[layer]
     reasons: dict[str, str] = {}
@@ -199,10 +200,10 @@ def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Pa
 
     from . import (DeconvReconstruction, DeepLift, GradCAM, GuidedBackprop, IntegratedGradients, LayerConductance,
                    conductance_ascent)
-    from .inputs import check_forward
-    from .lrp import LRP
     from viz import figures
 
+    from .inputs import check_forward
+    from .lrp import LRP
     from .result import filter_scores
 
     model, x = loaded.model, picture.tensor
@@ -244,7 +245,7 @@ def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Pa
             figure("conductance", f"aggregated conductance (max over H x W) of every filter of {layer}; red: the top filter, "
                    "which the conductance ascent and the deconvolution use",
                    figures.conductance_distribution(scores, layer=layer))
-        bar.update(1)
+            bar.update(1)
     if "ascent" in methods:
         with _timed(timings, "ascent"):
             ascent = conductance_ascent(model, x, layer=layer, target=target, filter=order[0], steps=args.steps, lr=0.1,
@@ -488,7 +489,7 @@ def bench(args) -> int:
 
     folder = Path(args.dir)
     scripts = {"conductance": "conductance.py", "lrp": "lrp.py", "gradients": "gradients.py", "graphs": "path_graphs.py",
-               "evaluation": "evaluation.py"}
+               "evaluation": "evaluation.py", "explain": "explain_speed.py"}
     chosen = list(scripts) if args.only is None else [s.strip() for s in args.only.split(",")]
     unknown = [s for s in chosen if s not in scripts]
     if unknown:
@@ -574,7 +575,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("bench", help="run the benchmark scripts (repository checkout)")
     p.add_argument("--dir", default="benchmarks", help="folder with the benchmark scripts")
-    p.add_argument("--only", default=None, help="comma-separated: conductance, lrp, gradients, graphs, evaluation")
+    p.add_argument("--only", default=None, help="comma-separated: conductance, lrp, gradients, graphs, evaluation, explain")
     p.set_defaults(run=bench)
     return top
 
@@ -597,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as interrupt:
         number = interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT
-        print(f"attrib: interrupted ({signal.Signals(number).name}); nothing was written to the output folder", file=sys.stderr)
+        print(f"attrib: interrupted ({signal.Signals(number).name}); no partial report was left behind", file=sys.stderr)
         return 128 + int(number)
 
 

@@ -35,6 +35,17 @@ class Loaded:
     output: str | int | None = None  # the element of a dict/tuple output that is explained
 
 
+def _floats(name: str, values: Any, channels: int) -> tuple[float, ...]:
+    """One number per channel, or a one-line error naming the option."""
+    try:
+        numbers = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise InputError(f"--{name}: expected {channels} numbers, got {values!r}") from None
+    if len(numbers) != channels:
+        raise InputError(f"--{name}: expected {channels} numbers (one per channel), got {len(numbers)}")
+    return numbers
+
+
 def _positive(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InputError(f"--{name}: must be a positive int, got {value!r}")
@@ -197,12 +208,12 @@ def load_model(spec: str, weights: str | None = None, *, channels: int | None = 
             raise InputError(f"--model: {spec} returned a {type(model).__name__}, not an nn.Module")
         chosen = {**_declared(factory, module, spec), **options}
         channels = _positive("channels", chosen.get("channels", 3))
-        size = _positive("size", chosen.get("size", 224))
+        size = _positive("input-size", chosen.get("size", 224))
         default_norm = channels == 3 and "mean" not in chosen and "std" not in chosen
-        mean = tuple(chosen.get("mean", IMAGENET_MEAN if default_norm else (0.0,) * channels))
-        std = tuple(chosen.get("std", IMAGENET_STD if default_norm else (1.0,) * channels))
-        if len(mean) != channels or len(std) != channels or not all(s > 0 for s in std):
-            raise InputError(f"--mean/--std: need {channels} values each (std > 0), got mean {list(mean)}, std {list(std)}")
+        mean = _floats("mean", chosen.get("mean", IMAGENET_MEAN if default_norm else (0.0,) * channels), channels)
+        std = _floats("std", chosen.get("std", IMAGENET_STD if default_norm else (1.0,) * channels), channels)
+        if not all(s > 0 for s in std):
+            raise InputError(f"--std: every value must be > 0, got {list(std)}")
         if weights not in (None, "DEFAULT"):
             _apply(model, _state_dict(weights), weights)
         model.eval()

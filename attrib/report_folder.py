@@ -53,6 +53,18 @@ def termination_as_interrupt() -> Iterator[None]:
             signal.signal(number, old)
 
 
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done (the swap of the folders and the
+    clean-up are not cut in half); they are delivered when it ends."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _manifest(folder: Path) -> dict | None:
     try:
         data = json.loads((folder / MANIFEST).read_text())
@@ -121,14 +133,16 @@ def staged(out: Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700
-        check_out(out)  # nothing the user put there since the start is replaced
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(trash / out.name)
-            staging.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            staging.rename(out)
+        with _signals_held():
+            check_out(out)  # nothing the user put there since the start is replaced
+            if out.exists():
+                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                out.rename(trash / out.name)
+                staging.rename(out)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                staging.rename(out)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        with _signals_held():
+            shutil.rmtree(staging, ignore_errors=True)
         raise
