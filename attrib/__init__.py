@@ -1,17 +1,44 @@
-"""attrib: attribution for PyTorch — batched Riemann-Stieltjes conductance, integrated gradients and more."""
-from .ascent import AscentResult, aggregated_conductance, conductance_ascent
-from .backprop import DeconvNet, GuidedBackprop
-from .cam import GradCAM, GuidedGradCAM
-from .conductance import LayerConductance, NeuronConductance
-from .deconv import DeconvReconstruction
-from .deeplift import DeepLift
-from .errors import InputError, InputTypeError
-from .gradients import InputXGradient, IntegratedGradients, Saliency, SmoothGrad
-from .hooks import LayerReuseError, capture, mask, preserved, resolve_layers
-from .lrp import LRP
-from .layer import InternalInfluence, LayerActivation, LayerGradientXActivation
-from .paths import METHODS
-from .result import Attribution, filter_scores, top_filters
+"""attrib: attribution for PyTorch — batched Riemann-Stieltjes conductance, integrated gradients and more.
+
+The names below are imported on first use (PEP 562), so ``import attrib`` and the ``attrib`` command start
+at once and an interrupt during the heavy imports is handled like any other."""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "AscentResult": "ascent",
+    "aggregated_conductance": "ascent",
+    "conductance_ascent": "ascent",
+    "DeconvNet": "backprop",
+    "GuidedBackprop": "backprop",
+    "GradCAM": "cam",
+    "GuidedGradCAM": "cam",
+    "LayerConductance": "conductance",
+    "NeuronConductance": "conductance",
+    "DeconvReconstruction": "deconv",
+    "DeepLift": "deeplift",
+    "InputError": "errors",
+    "InputTypeError": "errors",
+    "InputXGradient": "gradients",
+    "IntegratedGradients": "gradients",
+    "Saliency": "gradients",
+    "SmoothGrad": "gradients",
+    "LayerReuseError": "hooks",
+    "capture": "hooks",
+    "mask": "hooks",
+    "preserved": "hooks",
+    "resolve_layers": "hooks",
+    "LRP": "lrp",
+    "InternalInfluence": "layer",
+    "LayerActivation": "layer",
+    "LayerGradientXActivation": "layer",
+    "METHODS": "paths",
+    "Attribution": "result",
+    "filter_scores": "result",
+    "top_filters": "result",
+}
 
 __all__ = [
     "AscentResult",
@@ -46,3 +73,22 @@ __all__ = [
     "top_filters",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    """A public name (imported from its module on first use) or a submodule (``attrib.lrp``)."""
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    else:
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

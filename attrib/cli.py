@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def _methods(text: str | None) -> list[str]:
     if text is None:
         return list(METHODS)
-    chosen = [m.strip() for m in text.split(",") if m.strip()]
+    chosen = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))  # in order, once each
     unknown = [m for m in chosen if m not in METHODS]
     if unknown or not chosen:
         from .errors import InputError
@@ -70,17 +70,17 @@ def _share(method: str, where: str, value: float, reference: float, reference_na
             "share": float(value) / float(reference) if float(reference) else float("nan"), "short": short, "note": note}
 
 
-def _lrp_check(name: str, report, tolerance: float) -> dict:
-    """LRP conservation: relevance at the input plus what each layer absorbed equals F(x) (the start)."""
+def _lrp_row(name: str, report) -> dict:
+    """LRP: the share of F(x) (where the backward pass starts) that reaches the input, with where the
+    rest went. Information, not a check: biases and the rules' epsilon absorb relevance by design
+    (``attrib audit`` checks conservation layer by layer where a layer has no bias)."""
     start, arrived = float(report.start[0]), float(report.input[0])
-    absorbed = sum(float(row.difference[0]) for row in report.rows)
-    check = _check(f"LRP {name}", "input + absorbed", arrived - absorbed, start, "F(x)", tolerance)
-    if abs(arrived - start) > tolerance * max(abs(start), 1e-12):
-        worst = report.worst(0)
-        check["note"] = (f"{100 * arrived / start:.1f}% of F(x) reaches the input; the rest is absorbed by biases and the "
-                         f"rules' epsilon (most at {worst.name}: {float(worst.difference[0]):+.3g}), which LRP does by design")
-    check["reaching_input"] = arrived
-    return check
+    worst = report.worst(0)
+    note = (f"{100 * arrived / start:.1f}% of F(x) reaches the input" if start else "F(x) = 0")
+    if abs(arrived - start) > 1e-6 * max(abs(start), 1e-12):
+        note += (f"; the rest is absorbed by biases and the rules' epsilon (most at {worst.name}: "
+                 f"{float(worst.difference[0]):+.3g}), which LRP does by design")
+    return _share(f"LRP {name}", "input", arrived, start, "F(x)", short="reaches the input: share of F(x)", note=note)
 
 
 def _baseline(loaded, x):
@@ -139,6 +139,14 @@ def _load(args):
                       std=args.std, output=args.output)
 
 
+def _file_safe(name: str, most: int = 60) -> str:
+    """A picture's name as part of a file name: letters, digits, '.', '-', '_' (others become '_'),
+    at most ``most`` characters (the HTML shows the real name)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:most] or "image"
+
+
 @contextmanager
 def _timed(timings: dict, part: str) -> Iterator[None]:
     started = time.perf_counter()
@@ -148,7 +156,10 @@ def _timed(timings: dict, part: str) -> Iterator[None]:
         timings[part] = timings.get(part, 0.0) + time.perf_counter() - started
 
 
-def _plan(args, loaded, pictures, layer: str, methods: list[str], explicit: bool) -> tuple[list[str], dict[str, str]]:
+LAYERED = ("conductance", "ascent", "gradcam", "deconv")  # the methods that explain a layer
+
+
+def _plan(args, loaded, pictures, layer: str | None, methods: list[str], explicit: bool) -> tuple[list[str], dict[str, str]]:
     """Every method's preconditions, checked before any work starts: the methods to run and, for
     the others, why not. A method the user named that cannot run is an error; one of the default
     set is skipped with its reason (shown in the report)."""
@@ -161,18 +172,24 @@ def _plan(args, loaded, pictures, layer: str, methods: list[str], explicit: bool
     from .lrp import LRP
 
     model, x = loaded.model, pictures[0].tensor
-    with capture(model, [layer]) as cap, torch.no_grad():
-        model(x.clone())
-        if layer not in cap.captured:
-            raise InputError(f"--layer: {layer!r} does not run in the model's forward pass; `attrib layers` lists those that do")
-        shape = tuple(cap[layer].shape[1:])
-    module = dict(model.named_modules())[layer]
     reasons: dict[str, str] = {}
-    if len(shape) < 2:
+    if layer is None:
+        reasons.update({m: "no convolution runs in this model, so there is no default layer; name one with --layer "
+                           "(`attrib layers` lists them)" for m in LAYERED})
+        shape: tuple = ()
+    else:
+        with capture(model, [layer]) as cap, torch.no_grad():
+            model(x.clone())
+            if layer not in cap.captured:
+                raise InputError(f"--layer: {layer!r} does not run in the model's forward pass; `attrib layers` lists those "
+                                 "that do")
+            shape = tuple(cap[layer].shape[1:])
+        module = dict(model.named_modules())[layer]
+    if layer is not None and len(shape) < 2:
         for method in SPATIAL:
             reasons[method] = (f"--layer {layer} ({type(module).__name__}) gives ({', '.join(map(str, shape))},) per example, "
                                f"without spatial dimensions; {SPATIAL[method]} needs a convolutional layer")
-    if "deconv" in methods and "deconv" not in reasons:
+    if "deconv" in methods and "deconv" not in reasons and layer is not None:
         try:
             DeconvReconstruction(model).attribute(x, layer=layer, neuron_selector=(0,) + (slice(None),) * (len(shape) - 1))
         except InputError as error:
@@ -212,7 +229,7 @@ def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Pa
     top = torch.topk(probabilities, min(5, probabilities.numel()))
     target = _target(args, output)
     base = _baseline(loaded, x)
-    stem = f"{index:02d}_{picture.name}"
+    stem = f"{index:02d}_{_file_safe(picture.name)}"
     shown = dict(mean=loaded.mean or None, std=loaded.std or None)
     timings: dict[str, float] = {}
     entry: dict[str, Any] = {
@@ -255,7 +272,8 @@ def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Pa
                            "lr": 0.1}
         figure("ascent", f"conductance ascent on filter {int(ascent.filter[0])} of {layer} (the top filter of the conductance "
                f"chart; {args.steps} Adam steps at lr 0.1, objective from {args.ascent_n_steps}-step conductance): original | "
-               "optimised image | gradient effect of its strongest neuron",
+               "optimised image | gradient effect of its strongest neuron (|d neuron / d input|; cyan outline: where it is "
+               "not zero, the neuron's receptive field)",
                figures.ascent_triptych(x[0], ascent.image[0], ascent.gradient_effect[0], **shown))
         bar.update(1)
     if "gradcam" in methods:
@@ -274,7 +292,7 @@ def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Pa
             result = LRP(model, LRP_COMPOSITE).attribute(x, target=target)
         grid["LRP"] = result.attributions[0]
         report = result.info["conservation"]
-        entry["checks"].append(_lrp_check(LRP_COMPOSITE, report, tolerance))
+        entry["checks"].append(_lrp_row(LRP_COMPOSITE, report))
         entry["lrp_layers"] = [{"layer": r.name, "rule": r.rule, "entering": float(r.entering[0]), "leaving": float(r.leaving[0])}
                                for r in report.rows]
         bar.update(1)
@@ -287,9 +305,9 @@ def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Pa
         entry["checks"][-1]["n_steps"] = args.n_steps
         bar.update(1)
     if grid:
-        figure("grid", "attributions (signed: blue < 0 < red; each panel on its own scale, clipped at the 99th percentile "
-               "of its |a|, as its colour bar says)",
-               figures.method_grid(x[0], grid, **shown))
+        figure("grid", "attributions (blue < 0 < red; Grad-CAM, which is never negative, from 0; each panel on its own "
+               "scale, clipped at the 99th percentile of its |a|, as its colour bar says)",
+               figures.method_grid(x[0], grid, signed={"Grad-CAM": False}, **shown))
     if "guided" in methods:
         with _timed(timings, "guided"):
             guided = GuidedBackprop(model).attribute(x, target=target).attributions[0]
@@ -346,30 +364,44 @@ def _graph(args, model, x, target, entry, figure, folder, stem, shown, timings) 
         graphs.write_graphml(flow, folder / f"{stem}_graph.graphml")
 
 
+def _layer_name(model, given: str | None, x) -> str | None:
+    """``--layer`` resolved in the model (errors named as the option), or the default layer."""
+    from .cuts import default_layer
+    from .errors import InputError
+    from .hooks import resolve_layers
+
+    if given is None:
+        return default_layer(model, x)
+    try:
+        return resolve_layers(model, given)[0][0]
+    except InputError as error:
+        raise InputError(f"--layer: {str(error).split(': ', 1)[-1]}") from None
+
+
 def explain(args) -> int:
     import torch
 
-    from .cuts import cut_layers, default_layer
-    from .hooks import resolve_layers
+    from .cuts import cut_layers
     from .inputs import check_forward, load_pictures
     from .report_folder import check_out, staged
     from viz.report import write_html
 
     started = time.perf_counter()
+    _check_numbers(args)
     out = check_out(args.out)  # before anything else: never work towards an output that would be refused
-    torch.manual_seed(0)
-    loaded = _load(args)
-    _settle(args, loaded.size)
-    pictures = load_pictures(args.images, loaded)
     methods = _methods(args.methods)
-    for picture in pictures:  # bad shapes and targets stop the run before anything is written
-        _target(args, check_forward(loaded, picture))
-    x = pictures[0].tensor
-    layer = default_layer(loaded.model, x) if args.layer is None else resolve_layers(loaded.model, args.layer)[0][0]
-    is_cut = cut_layers(loaded.model, x, [layer])[layer]
-    methods, skipped = _plan(args, loaded, pictures, layer, methods, explicit=args.methods is not None)
-    setup = time.perf_counter() - started
-    with staged(out) as staging:
+    with staged(out) as staging:  # made now: a place that cannot be written is refused before any work
+        torch.manual_seed(0)
+        loaded = _load(args)
+        _settle(args, loaded.size)
+        pictures = load_pictures(args.images, loaded)
+        for picture in pictures:  # bad shapes and targets stop the run before any work
+            _target(args, check_forward(loaded, picture))
+        x = pictures[0].tensor
+        layer = _layer_name(loaded.model, args.layer, x)
+        is_cut = cut_layers(loaded.model, x, [layer])[layer] if layer is not None else None
+        methods, skipped = _plan(args, loaded, pictures, layer, methods, explicit=args.methods is not None)
+        setup = time.perf_counter() - started
         with _progress(len(pictures) * len(methods), args.quiet, "explain") as bar:
             images = [_explain_one(args, loaded, p, layer, methods, is_cut, staging, i, bar) for i, p in enumerate(pictures)]
         report = {
@@ -390,6 +422,22 @@ def explain(args) -> int:
     return 0
 
 
+def _check_numbers(args) -> None:
+    """Tolerances and thresholds are finite numbers in their range (NaN would mark every check failed)."""
+    import math
+
+    from .errors import InputError
+
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise InputError(f"--tolerance: must be a finite number >= 0, got {args.tolerance}")
+    if getattr(args, "distance", None) is not None and not (math.isfinite(args.distance) and 0 <= args.distance <= 2):
+        raise InputError(f"--distance: must be a number from 0 to 2 (the shape distance's range), got {args.distance}")
+    for name in ("mean", "std"):
+        values = getattr(args, name, None) or []
+        if not all(math.isfinite(v) for v in values):
+            raise InputError(f"--{name}: must be finite numbers, got {values}")
+
+
 def audit(args) -> int:
     import torch.nn as nn
 
@@ -398,6 +446,7 @@ def audit(args) -> int:
     from .inputs import check_forward, load_pictures
     from .lrp import LRP
 
+    _check_numbers(args)
     loaded = _load(args)
     pictures = load_pictures(args.images, loaded)
     targets = [_target(args, check_forward(loaded, picture)) for picture in pictures]
@@ -430,7 +479,7 @@ def audit(args) -> int:
                                                   "the layer has a bias, which LRP lets absorb relevance by design")))
             else:  # no bias: what enters must leave (up to epsilon)
                 rows.append((picture.name, _check(f"LRP {args.composite}", row.name, difference + start, start, "F(x)", tolerance)))
-        rows.append((picture.name, _lrp_check(args.composite, report, tolerance)))
+        rows.append((picture.name, _lrp_row(args.composite, report)))
     width = max(len(f"{c['method']} @ {c['where']}") for _, c in rows)
     checked = [check for _, check in rows if check["passed"] is not None]
     failed = sum(not check["passed"] for check in checked)
@@ -454,6 +503,7 @@ def layers(args) -> int:
     import torch
 
     from .errors import InputError
+    from .inputs import SHAPE_ERRORS, first_line
 
     loaded = _load(args)
     shapes: dict[str, tuple] = {}
@@ -470,10 +520,9 @@ def layers(args) -> int:
     try:
         with torch.no_grad():
             loaded.model(torch.zeros(size))
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise InputError(f"--model: {args.model} does not accept input of shape {size} ({first}); give its input with "
-                         "--channels and --input-size (or declare them in the factory's attrib_input)") from None
+    except SHAPE_ERRORS as error:
+        raise InputError(f"--model: {args.model} does not accept input of shape {size} ({first_line(error)}); give its input "
+                         "with --channels and --input-size (or declare them in the factory's attrib_input)") from None
     finally:
         for handle in handles:
             handle.remove()
@@ -588,9 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import InputError
     from .report_folder import Terminated, termination_as_interrupt
 
-    args = parser().parse_args(argv)
     try:
-        with termination_as_interrupt():
+        with termination_as_interrupt():  # first: an interrupt during the heavy imports is handled too
+            args = parser().parse_args(argv)
             return args.run(args)
     except InputError as error:
         message = " ".join(str(error).split()) or type(error).__name__

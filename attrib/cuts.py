@@ -79,13 +79,22 @@ def _leaf_of(start: Any, probe: Tensor) -> Any:
     raise InputError("inputs: the model output does not depend on the inputs")
 
 
-def default_layer(model: nn.Module, inputs: Tensor, additional_forward_args: Any = None) -> str:
-    """The layer to explain by default: the last convolution if it is a cut; otherwise the outermost
-    block around it that is a cut (torchvision's ResNet18: ``layer4``, not ``layer4.1.conv2``)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, CONVOLUTIONS)]
-    if not names:
-        raise InputError("layer: the model has no convolution; name the layer")
-    last = names[-1]
+def default_layer(model: nn.Module, inputs: Tensor, additional_forward_args: Any = None) -> str | None:
+    """The layer to explain by default: the last convolution that runs, if it is a cut; otherwise the
+    outermost block around it that is a cut (torchvision's ResNet18: ``layer4``, not
+    ``layer4.1.conv2``). ``None`` when no convolution runs."""
+    ran: list[str] = []
+    handles = [module.register_forward_hook(lambda module, args, output, name=name: ran.append(name))
+               for name, module in model.named_modules() if isinstance(module, CONVOLUTIONS)]
+    try:
+        with preserved(model), torch.no_grad():
+            model(check_inputs(model, inputs)[:1].clone(), *as_args(additional_forward_args))
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not ran:
+        return None
+    last = ran[-1]
     parts = last.split(".")
     candidates = [last] + [".".join(parts[:i]) for i in range(1, len(parts))]  # itself, then outermost first
     cuts = cut_layers(model, inputs, candidates, additional_forward_args)

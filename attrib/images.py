@@ -139,6 +139,10 @@ def resize_crop(array: np.ndarray, size: int) -> tuple[np.ndarray, list[str]]:
         left, top = (resized[0] - size) // 2, (resized[1] - size) // 2
         values = values[top:top + size, left:left + size]
         steps.append(f"centre-cropped to {size}×{size}")
+        kept = size * size / (resized[0] * resized[1])
+        if kept < 0.5:
+            steps.append(f"warning: the centre crop keeps {kept:.0%} of the picture ({width}×{height} is far from "
+                         "square); crop it yourself to choose the part explained")
     return np.ascontiguousarray(values, dtype=np.float32), steps
 
 
@@ -186,20 +190,28 @@ def _scaled(stored: np.ndarray, mode: str, steps: list[str]) -> np.ndarray:
         return _rescaled(stored, "32-bit integer", steps)
     if mode == "F":
         finite = np.isfinite(stored)
-        if not finite.all():
-            stored = np.where(finite, stored, 0.0)
-            steps.append(f"{_share(~finite)} of values not finite (NaN or ±inf): set to 0")
-        if stored.min() >= 0 and stored.max() <= 1:
+        if not finite.any():
+            steps.append("32-bit float values: none finite (NaN or ±inf): set to 0")
+            return np.zeros_like(stored)
+        low, high = float(stored[finite].min()), float(stored[finite].max())  # the range of the real data
+        if low >= 0 and high <= 1:
             steps.append("32-bit float values used as stored (all within [0, 1])")
-            return stored
-        return _rescaled(stored, "32-bit float", steps)
+            scaled = stored
+        else:
+            scaled = _rescaled(stored, "32-bit float", steps, low, high)
+        if not finite.all():
+            scaled = np.where(finite, scaled, 0.0)
+            steps.append(f"{_share(~finite)} of values not finite (NaN or ±inf): set to 0 after scaling")
+        return scaled
     if mode != "LAB":  # its bytes are not intensities: _lab_to_srgb reads them
         steps.append("8-bit values divided by 255")
     return stored / 255
 
 
-def _rescaled(stored: np.ndarray, kind: str, steps: list[str]) -> np.ndarray:
-    low, high = float(stored.min()), float(stored.max())
+def _rescaled(stored: np.ndarray, kind: str, steps: list[str], low: float | None = None,
+              high: float | None = None) -> np.ndarray:
+    low = float(stored.min()) if low is None else low
+    high = float(stored.max()) if high is None else high
     if low == high:
         steps.append(f"{kind} values all {low:g}, outside the expected range and constant: set to 0")
         return np.zeros_like(stored)

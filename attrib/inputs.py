@@ -4,6 +4,7 @@ user factory ``package.module:function``, image files and scikit-image's bundled
 from __future__ import annotations
 
 import importlib
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -59,7 +60,9 @@ def _state_dict(path: str | Path) -> dict:
     if not path.is_file():
         raise InputError(f"--weights: no such file: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle it refuses; the one-line error says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a pickle with code, a truncated file: say so in one line
         raise InputError(f"--weights: {path} is not a plain state dict loadable with weights_only=True ({type(error).__name__})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -298,11 +301,11 @@ def load_pictures(sources: list[str], loaded: Loaded) -> list[Picture]:
                 raise InputError(f"image {source!r}: scikit-image is needed for its bundled photos (pip install scikit-image)") from None
             image, origin = Image.fromarray(getattr(skimage.data, source)()), f"scikit-image's photo {source!r}"
         else:
-            image, origin = open_image(source), str(source)
+            image, origin = open_image(source), display_name(str(source))
         array, record = decode(image, loaded.channels)
         array, steps = resize_crop(array, loaded.size)
         record = {"source": origin, **record, "steps": record["steps"] + steps}
-        pictures.append(Picture(Path(source).stem, _to_tensor(array, loaded), record=record))
+        pictures.append(Picture(display_name(Path(source).stem), _to_tensor(array, loaded), record=record))
     return pictures
 
 
@@ -314,9 +317,9 @@ def check_forward(loaded: Loaded, picture: Picture) -> Tensor:
     try:
         with torch.no_grad():
             output = loaded.model(fed)
-    except RuntimeError as error:
-        first = str(error).strip().splitlines()[0]
-        raise InputError(f"image {picture.name!r} of shape {tuple(picture.tensor.shape)} does not fit the model: {first}") from None
+    except SHAPE_ERRORS as error:
+        raise InputError(f"image {picture.name!r} of shape {tuple(picture.tensor.shape)} does not fit the model: "
+                         f"{first_line(error)}") from None
     if fed._version != version:
         raise InputError("--model: the model changes its input tensor in place (e.g. x += ..., x.relu_()), so the input "
                          "an attribution refers to would not be the one explained; make that operation out of place")
@@ -327,4 +330,20 @@ def check_forward(loaded: Loaded, picture: Picture) -> Tensor:
     if not isinstance(output, Tensor) or output.dim() != 2:
         shape = tuple(output.shape) if isinstance(output, Tensor) else type(output).__name__
         raise InputError(f"--model: the output must be (batch, classes) scores, got {shape}")
+    if not bool(torch.isfinite(output).all()):
+        raise InputError(f"--model: the scores for image {picture.name!r} are not finite (NaN or infinite); check the weights")
     return output
+
+
+# what a model raises when an input does not fit it (a shape, a dtype, an assertion on the size)
+SHAPE_ERRORS = (RuntimeError, ValueError, TypeError, IndexError, AssertionError)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def display_name(stem: str) -> str:
+    """A file stem as text that prints and encodes (undecodable bytes shown as U+FFFD)."""
+    return stem.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

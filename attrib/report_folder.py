@@ -11,6 +11,7 @@ removed on ``kill`` as on Ctrl-C.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -55,14 +56,28 @@ def termination_as_interrupt() -> Iterator[None]:
 
 @contextmanager
 def _signals_held() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP wait until the block is done (the swap of the folders and the
-    clean-up are not cut in half); they are delivered when it ends."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """SIGINT, SIGTERM and SIGHUP wait until the block is done, so the swap of the folders and the
+    clean-up are never cut in half: their handlers only note the signal (Python runs handlers in
+    the main thread, whichever thread the kernel delivered the signal to), and the interrupt is
+    raised when the block ends."""
+    noted: list[int] = []
+    previous = {}
+    try:
+        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            previous[number] = signal.signal(number, lambda signum, frame: noted.append(signum))
+    except ValueError:  # not the main thread: signals are not ours to hold
+        pass
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        for number, old in previous.items():
+            signal.signal(number, old)
+    if noted:
+        raise KeyboardInterrupt if noted[0] == signal.SIGINT else Terminated(noted[0])
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _manifest(folder: Path) -> dict | None:
@@ -70,7 +85,9 @@ def _manifest(folder: Path) -> dict | None:
         data = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("tool") == TOOL and isinstance(data.get("files"), list) else None
+    if isinstance(data, dict) and data.get("tool") == TOOL and isinstance(data.get("files"), dict):
+        return data
+    return None
 
 
 def _refuse(out: Path, why: str) -> InputError:
@@ -84,7 +101,11 @@ def check_out(path: str | os.PathLike) -> Path:
     here = Path.cwd().resolve()
     if out.is_symlink():
         raise _refuse(out, "is a symbolic link")
-    if out.exists() or out.is_symlink():
+    for above in out.parents:
+        if _manifest(above) is not None:
+            raise _refuse(out, f"is inside {above}, a report folder attrib wrote (which would then hold files that are "
+                               "not its own)")
+    if out.exists():
         if not out.is_dir():
             raise _refuse(out, "is a file")
         if here == out.resolve() or out.resolve() in here.parents:
@@ -92,9 +113,16 @@ def check_out(path: str | os.PathLike) -> Path:
         manifest = _manifest(out)
         if manifest is None:
             raise _refuse(out, f"exists and was not written by attrib (no {MANIFEST} in it)")
-        extra = sorted(set(_contents(out)) - set(manifest["files"]))
+        written = manifest["files"]
+        extra = sorted(set(_contents(out)) - set(written))
         if extra:
             raise _refuse(out, f"holds files attrib did not write ({', '.join(extra[:3])}{', ...' if len(extra) > 3 else ''})")
+        changed = [name for name, digest in written.items() if digest is not None and
+                   (not (out / name).is_file() or _digest(out / name) != digest)]
+        if changed:
+            raise _refuse(out, f"holds files changed since attrib wrote them ({', '.join(changed[:3])})")
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise InputError(f"--out: cannot replace {out}: it is not writable (permission denied)")
     parent = out.parent
     for folder in [parent, *parent.parents]:  # the nearest existing ancestor must be a writable folder
         if folder.exists():
@@ -117,32 +145,66 @@ def _contents(folder: Path) -> list[str]:
     return sorted(names)
 
 
+def _make_parents(folder: Path) -> list[Path]:
+    """Create ``folder`` and missing parents; the ones created, deepest first."""
+    missing = [f for f in [folder, *folder.parents] if not f.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
 @contextmanager
 def staged(out: Path) -> Iterator[Path]:
-    """A fresh staging folder beside ``out``; on success it gets a manifest, normal permissions and
+    """A fresh staging folder beside ``out`` (made at once, so an unwritable place is refused before
+    any work); on success it gets a manifest (every file with its SHA-256), normal permissions and
     replaces ``out`` (checked again, just before, with :func:`check_out`); on any exception,
-    KeyboardInterrupt and :class:`Terminated` included, it is removed and ``out`` is untouched."""
+    KeyboardInterrupt and :class:`Terminated` included, it is removed, with any parent folders it
+    had to create, and ``out`` is untouched."""
+    created: list[Path] = []
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
+        created = _make_parents(out.parent)
         staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     except OSError as error:
+        _remove_empty(created)
         raise InputError(f"--out: cannot create a folder in {out.parent}: {error.strerror or error}") from None
     try:
         yield staging
-        (staging / MANIFEST).write_text(json.dumps({"tool": TOOL, "files": _contents(staging)}, indent=1))
+        files = {name: (_digest(staging / name) if (staging / name).is_file() else None) for name in _contents(staging)}
+        (staging / MANIFEST).write_text(json.dumps({"tool": TOOL, "files": files}, indent=1))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700
         with _signals_held():
-            check_out(out)  # nothing the user put there since the start is replaced
-            if out.exists():
-                trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-                out.rename(trash / out.name)
-                staging.rename(out)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                staging.rename(out)
+            check_out(out)  # nothing the user put there or changed since the start is replaced
+            _swap(staging, out)
     except BaseException:
         with _signals_held():
             shutil.rmtree(staging, ignore_errors=True)
+            _remove_empty(created)
         raise
+
+
+def _swap(staging: Path, out: Path) -> None:
+    """Put ``staging`` in the place of ``out`` (an old report is renamed aside, then deleted)."""
+    if not out.exists():
+        staging.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))  # a name reserved beside it
+    try:
+        out.rename(old)  # a folder renamed onto an empty folder replaces it
+    except OSError as error:
+        old.rmdir()
+        raise InputError(f"--out: cannot replace {out}: {error.strerror or error}") from None
+    try:
+        staging.rename(out)
+    except OSError:
+        old.rename(out)  # put the old report back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            break

@@ -89,3 +89,49 @@ def buggy():
 
 
 buggy.attrib_input = {"size": 16}
+
+
+class SpareConv(nn.Module):
+    """The last convolution registered never runs; the default layer is the last one that does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 3)
+        self.spare = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+def spare_conv():
+    torch.manual_seed(5)
+    return SpareConv()
+
+
+spare_conv.attrib_input = {"size": 16}
+
+
+def mlp():
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+mlp.attrib_input = {"size": 8}
+
+
+class Picky(nn.Module):
+    """Refuses a wrong input size with a ValueError, as many user models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3 * 8 * 8, 3)
+
+    def forward(self, x):
+        if x.shape[-1] != 8:
+            raise ValueError(f"expected 8 x 8 pictures, got {tuple(x.shape)}")
+        return self.fc(x.flatten(1))
+
+
+def picky():
+    return Picky()

@@ -263,9 +263,13 @@ def test_float_as_stored_and_rescaled(tmp_path):
     assert has_step(record, "used as stored")
     image = stored(Image.fromarray(np.array([[-2.0, 0.0, 6.0, np.nan]], np.float32)), tmp_path / "g.tif")
     array, record = decoded(image, 1)
-    np.testing.assert_allclose(array[0, :, 0], [0, 0.25, 1, 0.25], atol=1e-7)  # NaN → 0 → 0.25
+    np.testing.assert_allclose(array[0, :, 0], [0, 0.25, 1, 0], atol=1e-7)  # the range of the finite values; NaN → 0
     assert has_step(record, "25%", "not finite") and has_step(record, "-2..6 rescaled linearly")
     assert record["stored_range"] == [-2.0, 6.0]
+    # a NaN must not stretch the range: data in 5000..6000 keeps its full contrast
+    image = stored(Image.fromarray(np.array([[5000.0, 5500.0, 6000.0, np.nan]], np.float32)), tmp_path / "h.tif")
+    array, record = decoded(image, 1)
+    np.testing.assert_allclose(array[0, :, 0], [0, 0.5, 1, 0], atol=1e-7)
 
 
 # ---- frames and orientation ----
@@ -429,3 +433,12 @@ def test_open_decompression_bomb(tmp_path, monkeypatch):
 def test_open_loads(tmp_path):
     image = stored(Image.new("RGB", (3, 2), (1, 2, 3)), tmp_path / "ok.png")
     assert image.size == (3, 2) and image.getpixel((0, 0)) == (1, 2, 3) and image.im is not None
+
+
+def test_a_strip_is_cropped_with_a_warning():
+    strip = np.linspace(0, 1, 5000 * 40, dtype=np.float32).reshape(40, 5000)
+    array, steps = resize_crop(strip, 32)
+    assert array.shape == (32, 32, 1)
+    assert any("warning: the centre crop keeps 1% of the picture" in step for step in steps), steps
+    # the crop is the middle: the values there are the middle of the ramp
+    assert abs(float(array.mean()) - 0.5) < 0.01

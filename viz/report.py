@@ -65,7 +65,7 @@ def write_html(report: dict, folder: Path) -> Path:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>attrib report: {html.escape(model['name'])}</title>",
              f"<style>{STYLE}</style></head><body>",
              f"<h1>attrib report: {html.escape(model['name'])}</h1>",
-             f"<p>weights: {html.escape(model['weights'])}; layer explained: <code>{html.escape(report['layer'])}</code>"
+             f"<p>weights: {html.escape(model['weights'])}; layer explained: <code>{html.escape(str(report['layer']))}</code>"
              + ("" if cut is None else " (every path crosses it)" if cut else " (not a cut: a skip connection bypasses it)")
              + f"; methods: {html.escape(', '.join(report['methods']))}; {report['seconds']:.1f} s in all.</p>"]
     settings = report.get("settings")
@@ -117,8 +117,14 @@ def write_html(report: dict, folder: Path) -> Path:
             if plateau is not None:
                 plateau_text = (f"; the curve levels off at K = {plateau} (distance "
                                 f"{curve['heatmap_distance'][curve['ks'].index(plateau)]:.3f})")
-            parts.append("<p>chosen K (shape distance ≤ {:g}): {}{}.</p>".format(
-                curve["distance_threshold"], chosen if chosen is not None else "none reaches it", plateau_text))
+            chosen_text = "none reaches it"
+            if chosen is not None:
+                at = curve["ks"].index(chosen)
+                chosen_text = (f"{chosen} (distance {curve['heatmap_distance'][at]:.3f}: the shape matches; those paths carry "
+                               f"{curve['heatmap_share'][at]:.2%} of the relevance and {curve['score_share'][at]:.2%} of the "
+                               "score, so they show where the evidence is, not how much of it)")
+            parts.append("<p>chosen K (shape distance ≤ {:g}): {}{}.</p>".format(curve["distance_threshold"], chosen_text,
+                                                                                 plateau_text))
         if image.get("seconds"):
             parts.append("<p class='small'>time: " + html.escape(", ".join(f"{k} {v:.1f} s" for k, v in image["seconds"].items()))
                          + "</p>")
