@@ -113,7 +113,7 @@ def _size_defaults(size: int) -> dict[str, int]:
     """The explain settings for an input size: the same methods, fewer ascent iterations, ascent
     steps and K on large inputs (the report shows the values used)."""
     if size < LARGE:
-        return {"n_steps": 32, "steps": 30, "ascent_n_steps": 8, "max_k": 50}
+        return {"n_steps": 32, "steps": 30, "ascent_n_steps": 8, "max_k": 100}
     return {"n_steps": 16, "steps": 8, "ascent_n_steps": 4, "max_k": 17}  # 17 K-path maps + the full one: 3 passes of k=6
 
 
