@@ -114,7 +114,7 @@ def _size_defaults(size: int) -> dict[str, int]:
     steps and K on large inputs (the report shows the values used)."""
     if size < LARGE:
         return {"n_steps": 32, "steps": 30, "ascent_n_steps": 8, "max_k": 100}
-    return {"n_steps": 16, "steps": 8, "ascent_n_steps": 4, "max_k": 17}  # 17 K-path maps + the full one: 3 passes of k=6
+    return {"n_steps": 16, "steps": 6, "ascent_n_steps": 4, "max_k": 11}  # 11 K-path maps + the full one: 2 passes of k=6
 
 
 def _settle(args, size: int) -> dict[str, Any]:
