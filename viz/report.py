@@ -52,9 +52,11 @@ def _checks(checks: list[dict]) -> list[str]:
         classes.append("" if c.get("passed") is None else ("pass" if c["passed"] else "fail"))
     return ["<h3>completeness and conservation</h3>",
             "<p class='small'>Path methods (integrated gradients, DeepLIFT, conductance) should add up to "
-            "F(x) − F(x′), the score change from the baseline (a black image); LRP starts from F(x) itself, and its row "
-            "checks that the relevance reaching the input plus what the layers absorbed equals F(x). Conductance adds up "
-            "to F(x) − F(x′) only at a layer every path crosses; elsewhere the row shows its share.</p>",
+            "F(x) − F(x′), the score change from the baseline (a black image), and are marked pass or fail against the "
+            "tolerance. Conductance adds up to F(x) − F(x′) only at a layer every path crosses; elsewhere the row shows "
+            "its share. LRP starts from F(x) itself; its row shows the share that reaches the input, the rest being "
+            "absorbed by biases and ε by design (information, not a check; <code>attrib audit</code> checks conservation "
+            "layer by layer).</p>",
             _table(rows, ["method", "where", "sum of attributions", "should be", "relative error", "verdict", "note"], classes)]
 
 
