@@ -647,7 +647,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as interrupt:
         number = interrupt.signum if isinstance(interrupt, Terminated) else signal.SIGINT
-        print(f"attrib: interrupted ({signal.Signals(number).name}); no partial report was left behind", file=sys.stderr)
+        written = getattr(interrupt, "written", None)
+        outcome = (f"it came as the report was moved into place, so {written} holds the complete new report" if written
+                   else "no partial report was left behind")
+        print(f"attrib: interrupted ({signal.Signals(number).name}); {outcome}", file=sys.stderr)
         return 128 + int(number)
 
 

@@ -173,9 +173,13 @@ def staged(out: Path) -> Iterator[Path]:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it 0700
-        with _signals_held():
-            check_out(out)  # nothing the user put there or changed since the start is replaced
-            _swap(staging, out)
+        try:
+            with _signals_held():
+                check_out(out)  # nothing the user put there or changed since the start is replaced
+                _swap(staging, out)
+        except KeyboardInterrupt as interrupt:  # noted during the swap, acted on after it: the new report is in place
+            interrupt.written = out  # type: ignore[attr-defined]
+            raise
     except BaseException:
         with _signals_held():
             shutil.rmtree(staging, ignore_errors=True)
