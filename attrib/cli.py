@@ -217,7 +217,7 @@ def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Pa
 
     from . import (DeconvReconstruction, DeepLift, GradCAM, GuidedBackprop, IntegratedGradients, LayerConductance,
                    conductance_ascent)
-    from viz import figures
+    from attrib.viz import figures
 
     from .inputs import check_forward
     from .lrp import LRP
@@ -331,9 +331,9 @@ def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Pa
 
 
 def _graph(args, model, x, target, entry, figure, folder, stem, shown, timings) -> None:
-    import graphs
-    from viz import figures
-    from viz.graph import draw_graph, draw_k_curves
+    from attrib import graphs
+    from attrib.viz import figures
+    from attrib.viz.graph import draw_graph, draw_k_curves
 
     with _timed(timings, "graph"):
         flow = graphs.build_graph(model, x, target=target, k=args.k, conductance_steps=None)
@@ -384,7 +384,7 @@ def explain(args) -> int:
     from .cuts import cut_layers
     from .inputs import check_forward, load_pictures
     from .report_folder import check_out, staged
-    from viz.report import write_html
+    from attrib.viz.report import write_html
 
     started = time.perf_counter()
     _check_numbers(args)

@@ -1,7 +1,7 @@
 """Time to build the path graph: VGG16 at 224 px, k = 8, the 13 conv layers (the issue's case), plus
 the conductance-flow graph, ResNet18, and the K-curves. Random init, 2 threads, one warm-up, median
 of repeats. Writes benchmarks/results/graphs.json and graphs.md. (Named path_graphs.py so that
-``import graphs`` finds the package, not this script.)
+``from attrib import graphs`` finds the package, not this script.)
 
     python benchmarks/path_graphs.py [--repeats 3]
 """
@@ -19,7 +19,7 @@ import torchvision
 from torch import nn
 
 import attrib
-import graphs
+from attrib import graphs
 from common import device_label, imagenet_pictures
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -60,7 +60,7 @@ def test_explain_replaces_an_old_report_only_when_complete(tmp_path, monkeypatch
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("viz.report.write_html", interrupted)
+    monkeypatch.setattr("attrib.viz.report.write_html", interrupted)
     code = cli.main(["explain", "--out", str(out), "--methods", "ig"] + FAST)
     assert code == 130
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
@@ -126,7 +126,7 @@ def test_audit_exit_status_follows_the_tolerance(capsys):
 
 
 def test_figures_follow_the_attribution_and_are_deterministic():
-    from viz import figures
+    from attrib.viz import figures
 
     image = torch.rand(3, 16, 16)
     first = torch.zeros(3, 16, 16)

@@ -186,7 +186,7 @@ def test_report_marks_checks_shows_the_input_record_and_encodes_file_names(tmp_p
 
 
 def test_method_grid_holds_attributions_only(tmp_path, monkeypatch):
-    from viz import figures
+    from attrib.viz import figures
 
     seen = []
     original = figures.method_grid
@@ -319,7 +319,7 @@ def test_an_interrupted_run_removes_the_parent_folders_it_made(tmp_path, monkeyp
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("viz.report.write_html", interrupted)
+    monkeypatch.setattr("attrib.viz.report.write_html", interrupted)
     assert cli.main(["explain", "--out", str(tmp_path / "deep" / "er" / "r")] + QUICK) == 130
     assert list(tmp_path.iterdir()) == []
 

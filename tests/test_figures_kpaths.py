@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import graphs
+from attrib import graphs
 from conftest import make_cnn
-from viz import figures
-from viz.graph import draw_graph, draw_k_curves
+from attrib.viz import figures
+from attrib.viz.graph import draw_graph, draw_k_curves
 
 
 def test_shape_distance_and_share_equal_a_hand_calculation():

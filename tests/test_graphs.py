@@ -9,7 +9,7 @@ import torchvision
 from torch import nn
 
 import attrib
-import graphs
+from attrib import graphs
 from attrib.lrp import LRP, LRP0, Composite, Epsilon, Norm
 from attrib.lrp.composites import AVERAGE_POOLS, BATCHNORMS, LINEAR_TYPES
 from conftest import assert_unchanged, make_cnn, model_state, relative
@@ -264,7 +264,7 @@ def test_errors_name_the_argument():
 def test_drawing_marks_exactly_the_path_edges(tmp_path):
     from matplotlib.colors import to_hex
 
-    from viz.graph import draw_graph
+    from attrib.viz.graph import draw_graph
 
     model = TinyResidual().double().eval()
     x = torch.rand(1, 2, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

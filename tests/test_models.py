@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-import graphs
+from attrib import graphs
 from attrib.models import DigitsNet, load_digits_model, pixel_bounds, preprocess, sample_digits
 from attrib.models.digits import MEAN, STD, SIZE
 

@@ -20,7 +20,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from attrib.errors import InputError  # noqa: E402
-from graphs.heatmaps import shape_distance, share, unit_l1  # noqa: E402
+from attrib.graphs.heatmaps import shape_distance, share, unit_l1  # noqa: E402
 
 DPI = 110
 

@@ -15,8 +15,8 @@ import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
 
-from graphs.flow import CLASS_LAYER, FlowGraph  # noqa: E402
-from graphs.paths import Path  # noqa: E402
+from attrib.graphs.flow import CLASS_LAYER, FlowGraph  # noqa: E402
+from attrib.graphs.paths import Path  # noqa: E402
 
 
 def layered_positions(flow: FlowGraph, graph: nx.DiGraph) -> dict:
