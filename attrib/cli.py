@@ -164,9 +164,9 @@ def _plan(args, loaded, pictures, layer: str | None, methods: list[str], explici
     the others, why not. A method the user named that cannot run is an error; one of the default
     set is skipped with its reason (shown in the report)."""
     import torch
-    from torch import nn
 
     from . import DeconvReconstruction
+    from .cuts import CONVOLUTIONS
     from .errors import InputError
     from .hooks import capture
     from .lrp import LRP
@@ -194,7 +194,7 @@ def _plan(args, loaded, pictures, layer: str | None, methods: list[str], explici
             DeconvReconstruction(model).attribute(x, layer=layer, neuron_selector=(0,) + (slice(None),) * (len(shape) - 1))
         except InputError as error:
             reasons["deconv"] = f"deconvolution: {error}"
-            inner = [n for n, m in module.named_modules() if n and isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+            inner = [n for n, m in module.named_modules() if n and isinstance(m, CONVOLUTIONS)]
             if inner:  # a block: the reason it cannot be reconstructed through, rather than "a container"
                 try:
                     DeconvReconstruction(model).attribute(x, layer=f"{layer}.{inner[-1]}", neuron_selector=(0,))
@@ -442,7 +442,7 @@ def audit(args) -> int:
     import torch.nn as nn
 
     from . import DeepLift, IntegratedGradients, LayerConductance
-    from .cuts import cut_layers
+    from .cuts import CONVOLUTIONS, cut_layers
     from .inputs import check_forward, load_pictures
     from .lrp import LRP
 
@@ -450,7 +450,7 @@ def audit(args) -> int:
     loaded = _load(args)
     pictures = load_pictures(args.images, loaded)
     targets = [_target(args, check_forward(loaded, picture)) for picture in pictures]
-    layers = [n for n, m in loaded.model.named_modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear))]
+    layers = [n for n, m in loaded.model.named_modules() if isinstance(m, CONVOLUTIONS + (nn.Linear,))]
     cuts = cut_layers(loaded.model, pictures[0].tensor, layers)
     tolerance = args.tolerance
     rows = []
