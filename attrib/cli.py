@@ -117,19 +117,16 @@ def _size_defaults(size: int) -> dict[str, int]:
     return {"n_steps": 16, "steps": 6, "ascent_n_steps": 4, "max_k": 11}  # 11 K-path maps + the full one: 2 passes of k=6
 
 
-def _settle(args, size: int) -> dict[str, Any]:
+def _settle(args, size: int) -> None:
     """Fill the settings left to their size-dependent default; check every count."""
     from .engine import check_count
 
-    chosen = {}
     for name, value in _size_defaults(size).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-        chosen[name] = getattr(args, name)
     for name in ("n_steps", "ascent_n_steps", "max_k", "k"):
         check_count(f"--{name.replace('_', '-')}", getattr(args, name))
     check_count("--steps", args.steps, minimum=0)
-    return chosen
 
 
 def _load(args):
@@ -212,19 +209,17 @@ def _plan(args, loaded, pictures, layer: str | None, methods: list[str], explici
     return [m for m in methods if m not in reasons], {m: reasons[m] for m in refused}
 
 
-def _explain_one(args, loaded, picture, layer, methods, is_cut: bool, folder: Path, index: int, bar) -> dict:
+def _explain_one(args, loaded, picture, output, layer, methods, is_cut: bool, folder: Path, index: int, bar) -> dict:
     import torch
 
     from . import (DeconvReconstruction, DeepLift, GradCAM, GuidedBackprop, IntegratedGradients, LayerConductance,
                    conductance_ascent)
     from attrib.viz import figures
 
-    from .inputs import check_forward
     from .lrp import LRP
     from .result import filter_scores
 
     model, x = loaded.model, picture.tensor
-    output = check_forward(loaded, picture)
     probabilities = torch.softmax(output, 1)[0]
     top = torch.topk(probabilities, min(5, probabilities.numel()))
     target = _target(args, output)
@@ -348,7 +343,7 @@ def _graph(args, model, x, target, entry, figure, folder, stem, shown, timings) 
     full, kmaps = curves.full_map, {k: curves.maps[k - 1] for k in ks}
     scale = figures.k_path_scale(full, kmaps)
     figure("kpaths", "full LRP heatmap and K-path heatmaps (channels off the K best paths masked in the backward pass). "
-           + scale.caption, figures.k_path_heatmaps(x[0], full, kmaps, **shown))
+           + scale.caption, figures.k_path_heatmaps(x[0], full, kmaps, scale=scale, **shown))
     entry["k_curve"] = {"ks": curves.ks, "heatmap_distance": curves.heatmap_distance, "heatmap_share": curves.heatmap_share,
                         "score_share": curves.score_share, "full_relevance": curves.full_relevance,
                         "full_score": curves.full_score, "score_mse": curves.score_mse, "score_smape": curves.score_smape,
@@ -395,15 +390,17 @@ def explain(args) -> int:
         loaded = _load(args)
         _settle(args, loaded.size)
         pictures = load_pictures(args.images, loaded)
-        for picture in pictures:  # bad shapes and targets stop the run before any work
-            _target(args, check_forward(loaded, picture))
+        outputs = [check_forward(loaded, picture) for picture in pictures]
+        for output in outputs:  # bad shapes and targets stop the run before any work
+            _target(args, output)
         x = pictures[0].tensor
         layer = _layer_name(loaded.model, args.layer, x)
         is_cut = cut_layers(loaded.model, x, [layer])[layer] if layer is not None else None
         methods, skipped = _plan(args, loaded, pictures, layer, methods, explicit=args.methods is not None)
         setup = time.perf_counter() - started
         with _progress(len(pictures) * len(methods), args.quiet, "explain") as bar:
-            images = [_explain_one(args, loaded, p, layer, methods, is_cut, staging, i, bar) for i, p in enumerate(pictures)]
+            images = [_explain_one(args, loaded, p, output, layer, methods, is_cut, staging, i, bar)
+                      for i, (p, output) in enumerate(zip(pictures, outputs))]
         report = {
             "model": {"name": loaded.name, "weights": loaded.weights, "notes": loaded.notes, "output": loaded.output,
                       "input": {"channels": loaded.channels, "size": loaded.size, "mean": list(loaded.mean),
@@ -423,7 +420,8 @@ def explain(args) -> int:
 
 
 def _check_numbers(args) -> None:
-    """Tolerances and thresholds are finite numbers in their range (NaN would mark every check failed)."""
+    """Tolerances and thresholds are finite numbers in their range (NaN would mark every check failed);
+    the normalisation's numbers are checked where the model is loaded."""
     import math
 
     from .errors import InputError
@@ -432,10 +430,6 @@ def _check_numbers(args) -> None:
         raise InputError(f"--tolerance: must be a finite number >= 0, got {args.tolerance}")
     if getattr(args, "distance", None) is not None and not (math.isfinite(args.distance) and 0 <= args.distance <= 2):
         raise InputError(f"--distance: must be a number from 0 to 2 (the shape distance's range), got {args.distance}")
-    for name in ("mean", "std"):
-        values = getattr(args, name, None) or []
-        if not all(math.isfinite(v) for v in values):
-            raise InputError(f"--{name}: must be finite numbers, got {values}")
 
 
 def audit(args) -> int:

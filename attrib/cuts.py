@@ -8,7 +8,7 @@ reach the input without passing through the node that made the layer's output.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -20,18 +20,21 @@ from .hooks import LayerSpec, frozen_parameters, preserved, resolve_layers
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _reaches(start: Any, goal: Any, blocked: Any) -> bool:
-    """Whether ``goal`` is reachable from ``start`` in the autograd graph without visiting ``blocked``."""
+def _nodes(start: Any, blocked: Any = None) -> Iterator[Any]:
+    """Every node of the autograd graph reachable from ``start`` without visiting ``blocked``."""
     stack, seen = [start], {id(blocked)}
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
-        if node is goal:
-            return True
         seen.add(id(node))
+        yield node
         stack.extend(next_node for next_node, _ in node.next_functions)
-    return False
+
+
+def _reaches(start: Any, goal: Any, blocked: Any) -> bool:
+    """Whether ``goal`` is reachable from ``start`` in the autograd graph without visiting ``blocked``."""
+    return any(node is goal for node in _nodes(start, blocked))
 
 
 def cut_layers(
@@ -67,15 +70,9 @@ def cut_layers(
 
 def _leaf_of(start: Any, probe: Tensor) -> Any:
     """The graph node that accumulates the gradient of ``probe``."""
-    stack, seen = [start], set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
+    for node in _nodes(start):
         if type(node).__name__ == "AccumulateGrad" and node.variable is probe:
             return node
-        stack.extend(next_node for next_node, _ in node.next_functions)
     raise InputError("inputs: the model output does not depend on the inputs")
 
 

@@ -4,6 +4,7 @@ user factory ``package.module:function``, image files and scikit-image's bundled
 from __future__ import annotations
 
 import importlib
+import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .engine import check_count
 from .errors import InputError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,15 +44,11 @@ def _floats(name: str, values: Any, channels: int) -> tuple[float, ...]:
         numbers = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         raise InputError(f"--{name}: expected {channels} numbers, got {values!r}") from None
+    if not all(math.isfinite(v) for v in numbers):
+        raise InputError(f"--{name}: must be finite numbers, got {list(numbers)}")
     if len(numbers) != channels:
         raise InputError(f"--{name}: expected {channels} numbers (one per channel), got {len(numbers)}")
     return numbers
-
-
-def _positive(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InputError(f"--{name}: must be a positive int, got {value!r}")
-    return value
 
 
 def _state_dict(path: str | Path) -> dict:
@@ -210,8 +208,8 @@ def load_model(spec: str, weights: str | None = None, *, channels: int | None = 
         if not isinstance(model, nn.Module):
             raise InputError(f"--model: {spec} returned a {type(model).__name__}, not an nn.Module")
         chosen = {**_declared(factory, module, spec), **options}
-        channels = _positive("channels", chosen.get("channels", 3))
-        size = _positive("input-size", chosen.get("size", 224))
+        channels = check_count("--channels", chosen.get("channels", 3))
+        size = check_count("--input-size", chosen.get("size", 224))
         default_norm = channels == 3 and "mean" not in chosen and "std" not in chosen
         mean = _floats("mean", chosen.get("mean", IMAGENET_MEAN if default_norm else (0.0,) * channels), channels)
         std = _floats("std", chosen.get("std", IMAGENET_STD if default_norm else (1.0,) * channels), channels)

@@ -36,22 +36,28 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def termination_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` (previous handlers restored)."""
-    def handler(signum, frame):
-        raise Terminated(signum)
-
+def _handlers(numbers: tuple[int, ...], handler) -> Iterator[None]:
+    """``handler`` for the signals ``numbers`` within the block, the previous handlers restored after
+    (outside the main thread signals are not ours to handle: nothing changes)."""
     previous = {}
     try:
-        for number in (signal.SIGTERM, signal.SIGHUP):
+        for number in numbers:
             previous[number] = signal.signal(number, handler)
-    except ValueError:  # not the main thread: signals stay as they are
+    except ValueError:
         pass
     try:
         yield
     finally:
         for number, old in previous.items():
             signal.signal(number, old)
+
+
+def termination_as_interrupt():
+    """Within the block, SIGTERM and SIGHUP raise :class:`Terminated` (previous handlers restored)."""
+    def handler(signum, frame):
+        raise Terminated(signum)
+
+    return _handlers((signal.SIGTERM, signal.SIGHUP), handler)
 
 
 @contextmanager
@@ -61,17 +67,8 @@ def _signals_held() -> Iterator[None]:
     the main thread, whichever thread the kernel delivered the signal to), and the interrupt is
     raised when the block ends."""
     noted: list[int] = []
-    previous = {}
-    try:
-        for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            previous[number] = signal.signal(number, lambda signum, frame: noted.append(signum))
-    except ValueError:  # not the main thread: signals are not ours to hold
-        pass
-    try:
+    with _handlers((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), lambda signum, frame: noted.append(signum)):
         yield
-    finally:
-        for number, old in previous.items():
-            signal.signal(number, old)
     if noted:
         raise KeyboardInterrupt if noted[0] == signal.SIGINT else Terminated(noted[0])
 

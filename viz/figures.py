@@ -237,11 +237,12 @@ def k_path_scale(full, maps: Mapping[int, object], percentile: float = 99.0) -> 
 
 
 def k_path_heatmaps(image, full, maps: Mapping[int, object], path=None, mean=None, std=None, title: str | None = None,
-                    percentile: float = 99.0):
+                    percentile: float = 99.0, scale: KPathScale | None = None):
     """The full LRP heatmap beside the K-path heatmaps (``maps``: K -> map), all on the one scale of
     :func:`k_path_scale` (each map / its L1 norm, one shared symmetric colour limit, one colour bar);
-    each K panel's title gives the share of the relevance it carries and its shape distance."""
-    scale = k_path_scale(full, maps, percentile)
+    each K panel's title gives the share of the relevance it carries and its shape distance. ``scale``:
+    the one a caller already computed for these maps (to caption the figure), else computed here."""
+    scale = k_path_scale(full, maps, percentile) if scale is None else scale
     panels = len(maps) + 1
     fig = plt.figure(figsize=(2.3 * panels + 0.7, 2.9))
     grid = fig.add_gridspec(1, panels + 1, width_ratios=[1.0] * panels + [0.06])
