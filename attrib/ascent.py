@@ -14,21 +14,31 @@ from typing import Any, Callable, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .engine import as_args, check_baselines, check_count, check_inputs, check_model, expand_args
-from .hooks import LayerSpec, capture, frozen_parameters, preserved, resolve_layers
-from .paths import uniform_nodes
-from .targets import TargetType, normalize_target, target_scores
+from .checks import (
+    as_args,
+    check_baselines,
+    check_count,
+    check_inputs,
+    check_model,
+    expand_args,
+)
 from .errors import InputError
+from .hooks import capture, frozen_parameters, preserved, resolve_layers
+from .module_types import CONVOLUTIONS
+from .normalization import normalized_range
+from .quadrature import uniform_nodes
+from .sums import trapezoid_sum
+from .sweep import interpolate, step_major
+from .targets import normalize_target, target_scores
+from .types import Baselines, LayerSpec, TargetType
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 Bounds = Union[str, tuple, None]
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 def last_conv(model: nn.Module) -> str:
     """The dotted name of the model's last convolution (in registration order)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    names = [name for name, module in model.named_modules() if isinstance(module, CONVOLUTIONS)]
     if not names:
         raise InputError("layer: the model has no convolution; name the layer")
     return names[-1]
@@ -36,18 +46,17 @@ def last_conv(model: nn.Module) -> str:
 
 def conductance_map(
     model: nn.Module, inputs: Tensor, layer: str, target: TargetType, n_steps: int = 20,
-    baselines: Tensor | float | None = None, create_graph: bool = False, additional_forward_args: Any = None,
+    baselines: Baselines = None, create_graph: bool = False, additional_forward_args: Any = None,
 ) -> Tensor:
     """Layer conductance ``(B, C, ...)`` of ``layer``'s output, differentiable w.r.t. ``inputs`` when
     ``create_graph``: ``sum_k (g_k + g_{k+1}) / 2 * (y_{k+1} - y_k)`` over nodes ``k / n_steps`` (the
-    first at ``2**-60``, as :mod:`attrib.paths` explains): LayerConductance's ``stieltjes_trapezoid``."""
+    first at ``2**-60``, as :mod:`attrib.quadrature` explains): LayerConductance's ``stieltjes_trapezoid``."""
     check_count("n_steps", n_steps)
     n = inputs.shape[0]
     baselines = check_baselines(baselines, inputs.detach())
     alphas = torch.tensor(uniform_nodes(n_steps), dtype=inputs.dtype, device=inputs.device)  # first node 2**-60
-    rows = (baselines.unsqueeze(0) + alphas.view((-1,) + (1,) * inputs.dim()) * (inputs - baselines).unsqueeze(0))
-    rows = rows.reshape((-1,) + tuple(inputs.shape[1:]))
-    example = torch.arange(rows.shape[0], device=inputs.device) % n
+    node, example = step_major(n_steps + 1, n, inputs.device)
+    rows = interpolate(baselines, inputs - baselines, alphas, node, example)
     with frozen_parameters(model), capture(model, [layer], leaf=True) as cap, torch.enable_grad():
         output = model(rows, *expand_args(as_args(additional_forward_args), example, n))
         values = cap[layer]
@@ -55,12 +64,12 @@ def conductance_map(
         (grads,) = torch.autograd.grad(scores.sum(), values, create_graph=create_graph)
     values = values.reshape((n_steps + 1, n) + tuple(values.shape[1:]))
     grads = grads.reshape(values.shape)
-    return ((grads[1:] + grads[:-1]) * 0.5 * (values[1:] - values[:-1])).sum(0)
+    return trapezoid_sum(grads, values)
 
 
 def aggregated_conductance(
     model: nn.Module, inputs: Tensor, layer: LayerSpec, target: TargetType, n_steps: int = 20,
-    baselines: Tensor | float | None = None, create_graph: bool = False, additional_forward_args: Any = None,
+    baselines: Baselines = None, create_graph: bool = False, additional_forward_args: Any = None,
 ) -> Tensor:
     """Per filter ``(B, C)``: the maximum over positions of the layer conductance (differentiable)."""
     ((name, _),) = resolve_layers(model, layer)
@@ -76,8 +85,7 @@ def _bounds(bounds: Bounds, inputs: Tensor) -> tuple[Tensor, Tensor] | None:
             raise InputError(f"bounds must be 'imagenet', (low, high) or None, got {bounds!r}")
         if inputs.dim() != 4 or inputs.shape[1] != 3:
             raise InputError("bounds: 'imagenet' needs (B, 3, H, W) inputs; give bounds=(low, high) for this model")
-        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
-        low, high = -mean / std, (1 - mean) / std
+        low, high = normalized_range()
     elif isinstance(bounds, tuple) and len(bounds) == 2:
         low, high = (torch.as_tensor(b, dtype=torch.float64) for b in bounds)
     else:
@@ -97,7 +105,11 @@ class AscentResult:
     conductance before each step and after the last; ``filter`` ``(B,)``; ``conductance`` ``(B, C)``:
     every filter's aggregated conductance at the original input; ``neuron`` ``(B, spatial...)``: the
     position of the selected filter's strongest conductance there; ``gradient_effect``: the input
-    gradient of that neuron's activation at the original input; ``mask``: where it is non-zero."""
+    gradient of that neuron's activation at the original input; ``mask``: where it is non-zero.
+
+    >>> out = conductance_ascent(model, x, target=3)
+    >>> out.image, out.objective[-1], out.filter   # optimised input, last objective, filter per example
+    """
 
     image: Tensor
     objective: Tensor
@@ -119,7 +131,7 @@ def conductance_ascent(
     lr: float = 0.1,
     optimizer: str | Callable[..., torch.optim.Optimizer] = "adam",
     n_steps: int = 20,
-    baselines: Tensor | float | None = None,
+    baselines: Baselines = None,
     bounds: Bounds = "imagenet",
     additional_forward_args: Any = None,
 ) -> AscentResult:
@@ -134,8 +146,7 @@ def conductance_ascent(
     """
     check_model(model)
     inputs = check_inputs(model, inputs)
-    n = inputs.shape[0]
-    target = normalize_target(target, n)
+    target = normalize_target(target, inputs.shape[0])
     name = last_conv(model) if layer is None else resolve_layers(model, layer)[0][0]
     check_count("steps", steps, minimum=0)
     if not (isinstance(lr, (int, float)) and lr > 0):
@@ -155,36 +166,53 @@ def conductance_ascent(
         if conductance.dim() < 3:
             raise InputError(f"layer: {name!r} gives shape {tuple(conductance.shape)}, without spatial dimensions; the "
                              "ascent maximises a filter's largest conductance over positions: choose a convolutional layer")
-        scores = conductance.detach().flatten(2).amax(-1)
-        if filter is None:
-            chosen = scores.argmax(1)
-        else:
-            chosen = torch.as_tensor(filter, device=inputs.device).reshape(-1).expand(n).long()
-            if bool(((chosen < 0) | (chosen >= scores.shape[1])).any()):
-                raise InputError(f"filter: {filter!r} is out of range for {scores.shape[1]} filters at {name!r}")
-        picked = conductance.detach()[torch.arange(n), chosen].flatten(1).argmax(1)
-        neuron = torch.stack(torch.unravel_index(picked, conductance.shape[2:]), 1)
+        scores, chosen, picked, neuron = _choose(conductance.detach(), filter, name)
         effect = _neuron_gradient(model, inputs, name, chosen, picked, additional_forward_args)
 
-        opt = make([image], lr=lr)
-        history = []
-        for step in range(steps):
-            opt.zero_grad()
-            objective = conductance.flatten(2).amax(-1) if step == 0 else objective_of(image, True)
-            value = objective.gather(1, chosen.view(-1, 1)).squeeze(1)
-            history.append(value.detach())
-            (-value.sum()).backward()
-            opt.step()
-            if limits is not None:
-                with torch.no_grad():
-                    image.copy_(torch.maximum(torch.minimum(image, limits[1]), limits[0]))
-        del conductance
-        final = objective_of(image.detach(), False).gather(1, chosen.view(-1, 1)).squeeze(1)
-        history.append(final.detach())
+        history = _ascend(image, conductance, chosen, make([image], lr=lr), steps, limits, objective_of)
     return AscentResult(
         image=image.detach(), objective=torch.stack(history), filter=chosen, conductance=scores, neuron=neuron,
         gradient_effect=effect, mask=effect != 0, layer=name,
     )
+
+
+def _ascend(image: Tensor, conductance: Tensor, chosen: Tensor, opt: torch.optim.Optimizer, steps: int,
+            limits: tuple[Tensor, Tensor] | None, objective_of: Callable[[Tensor, bool], Tensor]) -> list[Tensor]:
+    """``steps`` optimiser steps on ``image`` raising each example's ``chosen`` filter's objective
+    (the first from ``conductance``, already at the input), clamped to ``limits`` after each; the
+    objective before every step and at the end."""
+    history = []
+    for step in range(steps):
+        opt.zero_grad()
+        objective = conductance.flatten(2).amax(-1) if step == 0 else objective_of(image, True)
+        value = objective.gather(1, chosen.view(-1, 1)).squeeze(1)
+        history.append(value.detach())
+        (-value.sum()).backward()
+        opt.step()
+        if limits is not None:
+            with torch.no_grad():
+                image.copy_(torch.maximum(torch.minimum(image, limits[1]), limits[0]))
+    del conductance
+    final = objective_of(image.detach(), False).gather(1, chosen.view(-1, 1)).squeeze(1)
+    history.append(final.detach())
+    return history
+
+
+def _choose(conductance: Tensor, filter: int | Sequence[int] | None, name: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """From the conductance ``(B, C, ...)`` at the input: each filter's score (its largest conductance
+    over positions), the filter ascended (``filter``, or each example's top one), the flat position of
+    that filter's strongest neuron and the neuron's index tuple."""
+    n = conductance.shape[0]
+    scores = conductance.flatten(2).amax(-1)
+    if filter is None:
+        chosen = scores.argmax(1)
+    else:
+        chosen = torch.as_tensor(filter, device=conductance.device).reshape(-1).expand(n).long()
+        if bool(((chosen < 0) | (chosen >= scores.shape[1])).any()):
+            raise InputError(f"filter: {filter!r} is out of range for {scores.shape[1]} filters at {name!r}")
+    picked = conductance[torch.arange(n), chosen].flatten(1).argmax(1)
+    neuron = torch.stack(torch.unravel_index(picked, conductance.shape[2:]), 1)
+    return scores, chosen, picked, neuron
 
 
 def _neuron_gradient(model: nn.Module, inputs: Tensor, layer: str, channel: Tensor, position: Tensor, args: Any) -> Tensor:

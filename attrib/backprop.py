@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from .gradients import input_gradients
 from .result import Attribution
-from .targets import TargetType
+from .types import TargetType
 
 RELUS = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu_}
 
@@ -49,7 +49,11 @@ class _DeconvReLU(torch.autograd.Function):
 
 
 class ReLURule(TorchFunctionMode):
-    """While active, every ReLU call runs ``function`` (an autograd Function) instead, out of place."""
+    """While active, every ReLU call runs ``function`` (an autograd Function) instead, out of place.
+
+    >>> with ReLURule(_GuidedReLU):   # every ReLU called in here passes back only positive gradients where x > 0
+    ...     output = model(x)
+    """
 
     def __init__(self, function: type[torch.autograd.Function]) -> None:
         super().__init__()
@@ -85,6 +89,9 @@ class GuidedBackprop(_ReLUMethod):
 class DeconvNet(_ReLUMethod):
     """The deconvnet as a gradient: every ReLU passes ``relu(signal)`` whatever its input was
     (Captum's ``Deconvolution``). :class:`attrib.DeconvReconstruction` is the same map built from
-    transposed layers."""
+    transposed layers.
+
+    >>> DeconvNet(model).attribute(x, target=3).attributions
+    """
 
     rule, name = _DeconvReLU, "deconvnet"

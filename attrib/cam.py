@@ -3,16 +3,15 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backprop import GuidedBackprop
-from .engine import as_args, prepare, sweep
-from .hooks import LayerSpec, resolve_layers
-from .result import Attribution
-from .targets import TargetType
 from .errors import InputError
+from .hooks import resolve_layers
+from .result import Attribution
+from .sweep import StraightPath
+from .types import LayerSpec, TargetType
 
 _MODES = ("nearest", "bilinear", "bicubic", "area", "linear", "trilinear", "nearest-exact")
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -55,11 +54,9 @@ class GradCAM:
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
     ) -> Attribution:
-        inputs, _, target = prepare(self.model, inputs, None, target)
-        (chunk,) = list(sweep(
-            self.model, inputs, inputs, torch.ones(1, dtype=torch.float64), target=target, layers=[self.layer],
-            attribute_to_layer_input=attribute_to_layer_input, additional_forward_args=as_args(additional_forward_args),
-        ))
+        path = StraightPath(self.model, inputs, None, target, additional_forward_args)
+        inputs = path.inputs
+        chunk = path.at_inputs(layers=[self.layer], attribute_to_layer_input=attribute_to_layer_input)
         activation, grads = chunk.values[self.layer], chunk.grads[self.layer]
         if activation.dim() < 3:
             raise InputError(
@@ -103,10 +100,10 @@ class GuidedGradCAM:
             inputs, target, relu_attributions=True, interpolate_mode=interpolate_mode,
             attribute_to_layer_input=attribute_to_layer_input, additional_forward_args=additional_forward_args,
         )
-        if cam.attributions.shape[2:] != inputs.shape[2:]:
+        if cam.tensor.shape[2:] != inputs.shape[2:]:
             raise InputError(f"layer: {self.gradcam.layer!r} has no spatial dimensions to map onto the input")
         guided = self.guided.attribute(inputs, target, additional_forward_args)
         return Attribution(
-            attributions=guided.attributions * cam.attributions, outputs=guided.outputs, method="guided_gradcam",
-            evaluations=2, info={"gradcam": cam.attributions, "guided_backprop": guided.attributions},
+            attributions=guided.tensor * cam.tensor, outputs=guided.outputs, method="guided_gradcam",
+            evaluations=2, info={"gradcam": cam.tensor, "guided_backprop": guided.tensor},
         )

@@ -6,6 +6,10 @@ and exit status 2, before any work starts; any other exception is a bug and keep
 (exit 1). ``explain`` writes into a hidden staging folder beside ``--out`` and renames it into place
 only when everything is written (:mod:`attrib.report_folder`): an existing ``--out`` is replaced only
 when attrib wrote it, and Ctrl-C or ``kill`` leaves nothing behind.
+
+Each explain method is one function registered with :func:`register_method` (what it needs is
+declared there); ``--methods``, the preflight and the run order read :data:`EXPLAIN_METHODS`, and
+``--composite`` lists :data:`attrib.lrp.COMPOSITES`.
 """
 from __future__ import annotations
 
@@ -14,30 +18,31 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, NoReturn
 
-METHODS = ("conductance", "ascent", "gradcam", "deeplift", "lrp", "ig", "guided", "deconv", "graph")
-SPATIAL = {"ascent": "conductance ascent", "gradcam": "Grad-CAM", "deconv": "deconvolution"}  # need (B, C, H, W) at the layer
-LRP_COMPOSITE = "epsilon_plus"
+LRP_COMPOSITE = "epsilon_plus"  # explain's default --composite
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, status 2
+    def error(self, message: str) -> NoReturn:  # one line, status 2
         print(f"attrib: error: {message}", file=sys.stderr)
         raise SystemExit(2)
 
 
 def _methods(text: str | None) -> list[str]:
     if text is None:
-        return list(METHODS)
+        return list(EXPLAIN_METHODS)
     chosen = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))  # in order, once each
-    unknown = [m for m in chosen if m not in METHODS]
+    unknown = [m for m in chosen if m not in EXPLAIN_METHODS]
     if unknown or not chosen:
         from .errors import InputError
 
-        raise InputError(f"--methods: unknown {unknown or text!r}; choose from {', '.join(METHODS)}")
+        raise InputError(f"--methods: unknown {unknown or text!r}; choose from {', '.join(EXPLAIN_METHODS)}")
     return chosen
 
 
@@ -119,7 +124,7 @@ def _size_defaults(size: int) -> dict[str, int]:
 
 def _settle(args, size: int) -> None:
     """Fill the settings left to their size-dependent default; check every count."""
-    from .engine import check_count
+    from .checks import check_count
 
     for name, value in _size_defaults(size).items():
         if getattr(args, name) is None:
@@ -130,7 +135,7 @@ def _settle(args, size: int) -> None:
 
 
 def _load(args):
-    from .inputs import load_model
+    from .cli_inputs import load_model
 
     return load_model(args.model, args.weights, channels=args.channels, size=args.input_size, mean=args.mean,
                       std=args.std, output=args.output)
@@ -153,210 +158,394 @@ def _timed(timings: dict, part: str) -> Iterator[None]:
         timings[part] = timings.get(part, 0.0) + time.perf_counter() - started
 
 
-LAYERED = ("conductance", "ascent", "gradcam", "deconv")  # the methods that explain a layer
+@dataclass(frozen=True)
+class ExplainMethod:
+    """One method of ``attrib explain``, registered with :func:`register_method`.
+
+    ``run(image)`` adds its numbers and figures to ``image.entry``; a ``panel`` method returns instead
+    the map it puts in the shared "grid" figure, titled ``label`` (``signed=False``: drawn from 0).
+    ``layer``: explains ``--layer``; ``spatial``: needs (B, C, H, W) there; ``conductance``: reads the
+    layer conductance computed once before the methods run (``image.conductance``, ``image.scores``,
+    ``entry["top_filters"]``); ``check(setup)``: why it cannot run on this model, or None. ``label``
+    names the method in messages.
+
+    >>> @register_method('saliency', 'saliency', panel=True)
+    ... def _saliency(image):
+    ...     return Saliency(image.model).attribute(image.x, target=image.target).tensor[0]
+    """
+
+    name: str
+    run: Callable[[_Image], Any]
+    label: str
+    layer: bool = False
+    spatial: bool = False
+    conductance: bool = False
+    panel: bool = False
+    signed: bool = True
+    check: Callable[[_Setup], str | None] | None = None
+
+
+EXPLAIN_METHODS: dict[str, ExplainMethod] = {}  # filled below, in the order the methods run and are listed
+
+
+def register_method(name: str, label: str, **needs: Any) -> Callable:
+    """Decorator: register ``run`` as the explain method ``name`` (``needs``: the flags of :class:`ExplainMethod`)."""
+    def register(run: Callable[[_Image], Any]) -> Callable[[_Image], Any]:
+        EXPLAIN_METHODS[name] = ExplainMethod(name, run, label, **needs)
+        return run
+    return register
+
+
+@dataclass
+class _Setup:
+    """What the preflight checks read: the model, the first picture, the layer and its output shape."""
+
+    model: Any
+    x: Any
+    layer: str | None
+    shape: tuple
+    module: Any
+    composite: str
+
+    @cached_property
+    def lrp_problem(self) -> str | None:  # one trial run, shared by the methods that use LRP
+        from .errors import InputError
+        from .lrp import LRP
+
+        try:
+            LRP(self.model, self.composite).attribute(self.x, target=0, conservation=False)
+        except InputError as error:
+            return f"LRP ({self.composite}): {error}"
+        return None
+
+
+@dataclass
+class _Image:
+    """One picture as the explain methods see it, and its report entry (numbers, figures, timings)."""
+
+    args: Any
+    loaded: Any
+    x: Any
+    target: int
+    baselines: Any
+    layer: str | None
+    is_cut: bool | None
+    folder: Path
+    stem: str
+    entry: dict
+    grid: dict = field(default_factory=dict)
+    conductance: Any = None  # the layer's conductance, when a chosen method reads it
+    scores: Any = None  # and its aggregate per filter (max over H x W) for the example
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    @property
+    def shown(self) -> dict:  # how figures undo the normalisation
+        return {"mean": self.loaded.mean or None, "std": self.loaded.std or None}
+
+    def timed(self, part: str):
+        return _timed(self.entry["seconds"], part)
+
+    def figure(self, name: str, title: str, fig) -> None:
+        from attrib.viz import figures
+
+        file = f"{self.stem}_{name}.png"
+        with self.timed("figures"):
+            figures.save(fig, self.folder / file)
+        self.entry["figures"].append({"file": file, "title": title})
+
+
+def _layer_shape(model, x, layer: str | None) -> tuple[tuple, Any]:
+    """The layer's output shape per example and its module (``()``, None without a layer)."""
+    import torch
+
+    from .errors import InputError
+    from .hooks import capture
+
+    if layer is None:
+        return (), None
+    with capture(model, [layer]) as cap, torch.no_grad():
+        model(x.clone())
+        if layer not in cap.captured:
+            raise InputError(f"--layer: {layer!r} does not run in the model's forward pass; `attrib layers` lists those "
+                             "that do")
+        shape = tuple(cap[layer].shape[1:])
+    return shape, dict(model.named_modules())[layer]
+
+
+def _refusal(method: ExplainMethod, setup: _Setup) -> str | None:
+    """Why ``method`` cannot run on this model and layer, or None."""
+    if method.layer and setup.layer is None:
+        return ("no convolution runs in this model, so there is no default layer; name one with --layer "
+                "(`attrib layers` lists them)")
+    if method.spatial and setup.layer is not None and len(setup.shape) < 2:
+        return (f"--layer {setup.layer} ({type(setup.module).__name__}) gives ({', '.join(map(str, setup.shape))},) per "
+                f"example, without spatial dimensions; {method.label} needs a convolutional layer")
+    return method.check(setup) if method.check is not None else None
 
 
 def _plan(args, loaded, pictures, layer: str | None, methods: list[str], explicit: bool) -> tuple[list[str], dict[str, str]]:
     """Every method's preconditions, checked before any work starts: the methods to run and, for
     the others, why not. A method the user named that cannot run is an error; one of the default
     set is skipped with its reason (shown in the report)."""
-    import torch
+    from .errors import InputError
 
+    x = pictures[0].tensor
+    setup = _Setup(loaded.model, x, layer, *_layer_shape(loaded.model, x, layer), args.composite)
+    reasons = {name: reason for name in methods if (reason := _refusal(EXPLAIN_METHODS[name], setup)) is not None}
+    if explicit and reasons:
+        raise InputError(f"--methods: {next(iter(reasons.values()))}")
+    return [m for m in methods if m not in reasons], reasons
+
+
+def _lrp_problem(setup: _Setup) -> str | None:
+    return setup.lrp_problem
+
+
+def _deconv_problem(setup: _Setup) -> str | None:
+    """The layer cannot be reconstructed through (for a block: and why its last convolution cannot)."""
     from . import DeconvReconstruction
     from .cuts import CONVOLUTIONS
     from .errors import InputError
-    from .hooks import capture
-    from .lrp import LRP
 
-    model, x = loaded.model, pictures[0].tensor
-    reasons: dict[str, str] = {}
-    if layer is None:
-        reasons.update({m: "no convolution runs in this model, so there is no default layer; name one with --layer "
-                           "(`attrib layers` lists them)" for m in LAYERED})
-        shape: tuple = ()
-    else:
-        with capture(model, [layer]) as cap, torch.no_grad():
-            model(x.clone())
-            if layer not in cap.captured:
-                raise InputError(f"--layer: {layer!r} does not run in the model's forward pass; `attrib layers` lists those "
-                                 "that do")
-            shape = tuple(cap[layer].shape[1:])
-        module = dict(model.named_modules())[layer]
-    if layer is not None and len(shape) < 2:
-        for method in SPATIAL:
-            reasons[method] = (f"--layer {layer} ({type(module).__name__}) gives ({', '.join(map(str, shape))},) per example, "
-                               f"without spatial dimensions; {SPATIAL[method]} needs a convolutional layer")
-    if "deconv" in methods and "deconv" not in reasons and layer is not None:
+    deconv = DeconvReconstruction(setup.model)
+    try:
+        deconv.attribute(setup.x, layer=setup.layer, neuron_selector=(0,) + (slice(None),) * (len(setup.shape) - 1))
+        return None
+    except InputError as error:
+        reason = f"deconvolution: {error}"
+    inner = [n for n, m in setup.module.named_modules() if n and isinstance(m, CONVOLUTIONS)]
+    if inner:  # a block: the reason it cannot be reconstructed through, rather than "a container"
         try:
-            DeconvReconstruction(model).attribute(x, layer=layer, neuron_selector=(0,) + (slice(None),) * (len(shape) - 1))
-        except InputError as error:
-            reasons["deconv"] = f"deconvolution: {error}"
-            inner = [n for n, m in module.named_modules() if n and isinstance(m, CONVOLUTIONS)]
-            if inner:  # a block: the reason it cannot be reconstructed through, rather than "a container"
-                try:
-                    DeconvReconstruction(model).attribute(x, layer=f"{layer}.{inner[-1]}", neuron_selector=(0,))
-                except InputError as deeper:
-                    reasons["deconv"] += f"; and inside it: {deeper}"
-    if "lrp" in methods or "graph" in methods:
-        try:
-            LRP(model, LRP_COMPOSITE).attribute(x, target=0, conservation=False)
-        except InputError as error:
-            for method in ("lrp", "graph"):
-                reasons[method] = f"LRP ({LRP_COMPOSITE}): {error}"
-    refused = [m for m in methods if m in reasons]
-    if explicit and refused:
-        raise InputError(f"--methods: {reasons[refused[0]]}")
-    return [m for m in methods if m not in reasons], {m: reasons[m] for m in refused}
+            deconv.attribute(setup.x, layer=f"{setup.layer}.{inner[-1]}", neuron_selector=(0,))
+        except InputError as deeper:
+            reason += f"; and inside it: {deeper}"
+    return reason
 
 
-def _explain_one(args, loaded, picture, output, layer, methods, is_cut: bool, folder: Path, index: int, bar) -> dict:
+def _completeness(method: str, result, tolerance: float) -> dict:
+    """The check row of an input method with a baseline: its attributions sum to F(x) - F(x')."""
+    return _check(method, "input", float(result.attributions.sum()), float(result.outputs - result.baseline_outputs),
+                  "F(x) - F(x')", tolerance)
+
+
+def _layer_conductance(image: _Image) -> None:
+    """The layer's conductance, once for every method that reads it: its check row and top filters."""
     import torch
 
-    from . import (DeconvReconstruction, DeepLift, GradCAM, GuidedBackprop, IntegratedGradients, LayerConductance,
-                   conductance_ascent)
-    from attrib.viz import figures
-
-    from .lrp import LRP
+    from . import LayerConductance
     from .result import filter_scores
 
-    model, x = loaded.model, picture.tensor
-    probabilities = torch.softmax(output, 1)[0]
-    top = torch.topk(probabilities, min(5, probabilities.numel()))
-    target = _target(args, output)
-    base = _baseline(loaded, x)
-    stem = f"{index:02d}_{_file_safe(picture.name)}"
-    shown = dict(mean=loaded.mean or None, std=loaded.std or None)
-    timings: dict[str, float] = {}
-    entry: dict[str, Any] = {
-        "name": picture.name, "label": picture.label, "target": target, "input": picture.record,
-        "prediction": {"class": int(top.indices[0]), "probability": float(top.values[0]),
-                       "top": [[int(c), float(p)] for c, p in zip(top.indices, top.values)]},
-        "checks": [], "figures": [], "notes": [], "seconds": timings,
-    }
-    grid: dict[str, Any] = {}
-    tolerance = args.tolerance
-
-    def figure(name: str, title: str, fig) -> None:
-        file = f"{stem}_{name}.png"
-        with _timed(timings, "figures"):
-            figures.save(fig, folder / file)
-        entry["figures"].append({"file": file, "title": title})
-
-    if "conductance" in methods or "ascent" in methods or "deconv" in methods:
-        with _timed(timings, "conductance"):
-            result = LayerConductance(model, layer).attribute(x, target=target, baselines=base, n_steps=args.n_steps)
-            conductance = result[layer]
-            scores = filter_scores(conductance, "max")[0] if conductance.dim() > 2 else conductance[0]
-            order = torch.argsort(scores, descending=True)[:5].tolist()
-        change = float(result.outputs - result.baseline_outputs)
-        entry["top_filters"] = [{"filter": c, "conductance": float(scores[c])} for c in order]
-        entry["checks"].append(_check("layer conductance", layer, float(conductance.sum()), change, "F(x) - F(x')", tolerance)
-                               if is_cut else _share("layer conductance", layer, float(conductance.sum()), change))
-        entry["checks"][-1]["n_steps"] = args.n_steps
-        if "conductance" in methods:
-            figure("conductance", f"aggregated conductance (max over H x W) of every filter of {layer}; red: the top filter, "
-                   "which the conductance ascent and the deconvolution use",
-                   figures.conductance_distribution(scores, layer=layer))
-            bar.update(1)
-    if "ascent" in methods:
-        with _timed(timings, "ascent"):
-            ascent = conductance_ascent(model, x, layer=layer, target=target, filter=order[0], steps=args.steps, lr=0.1,
-                                        n_steps=args.ascent_n_steps, baselines=base, bounds=loaded.bounds)
-        entry["ascent"] = {"filter": int(ascent.filter[0]), "objective": ascent.objective[:, 0].tolist(),
-                           "neuron": ascent.neuron[0].tolist(), "iterations": args.steps, "n_steps": args.ascent_n_steps,
-                           "lr": 0.1}
-        figure("ascent", f"conductance ascent on filter {int(ascent.filter[0])} of {layer} (the top filter of the conductance "
-               f"chart; {args.steps} Adam steps at lr 0.1, objective from {args.ascent_n_steps}-step conductance): original | "
-               "optimised image | gradient effect of its strongest neuron (|d neuron / d input|; cyan outline: where it is "
-               "not zero, the neuron's receptive field)",
-               figures.ascent_triptych(x[0], ascent.image[0], ascent.gradient_effect[0], **shown))
-        bar.update(1)
-    if "gradcam" in methods:
-        with _timed(timings, "gradcam"):
-            grid["Grad-CAM"] = GradCAM(model, layer).attribute(x, target=target).attributions[0]
-        bar.update(1)
-    if "deeplift" in methods:
-        with _timed(timings, "deeplift"):
-            result = DeepLift(model).attribute(x, target=target, baselines=base)
-        grid["DeepLIFT"] = result.attributions[0]
-        entry["checks"].append(_check("DeepLIFT", "input", float(result.attributions.sum()),
-                                      float(result.outputs - result.baseline_outputs), "F(x) - F(x')", tolerance))
-        bar.update(1)
-    if "lrp" in methods:
-        with _timed(timings, "lrp"):
-            result = LRP(model, LRP_COMPOSITE).attribute(x, target=target)
-        grid["LRP"] = result.attributions[0]
-        report = result.info["conservation"]
-        entry["checks"].append(_lrp_row(LRP_COMPOSITE, report))
-        entry["lrp_layers"] = [{"layer": r.name, "rule": r.rule, "entering": float(r.entering[0]), "leaving": float(r.leaving[0])}
-                               for r in report.rows]
-        bar.update(1)
-    if "ig" in methods:
-        with _timed(timings, "ig"):
-            result = IntegratedGradients(model).attribute(x, target=target, baselines=base, n_steps=args.n_steps)
-        grid["integrated gradients"] = result.attributions[0]
-        entry["checks"].append(_check("integrated gradients", "input", float(result.attributions.sum()),
-                                      float(result.outputs - result.baseline_outputs), "F(x) - F(x')", tolerance))
-        entry["checks"][-1]["n_steps"] = args.n_steps
-        bar.update(1)
-    if grid:
-        figure("grid", "attributions (blue < 0 < red; Grad-CAM, which is never negative, from 0; each panel on its own "
-               "scale, clipped at the 99th percentile of its |a|, as its colour bar says)",
-               figures.method_grid(x[0], grid, signed={"Grad-CAM": False}, **shown))
-    if "guided" in methods:
-        with _timed(timings, "guided"):
-            guided = GuidedBackprop(model).attribute(x, target=target).attributions[0]
-        fig = figures.method_grid(x[0], {"guided backprop": guided}, signed={"guided backprop": False}, **shown)
-        figure("guided", "guided backpropagation (absolute)", fig)
-        bar.update(1)
-    if "deconv" in methods:
-        with _timed(timings, "deconv"):
-            maps = {}
-            for channel in entry["top_filters"][:3]:
-                c = channel["filter"]
-                maps[f"filter {c}"] = DeconvReconstruction(model).attribute(
-                    x, layer=layer, neuron_selector=(c,) + (slice(None),) * (conductance.dim() - 2)).attributions[0]
-        figure("deconv", f"deconvolution reconstructions of the top filters of {layer} by aggregated conductance "
-               "(each min-max rescaled)", figures.reconstructions(x[0], maps, **shown))
-        bar.update(1)
-    if "graph" in methods:
-        _graph(args, model, x, target, entry, figure, folder, stem, shown, timings)
-        bar.update(1)
-    return entry
+    layer, n_steps = image.layer, image.args.n_steps
+    assert layer is not None  # the methods that read it explain a layer: refused without one
+    with image.timed("conductance"):
+        result = LayerConductance(image.model, layer).attribute(image.x, target=image.target, baselines=image.baselines,
+                                                                n_steps=n_steps)
+        conductance = result[layer]
+        scores = filter_scores(conductance, "max")[0] if conductance.dim() > 2 else conductance[0]
+        order = torch.argsort(scores, descending=True)[:5].tolist()
+    change = float(result.outputs - result.baseline_outputs)
+    image.conductance, image.scores = conductance, scores
+    image.entry["top_filters"] = [{"filter": c, "conductance": float(scores[c])} for c in order]
+    total = float(conductance.sum())
+    row = (_check("layer conductance", layer, total, change, "F(x) - F(x')", image.args.tolerance) if image.is_cut
+           else _share("layer conductance", layer, total, change))
+    image.entry["checks"].append({**row, "n_steps": n_steps})
 
 
-def _graph(args, model, x, target, entry, figure, folder, stem, shown, timings) -> None:
+@register_method("conductance", "layer conductance", layer=True, conductance=True)
+def _conductance(image: _Image) -> None:
+    from attrib.viz import figures
+
+    layer = image.layer
+    assert layer is not None  # a layer method: refused without one
+    image.figure("conductance", f"aggregated conductance (max over H x W) of every filter of {layer}; red: the top "
+                 "filter, which the conductance ascent and the deconvolution use",
+                 figures.conductance_distribution(image.scores, layer=layer))
+
+
+@register_method("ascent", "conductance ascent", layer=True, spatial=True, conductance=True)
+def _ascent(image: _Image) -> None:
+    from attrib.viz import figures
+
+    from . import conductance_ascent
+
+    args, layer = image.args, image.layer
+    with image.timed("ascent"):
+        ascent = conductance_ascent(image.model, image.x, layer=layer, target=image.target,
+                                    filter=image.entry["top_filters"][0]["filter"], steps=args.steps, lr=0.1,
+                                    n_steps=args.ascent_n_steps, baselines=image.baselines, bounds=image.loaded.bounds)
+    image.entry["ascent"] = {"filter": int(ascent.filter[0]), "objective": ascent.objective[:, 0].tolist(),
+                             "neuron": ascent.neuron[0].tolist(), "iterations": args.steps, "n_steps": args.ascent_n_steps,
+                             "lr": 0.1}
+    image.figure("ascent", f"conductance ascent on filter {int(ascent.filter[0])} of {layer} (the top filter of the "
+                 f"conductance chart; {args.steps} Adam steps at lr 0.1, objective from {args.ascent_n_steps}-step "
+                 "conductance): original | optimised image | gradient effect of its strongest neuron (|d neuron / d input|; "
+                 "cyan outline: where it is not zero, the neuron's receptive field)",
+                 figures.ascent_triptych(image.x[0], ascent.image[0], ascent.gradient_effect[0], **image.shown))
+
+
+@register_method("gradcam", "Grad-CAM", layer=True, spatial=True, panel=True, signed=False)
+def _gradcam(image: _Image):
+    from . import GradCAM
+
+    with image.timed("gradcam"):
+        return GradCAM(image.model, image.layer).attribute(image.x, target=image.target).tensor[0]
+
+
+@register_method("deeplift", "DeepLIFT", panel=True)
+def _deeplift(image: _Image):
+    from . import DeepLift
+
+    with image.timed("deeplift"):
+        result = DeepLift(image.model).attribute(image.x, target=image.target, baselines=image.baselines)
+    image.entry["checks"].append(_completeness("DeepLIFT", result, image.args.tolerance))
+    return result.tensor[0]
+
+
+@register_method("lrp", "LRP", panel=True, check=_lrp_problem)
+def _lrp(image: _Image):
+    from .lrp import LRP
+
+    composite = image.args.composite
+    with image.timed("lrp"):
+        result = LRP(image.model, composite).attribute(image.x, target=image.target)
+    report = result.info["conservation"]
+    image.entry["checks"].append(_lrp_row(composite, report))
+    image.entry["lrp_layers"] = [{"layer": r.name, "rule": r.rule, "entering": float(r.entering[0]),
+                                  "leaving": float(r.leaving[0])} for r in report.rows]
+    return result.tensor[0]
+
+
+@register_method("ig", "integrated gradients", panel=True)
+def _ig(image: _Image):
+    from . import IntegratedGradients
+
+    with image.timed("ig"):
+        result = IntegratedGradients(image.model).attribute(image.x, target=image.target, baselines=image.baselines,
+                                                            n_steps=image.args.n_steps)
+    image.entry["checks"].append({**_completeness("integrated gradients", result, image.args.tolerance),
+                                  "n_steps": image.args.n_steps})
+    return result.tensor[0]
+
+
+@register_method("guided", "guided backprop")
+def _guided(image: _Image) -> None:
+    from attrib.viz import figures
+
+    from . import GuidedBackprop
+
+    with image.timed("guided"):
+        guided = GuidedBackprop(image.model).attribute(image.x, target=image.target).tensor[0]
+    fig = figures.method_grid(image.x[0], {"guided backprop": guided}, signed={"guided backprop": False}, **image.shown)
+    image.figure("guided", "guided backpropagation (absolute)", fig)
+
+
+@register_method("deconv", "deconvolution", layer=True, spatial=True, conductance=True, check=_deconv_problem)
+def _deconv(image: _Image) -> None:
+    from attrib.viz import figures
+
+    from . import DeconvReconstruction
+
+    spatial = (slice(None),) * (image.conductance.dim() - 2)
+    with image.timed("deconv"):
+        maps = {f"filter {c['filter']}": DeconvReconstruction(image.model).attribute(
+                    image.x, layer=image.layer, neuron_selector=(c["filter"],) + spatial).tensor[0]
+                for c in image.entry["top_filters"][:3]}
+    image.figure("deconv", f"deconvolution reconstructions of the top filters of {image.layer} by aggregated conductance "
+                 "(each min-max rescaled)", figures.reconstructions(image.x[0], maps, **image.shown))
+
+
+@register_method("graph", "path graph", check=_lrp_problem)
+def _graph(image: _Image) -> None:
+    from attrib import graphs
+    from attrib.viz.graph import draw_graph
+
+    args = image.args
+    with image.timed("graph"):
+        flow = graphs.build_graph(image.model, image.x, target=image.target, k=args.k, composite=args.composite,
+                                  conductance_steps=None)
+        paths = graphs.k_best_paths(flow, 5)
+    image.entry["paths"] = [{"nodes": [graphs.node_id(n) for n in p.nodes], "score": p.score, "carried": p.carried}
+                            for p in paths]
+    image.figure("graph", f"relevance flow between the top {args.k} channels of each layer; red: the 5 critical paths",
+                 draw_graph(flow, paths))
+    _k_paths(image, flow)
+    with image.timed("figures"):
+        graphs.write_json(flow, image.folder / f"{image.stem}_graph.json")
+        graphs.write_graphml(flow, image.folder / f"{image.stem}_graph.graphml")
+
+
+def _k_paths(image: _Image, flow) -> None:
+    """The K-path heatmaps and curves of the graph's flow."""
     from attrib import graphs
     from attrib.viz import figures
-    from attrib.viz.graph import draw_graph, draw_k_curves
+    from attrib.viz.graph import draw_k_curves
 
-    with _timed(timings, "graph"):
-        flow = graphs.build_graph(model, x, target=target, k=args.k, conductance_steps=None)
-        paths = graphs.k_best_paths(flow, 5)
-    entry["paths"] = [{"nodes": [graphs.node_id(n) for n in p.nodes], "score": p.score, "carried": p.carried} for p in paths]
-    figure("graph", f"relevance flow between the top {args.k} channels of each layer; red: the 5 critical paths",
-           draw_graph(flow, paths))
-    with _timed(timings, "k-paths"):
+    args = image.args
+    with image.timed("k-paths"):
         curves = graphs.k_curves(flow, max_k=args.max_k)  # every K-path map and the full one, batched
     chosen = curves.choose(args.distance)
     ks = sorted({k for k in (1, 5, 25, len(curves.ks), chosen) if k is not None and 1 <= k <= len(curves.ks)})
-    full, kmaps = curves.full_map, {k: curves.maps[k - 1] for k in ks}
+    maps, full = curves.maps, curves.full_map
+    assert maps is not None and full is not None  # k_curves keeps both
+    kmaps = {k: maps[k - 1] for k in ks}
     scale = figures.k_path_scale(full, kmaps)
-    figure("kpaths", "full LRP heatmap and K-path heatmaps (channels off the K best paths masked in the backward pass). "
-           + scale.caption, figures.k_path_heatmaps(x[0], full, kmaps, scale=scale, **shown))
-    entry["k_curve"] = {"ks": curves.ks, "heatmap_distance": curves.heatmap_distance, "heatmap_share": curves.heatmap_share,
-                        "score_share": curves.score_share, "full_relevance": curves.full_relevance,
-                        "full_score": curves.full_score, "score_mse": curves.score_mse, "score_smape": curves.score_smape,
-                        "heatmap_mse": curves.heatmap_mse, "heatmap_smape": curves.heatmap_smape,
-                        "chosen_k": chosen, "distance_threshold": args.distance, "plateau_k": curves.plateau()}
-    entry["k_path_scale"] = {"limit": scale.limit, "shares": {str(k): v for k, v in scale.shares.items()},
-                             "distances": {str(k): v for k, v in scale.distances.items()}}
-    figure("kcurves", "shape distance of the K-path heatmap to the full one (each map / its L1 norm; 0 same shape, 2 nothing "
-           "in common) and the share of relevance and score the K paths carry, against K",
-           draw_k_curves(curves, threshold=args.distance))
-    with _timed(timings, "figures"):
-        graphs.write_json(flow, folder / f"{stem}_graph.json")
-        graphs.write_graphml(flow, folder / f"{stem}_graph.graphml")
+    image.figure("kpaths", "full LRP heatmap and K-path heatmaps (channels off the K best paths masked in the backward pass). "
+                 + scale.caption, figures.k_path_heatmaps(image.x[0], full, kmaps, scale=scale, **image.shown))
+    image.entry["k_curve"] = {
+        "ks": curves.ks, "heatmap_distance": curves.heatmap_distance, "heatmap_share": curves.heatmap_share,
+        "score_share": curves.score_share, "full_relevance": curves.full_relevance, "full_score": curves.full_score,
+        "score_mse": curves.score_mse, "score_smape": curves.score_smape, "heatmap_mse": curves.heatmap_mse,
+        "heatmap_smape": curves.heatmap_smape, "chosen_k": chosen, "distance_threshold": args.distance,
+        "plateau_k": curves.plateau()}
+    image.entry["k_path_scale"] = {"limit": scale.limit, "shares": {str(k): v for k, v in scale.shares.items()},
+                                   "distances": {str(k): v for k, v in scale.distances.items()}}
+    image.figure("kcurves", "shape distance of the K-path heatmap to the full one (each map / its L1 norm; 0 same shape, 2 "
+                 "nothing in common) and the share of relevance and score the K paths carry, against K",
+                 draw_k_curves(curves, threshold=args.distance))
+
+
+def _entry(picture, output, target: int) -> dict:
+    """A picture's report entry before any method runs: its name, target and the model's top classes."""
+    import torch
+
+    probabilities = torch.softmax(output, 1)[0]
+    top = torch.topk(probabilities, min(5, probabilities.numel()))
+    return {"name": picture.name, "label": picture.label, "target": target, "input": picture.record,
+            "prediction": {"class": int(top.indices[0]), "probability": float(top.values[0]),
+                           "top": [[int(c), float(p)] for c, p in zip(top.indices, top.values)]},
+            "checks": [], "figures": [], "notes": [], "seconds": {}}
+
+
+def _grid_figure(image: _Image, panels: list[ExplainMethod]) -> None:
+    from attrib.viz import figures
+
+    signed = {method.label: False for method in panels if not method.signed}
+    image.figure("grid", "attributions (blue < 0 < red; Grad-CAM, which is never negative, from 0; each panel on its own "
+                 "scale, clipped at the 99th percentile of its |a|, as its colour bar says)",
+                 figures.method_grid(image.x[0], image.grid, signed=signed, **image.shown))
+
+
+def _explain_one(args, loaded, picture, output, layer, methods, is_cut: bool | None, folder: Path, index: int, bar) -> dict:
+    """Run the chosen methods on one picture, in the registry's order; the grid figure follows the last panel."""
+    target = _target(args, output)
+    image = _Image(args, loaded, picture.tensor, target, _baseline(loaded, picture.tensor), layer, is_cut, folder,
+                   f"{index:02d}_{_file_safe(picture.name)}", _entry(picture, output, target))
+    chosen = [method for name, method in EXPLAIN_METHODS.items() if name in methods]
+    panels = [method for method in chosen if method.panel]
+    if any(method.conductance for method in chosen):
+        _layer_conductance(image)
+    for method in chosen:
+        found = method.run(image)
+        if method.panel:
+            image.grid[method.label] = found
+        bar.update(1)
+        if panels and method is panels[-1]:
+            _grid_figure(image, panels)
+    return image.entry
 
 
 def _layer_name(model, given: str | None, x) -> str | None:
@@ -376,10 +565,11 @@ def _layer_name(model, given: str | None, x) -> str | None:
 def explain(args) -> int:
     import torch
 
-    from .cuts import cut_layers
-    from .inputs import check_forward, load_pictures
-    from .report_folder import check_out, staged
     from attrib.viz.report import write_html
+
+    from .cli_inputs import check_forward, load_pictures
+    from .cuts import cut_layers
+    from .report_folder import check_out, staged
 
     started = time.perf_counter()
     _check_numbers(args)
@@ -407,7 +597,7 @@ def explain(args) -> int:
                                 "std": list(loaded.std)}},
             "layer": layer, "layer_is_cut": is_cut, "methods": methods, "skipped": skipped, "tolerance": args.tolerance,
             "settings": {"n_steps": args.n_steps, "ascent_iterations": args.steps, "ascent_n_steps": args.ascent_n_steps,
-                         "k": args.k, "max_k": args.max_k, "distance": args.distance, "lrp_composite": LRP_COMPOSITE},
+                         "k": args.k, "max_k": args.max_k, "distance": args.distance, "lrp_composite": args.composite},
             "images": images, "seconds": time.perf_counter() - started, "setup_seconds": setup, "argv": sys.argv[1:],
         }
         (staging / "report.json").write_text(json.dumps(report, indent=1))
@@ -433,12 +623,11 @@ def _check_numbers(args) -> None:
 
 
 def audit(args) -> int:
-    import torch.nn as nn
+    from torch import nn
 
     from . import DeepLift, IntegratedGradients, LayerConductance
+    from .cli_inputs import check_forward, load_pictures
     from .cuts import CONVOLUTIONS, cut_layers
-    from .inputs import check_forward, load_pictures
-    from .lrp import LRP
 
     _check_numbers(args)
     loaded = _load(args)
@@ -461,19 +650,32 @@ def audit(args) -> int:
             value = float(result[name].sum())
             rows.append((picture.name, _check("layer conductance", name, value, change, "F(x) - F(x')", tolerance) if cuts[name]
                          else _share("layer conductance", name, value, change)))
-        report = LRP(loaded.model, args.composite).attribute(x, target=target).info["conservation"]
-        start = float(report.start[0])
-        modules = dict(loaded.model.named_modules())
-        for row in report.rows:
-            difference = float(row.difference[0])
-            module = modules.get(row.name.split("#")[0])
-            if "+" in row.name or getattr(module, "bias", None) is not None:  # a bias absorbs relevance by design
-                rows.append((picture.name, _share(f"LRP {args.composite}", row.name, -difference, start, "F(x)",
-                                                  "absorbed by its bias and epsilon: share of F(x)",
-                                                  "the layer has a bias, which LRP lets absorb relevance by design")))
-            else:  # no bias: what enters must leave (up to epsilon)
-                rows.append((picture.name, _check(f"LRP {args.composite}", row.name, difference + start, start, "F(x)", tolerance)))
-        rows.append((picture.name, _lrp_row(args.composite, report)))
+        rows += [(picture.name, row) for row in _audit_lrp(loaded.model, args.composite, x, target, tolerance)]
+    return 1 if _print_audit(rows, tolerance) else 0
+
+
+def _audit_lrp(model, composite: str, x, target: int, tolerance: float) -> list[dict]:
+    """LRP's rows: conservation checked at each layer without a bias, the share absorbed at the others."""
+    from .lrp import LRP
+
+    report = LRP(model, composite).attribute(x, target=target).info["conservation"]
+    start = float(report.start[0])
+    modules = dict(model.named_modules())
+    rows = []
+    for row in report.rows:
+        difference = float(row.difference[0])
+        module = modules.get(row.name.split("#")[0])
+        if "+" in row.name or getattr(module, "bias", None) is not None:  # a bias absorbs relevance by design
+            rows.append(_share(f"LRP {composite}", row.name, -difference, start, "F(x)",
+                               "absorbed by its bias and epsilon: share of F(x)",
+                               "the layer has a bias, which LRP lets absorb relevance by design"))
+        else:  # no bias: what enters must leave (up to epsilon)
+            rows.append(_check(f"LRP {composite}", row.name, difference + start, start, "F(x)", tolerance))
+    return rows + [_lrp_row(composite, report)]
+
+
+def _print_audit(rows: list[tuple[str, dict]], tolerance: float) -> int:
+    """The audit table and its summary line; returns the number of failed checks."""
     width = max(len(f"{c['method']} @ {c['where']}") for _, c in rows)
     checked = [check for _, check in rows if check["passed"] is not None]
     failed = sum(not check["passed"] for check in checked)
@@ -490,14 +692,14 @@ def audit(args) -> int:
           + (f"; {bypassed} conductance rows are at layers that are not cuts (skip connections or branches bypass them), "
              "so they are shares of F(x) - F(x'), not checks" if bypassed else "")
           + (f"; {biased} LRP rows are layers with a bias, which absorbs relevance by design (shares of F(x))" if biased else ""))
-    return 1 if failed else 0
+    return failed
 
 
 def layers(args) -> int:
     import torch
 
+    from .cli_inputs import SHAPE_ERRORS, first_line
     from .errors import InputError
-    from .inputs import SHAPE_ERRORS, first_line
 
     loaded = _load(args)
     shapes: dict[str, tuple] = {}
@@ -559,61 +761,86 @@ def _key(text: str) -> str | int:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
-def parser() -> argparse.ArgumentParser:
-    top = _Parser(prog="attrib", description="Attribution for PyTorch models: explain, audit, list layers, benchmark.")
-    commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+class _CompositeNames:
+    """The names in :data:`attrib.lrp.COMPOSITES` as argparse choices, read when first asked (a
+    composite registered before ``main`` runs is listed): importing the registry imports torch,
+    which building the parser does not."""
 
-    def model_options(p, images: bool = True):
-        if images:
-            p.add_argument("images", nargs="*", help="image files, or chelsea/coffee/astronaut/rocket (scikit-image); "
-                                                     "default: the model's own samples")
-            p.add_argument("--target", type=int, default=None,
-                           help="class to explain (default: the predicted one; negative counts from the last)")
-            p.add_argument("--quiet", action="store_true", help="no progress bars")
-        else:
-            p.add_argument("model", help="digits, a torchvision name, or package.module:factory")
-        if images:
-            p.add_argument("--model", default="digits", help="digits (embedded), a torchvision name, or package.module:factory")
-        p.add_argument("--weights", default=None, help="a state-dict file, or DEFAULT (embedded / local torch cache; never downloaded)")
-        custom = p.add_argument_group("custom models (package.module:factory); these override what the factory declares")
-        custom.add_argument("--channels", type=int, default=None, help="input channels (default 3)")
-        custom.add_argument("--input-size", type=int, default=None, dest="input_size", help="input height = width (default 224)")
-        custom.add_argument("--mean", type=_numbers, default=None, help="per-channel mean of the normalisation, e.g. 0.5,0.5,0.5")
-        custom.add_argument("--std", type=_numbers, default=None, help="per-channel std of the normalisation")
-        custom.add_argument("--output", type=_key, default=None, help="key (dict) or index (tuple) of the scores to explain")
+    def _names(self) -> list[str]:
+        from .lrp import COMPOSITES
 
-    p = commands.add_parser("explain", help="write figures, report.json and index.html")
-    model_options(p)
-    p.add_argument("--methods", default=None, help=f"comma-separated from {', '.join(METHODS)} (default: all that apply)")
+        return sorted(COMPOSITES)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+
+def _composite_option(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--composite", default=default, choices=_CompositeNames(), metavar="NAME",
+                   help="LRP composite, one of %(choices)s (default %(default)s)")
+
+
+def _model_options(p: argparse.ArgumentParser, images: bool = True) -> None:
+    if images:
+        p.add_argument("images", nargs="*", help="image files, or chelsea/coffee/astronaut/rocket (scikit-image); "
+                                                 "default: the model's own samples")
+        p.add_argument("--target", type=int, default=None,
+                       help="class to explain (default: the predicted one; negative counts from the last)")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
+        p.add_argument("--model", default="digits", help="digits (embedded), a torchvision name, or package.module:factory")
+    else:
+        p.add_argument("model", help="digits, a torchvision name, or package.module:factory")
+    p.add_argument("--weights", default=None, help="a state-dict file, or DEFAULT (embedded / local torch cache; never downloaded)")
+    custom = p.add_argument_group("custom models (package.module:factory); these override what the factory declares")
+    custom.add_argument("--channels", type=int, default=None, help="input channels (default 3)")
+    custom.add_argument("--input-size", type=int, default=None, dest="input_size", help="input height = width (default 224)")
+    custom.add_argument("--mean", type=_numbers, default=None, help="per-channel mean of the normalisation, e.g. 0.5,0.5,0.5")
+    custom.add_argument("--std", type=_numbers, default=None, help="per-channel std of the normalisation")
+    custom.add_argument("--output", type=_key, default=None, help="key (dict) or index (tuple) of the scores to explain")
+
+
+def _sized(option: str, what: str) -> str:
+    """Help for a setting whose default depends on the input size."""
+    small, large = _size_defaults(0)[option], _size_defaults(LARGE)[option]
+    return f"{what} (default {small}; {large} for inputs over {LARGE - 1} px)"
+
+
+def _explain_options(p: argparse.ArgumentParser) -> None:
+    _model_options(p)
+    p.add_argument("--methods", default=None, help=f"comma-separated from {', '.join(EXPLAIN_METHODS)} (default: all that apply)")
     p.add_argument("--layer", default=None, help="layer for conductance, Grad-CAM, ascent, deconvolution (default: the last "
                                                   "convolution, or the block around it that every path crosses)")
     p.add_argument("--out", default="attrib-report", help="output folder: created, or replaced only if attrib wrote it")
-    p.add_argument("--n-steps", type=int, default=None, dest="n_steps",
-                   help=f"integration steps of IG and conductance (default {_size_defaults(0)['n_steps']}; "
-                        f"{_size_defaults(LARGE)['n_steps']} for inputs over {LARGE - 1} px)")
-    p.add_argument("--steps", type=int, default=None, help=f"conductance-ascent iterations (default {_size_defaults(0)['steps']}; "
-                                                            f"{_size_defaults(LARGE)['steps']} for inputs over {LARGE - 1} px)")
+    p.add_argument("--n-steps", type=int, default=None, dest="n_steps", help=_sized("n_steps", "integration steps of IG and conductance"))
+    p.add_argument("--steps", type=int, default=None, help=_sized("steps", "conductance-ascent iterations"))
     p.add_argument("--ascent-n-steps", type=int, default=None, dest="ascent_n_steps",
-                   help=f"conductance steps inside each ascent iteration (default {_size_defaults(0)['ascent_n_steps']}; "
-                        f"{_size_defaults(LARGE)['ascent_n_steps']} for inputs over {LARGE - 1} px)")
+                   help=_sized("ascent_n_steps", "conductance steps inside each ascent iteration"))
     p.add_argument("--k", type=int, default=6, help="channels per layer in the path graph")
-    p.add_argument("--max-k", type=int, default=None, dest="max_k",
-                   help=f"largest K on the K-path curves (default {_size_defaults(0)['max_k']}; "
-                        f"{_size_defaults(LARGE)['max_k']} for inputs over {LARGE - 1} px)")
+    p.add_argument("--max-k", type=int, default=None, dest="max_k", help=_sized("max_k", "largest K on the K-path curves"))
     p.add_argument("--distance", type=float, default=1.0,
                    help="shape distance (0..2) of the unit-L1 K-path and full heatmaps at which K is chosen")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest relative completeness error marked as passed")
+    _composite_option(p, LRP_COMPOSITE)
     p.set_defaults(run=explain)
 
+
+def parser() -> argparse.ArgumentParser:
+    top = _Parser(prog="attrib", description="Attribution for PyTorch models: explain, audit, list layers, benchmark.")
+    commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _explain_options(commands.add_parser("explain", help="write figures, report.json and index.html"))
+
     p = commands.add_parser("audit", help="completeness and conservation errors; exit 1 above the tolerance")
-    model_options(p)
+    _model_options(p)
     p.add_argument("--tolerance", type=float, default=0.05, help="largest relative error accepted")
     p.add_argument("--n-steps", type=int, default=64, dest="n_steps", help="integration steps")
-    p.add_argument("--composite", default="epsilon", help="LRP composite")
+    _composite_option(p, "epsilon")
     p.set_defaults(run=audit)
 
     p = commands.add_parser("layers", help="layer names and output shapes (what --layer takes)")
-    model_options(p, images=False)
+    _model_options(p, images=False)
     p.set_defaults(run=layers)
 
     p = commands.add_parser("bench", help="run the benchmark scripts (repository checkout)")

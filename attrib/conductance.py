@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import bisect
 import warnings
-from contextlib import closing
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .engine import INPUT, as_args, endpoint_scores, prepare, sweep
-from .hooks import LayerSpec, resolve_layers
-from .paths import STIELTJES, check_method, stieltjes_rule, uniform_nodes, weighted_rule
+from .errors import InputError
+from .hooks import resolve_layers
+from .layer_attribution import LayerMethod
+from .quadrature import (
+    STIELTJES,
+    check_method,
+    stieltjes_rule,
+    uniform_nodes,
+    weighted_rule,
+)
 from .result import Attribution
 from .sums import StieltjesSum, WeightedSum, step_terms
-from .targets import NeuronSelector, TargetType, selector_weights
-from .errors import InputError
+from .sweep import Chunk, Differentiate, StraightPath
+from .targets import selector_weights
+from .types import INPUT, Baselines, LayerSpec, NeuronSelector, TargetType
 
 
-
-class LayerConductance:
+class LayerConductance(LayerMethod):
     """Conductance of every unit of one or more layers, all from one batched forward+backward pass.
 
     >>> res = LayerConductance(model, ["features.26", "features.28"]).attribute(x, target=3)
@@ -39,17 +45,11 @@ class LayerConductance:
     (nodes x B x layer sizes); the plain mode streams with memory independent of ``n_steps``.
     """
 
-    def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> None:
-        self.model = model
-        self.layers = [name for name, _ in resolve_layers(model, layers)]
-        if not self.layers:
-            raise InputError("layers: give at least one layer")
-
     def attribute(
         self,
         inputs: Tensor,
         target: TargetType = None,
-        baselines: Tensor | float | None = None,
+        baselines: Baselines = None,
         n_steps: int = 50,
         method: str = STIELTJES,
         internal_batch_size: int | None = None,
@@ -59,39 +59,32 @@ class LayerConductance:
         refine: str = "bisect",
         max_steps: int = 4096,
     ) -> Attribution:
-        inputs, baselines, target = prepare(self.model, inputs, baselines, target)
+        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
         alphas, form = stieltjes_rule(method, n_steps)
-        args = as_args(additional_forward_args)
-        outputs, baseline_outputs = endpoint_scores(self.model, inputs, baselines, target, args)
-        run = dict(
-            target=target, layers=self.layers, attribute_to_layer_input=attribute_to_layer_input,
-            internal_batch_size=internal_batch_size, additional_forward_args=args,
-        )
+        options = dict(layers=self.layers, attribute_to_layer_input=attribute_to_layer_input, internal_batch_size=internal_batch_size)
         if tolerance is not None:
-            return self._refine(inputs, baselines, outputs, baseline_outputs, run, method, n_steps, tolerance, refine, max_steps)
-        sums = StieltjesSum(form, alphas.shape[0], inputs.shape[0])
-        with closing(sweep(self.model, inputs, baselines, alphas, consume=sums.add_layer, **run)) as chunks:
-            for chunk in chunks:
-                sums.add_scores(chunk)
-        change = outputs - baseline_outputs
+            return self._refine(path, options, method, n_steps, tolerance, refine, max_steps)
+        sums = StieltjesSum(form, alphas.shape[0], path.batch)
+        path.evaluate(alphas, sums.add_scores, consume=sums.add_layer, **options)
         totals, residuals = sums.total, sums.residuals()
         return Attribution(
             attributions={name: totals[name] for name in self.layers},
-            delta={name: totals[name].reshape(change.shape[0], -1).sum(1) - change for name in self.layers},
-            outputs=outputs, baseline_outputs=baseline_outputs, method=method, n_steps=n_steps,
+            delta={name: totals[name].reshape(path.batch, -1).sum(1) - path.change for name in self.layers},
+            outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps,
             evaluations=alphas.shape[0], info={"step_residuals": {name: residuals[name] for name in self.layers}},
         )
 
-    def _refine(self, inputs, baselines, outputs, baseline_outputs, run, method, n_steps, tolerance, refine, max_steps):
+    def _refine(self, path: StraightPath, options: dict, method: str, n_steps: int, tolerance: float, refine: str,
+                max_steps: int) -> Attribution:
         if method != STIELTJES:
             raise InputError(f"tolerance: adaptive refinement needs method='{STIELTJES}', got {method!r}")
         if refine not in ("bisect", "double"):
             raise InputError(f"refine must be 'bisect' or 'double', got {refine!r}")
         if not tolerance > 0:
             raise InputError(f"tolerance must be positive, got {tolerance!r}")
-        nodes = _NodeStore(self.model, inputs, baselines, run)
+        nodes = _NodeStore(path, options)
         nodes.evaluate(uniform_nodes(n_steps))
-        change = outputs - baseline_outputs
+        change = path.change
         while True:
             sums, residuals = nodes.step_sums()
             delta = {name: s.sum(0) - change for name, s in sums.items()}
@@ -112,7 +105,7 @@ class LayerConductance:
         if not converged:
             warnings.warn(f"tolerance {tolerance} not reached with {steps} steps (max_steps); worst |delta| {worst:.3g}")
         return Attribution(
-            attributions=nodes.totals(), delta=delta, outputs=outputs, baseline_outputs=baseline_outputs,
+            attributions=nodes.totals(), delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs,
             method=method, n_steps=steps, evaluations=len(nodes.alphas),
             info={"step_residuals": residuals, "alphas": list(nodes.alphas), "converged": converged, "refine": refine},
         )
@@ -125,16 +118,16 @@ class _NodeStore:
     step's two alphas, so an iteration costs only the steps it creates.
     """
 
-    def __init__(self, model, inputs, baselines, run) -> None:
-        self.model, self.inputs, self.baselines, self.run = model, inputs, baselines, run
+    def __init__(self, path: StraightPath, options: dict) -> None:
+        self.path, self.options = path, options
         self.alphas: list[float] = []
         self.states: list[tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]] = []
         self._steps: dict[tuple[float, float], tuple[dict[str, Tensor], Tensor]] = {}
 
     def evaluate(self, alphas: list[float]) -> None:
-        B = self.inputs.shape[0]
-        with closing(sweep(self.model, self.inputs, self.baselines, torch.tensor(alphas, dtype=torch.float64), **self.run)) as chunks:
-            pieces = list(chunks)
+        B = self.path.batch
+        pieces: list[Chunk] = []
+        self.path.evaluate(torch.tensor(alphas, dtype=torch.float64), pieces.append, **self.options)
         scores = torch.cat([c.scores for c in pieces]).view(len(alphas), B)
         values = {n: torch.cat([c.values[n] for c in pieces]) for n in pieces[0].values}
         grads = {n: torch.cat([c.grads[n] for c in pieces]) for n in pieces[0].grads}
@@ -181,6 +174,9 @@ class NeuronConductance:
     conductance (same nodes), per selector and example; None for Captum's methods and callables.
     Note: for a slice selector Captum multiplies the summed gradient by the gradient of the summed
     neurons, which is not the sum of the neurons' conductances; single neurons agree.
+
+    >>> res = NeuronConductance(model, 'features.28').attribute(x, [(5, 3, 3), (7, slice(None), slice(None))], target=3)
+    >>> res.attributions.shape   # (2, *x.shape): one input map per selection
     """
 
     def __init__(self, model: nn.Module, layer: LayerSpec) -> None:
@@ -192,50 +188,34 @@ class NeuronConductance:
         inputs: Tensor,
         neuron_selector: NeuronSelector | list[NeuronSelector],
         target: TargetType = None,
-        baselines: Tensor | float | None = None,
+        baselines: Baselines = None,
         n_steps: int = 50,
         method: str = STIELTJES,
         internal_batch_size: int | None = None,
         attribute_to_neuron_input: bool = False,
         additional_forward_args: Any = None,
     ) -> Attribution:
-        inputs, baselines, target = prepare(self.model, inputs, baselines, target)
+        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
         check_method(method)
         selectors = neuron_selector if isinstance(neuron_selector, list) else [neuron_selector]
         if not selectors:
             raise InputError("neuron_selector: the list is empty")
         alphas, weights = weighted_rule(method, n_steps)
-        args = as_args(additional_forward_args)
-        outputs, baseline_outputs = endpoint_scores(self.model, inputs, baselines, target, args)
-        layer = self.layer
+        layer, keys = self.layer, [f"<selector {i}>" for i in range(len(selectors))]
+        integral = WeightedSum(weights, path.batch)
+        layer_sum = StieltjesSum("trapezoid", alphas.shape[0], path.batch)
 
-        def differentiate(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-            value, interpolated = tensors[layer], tensors[INPUT]
-            grads = {layer: torch.zeros_like(value)}
-            grads.update({i: torch.zeros_like(interpolated) for i in range(len(selectors))})
-            if not (scores.requires_grad and value.requires_grad):
-                return grads
-            grads[layer], = torch.autograd.grad(scores.sum(), value, retain_graph=True)
-            for i, selector in enumerate(selectors):
-                outgoing = grads[layer] * selector_weights(selector, value)
-                found, = torch.autograd.grad(value, interpolated, outgoing, retain_graph=i < len(selectors) - 1, allow_unused=True)
-                if found is not None:
-                    grads[i] = found
-            return grads
+        def add(chunk: Chunk) -> None:
+            integral.add(chunk, {key: chunk.grads[key] for key in keys})
+            if method == STIELTJES:
+                layer_sum.add(chunk, [layer])
 
-        integral = WeightedSum(weights, inputs.shape[0])
-        layer_sum = StieltjesSum("trapezoid", alphas.shape[0], inputs.shape[0])
-        with closing(sweep(
-            self.model, inputs, baselines, alphas, target=target, layers=[layer],
-            attribute_to_layer_input=attribute_to_neuron_input, input_grad=True,
-            internal_batch_size=internal_batch_size, additional_forward_args=args, differentiate=differentiate,
-        )) as chunks:
-            for chunk in chunks:
-                integral.add(chunk, {i: chunk.grads[i] for i in range(len(selectors))})
-                if method == STIELTJES:
-                    layer_sum.add(chunk, [layer])
-        diff = inputs - baselines
-        maps = torch.stack([integral.total[i] * diff for i in range(len(selectors))])
+        path.evaluate(
+            alphas, add, layers=[layer], attribute_to_layer_input=attribute_to_neuron_input, input_grad=True,
+            internal_batch_size=internal_batch_size, differentiate=_through_selectors(layer, selectors, keys),
+        )
+        diff = path.inputs - path.baselines
+        maps = torch.stack([integral.total[key] * diff for key in keys])
         delta = None
         if method == STIELTJES and not any(callable(s) for s in selectors):
             conductance = layer_sum.total[layer]
@@ -247,6 +227,25 @@ class NeuronConductance:
         if not isinstance(neuron_selector, list):
             maps, delta = maps[0], None if delta is None else delta[0]
         return Attribution(
-            attributions=maps, delta=delta, outputs=outputs, baseline_outputs=baseline_outputs,
+            attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs,
             method=method, n_steps=n_steps, evaluations=alphas.shape[0],
         )
+
+
+def _through_selectors(layer: str, selectors: list, keys: list[str]) -> Differentiate:
+    """dF/d(layer), and under each selector's key dF/dx through that selection of the layer's units
+    only: one backward pass to the layer, then one per selector from the layer to the input."""
+    def differentiate(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        value, interpolated = tensors[layer], tensors[INPUT]
+        grads = {layer: torch.zeros_like(value)}
+        grads.update({key: torch.zeros_like(interpolated) for key in keys})
+        if not (scores.requires_grad and value.requires_grad):
+            return grads
+        grads[layer], = torch.autograd.grad(scores.sum(), value, retain_graph=True)
+        for i, (selector, key) in enumerate(zip(selectors, keys)):
+            outgoing = grads[layer] * selector_weights(selector, value)
+            found, = torch.autograd.grad(value, interpolated, outgoing, retain_graph=i < len(selectors) - 1, allow_unused=True)
+            if found is not None:
+                grads[key] = found
+        return grads
+    return differentiate

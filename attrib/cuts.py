@@ -13,11 +13,11 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .engine import as_args, check_inputs
+from .checks import as_args, check_inputs
 from .errors import InputError
-from .hooks import LayerSpec, frozen_parameters, preserved, resolve_layers
-
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from .hooks import frozen_parameters, preserved, resolve_layers
+from .module_types import CONVOLUTIONS
+from .types import LayerSpec
 
 
 def _nodes(start: Any, blocked: Any = None) -> Iterator[Any]:

@@ -21,15 +21,17 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn import grad as nn_grad
 
-from .engine import as_args, check_inputs, check_model
-from .hooks import LayerSpec, preserved, resolve_layers
-from .result import Attribution
-from .targets import NeuronSelector, selector_weights
+from .checks import as_args, check_inputs, check_model
 from .errors import InputError
+from .hooks import preserved, resolve_layers
+from .module_types import CONVOLUTIONS
+from .result import Attribution
+from .targets import selector_weights
+from .types import LayerSpec, NeuronSelector
 
 _POOLS = {nn.MaxPool1d: F.max_pool1d_with_indices, nn.MaxPool2d: F.max_pool2d_with_indices, nn.MaxPool3d: F.max_pool3d_with_indices}
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _LINEAR_MAPS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
 _RESHAPES = (nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 
@@ -45,10 +47,10 @@ class _Call:
         self.out_shape: torch.Size | None = None  # its output's shape (a functional flatten may follow)
 
 
-_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+_CONV_INPUT_GRAD = {1: nn_grad.conv1d_input, 2: nn_grad.conv2d_input, 3: nn_grad.conv3d_input}
 
 
-def transpose_conv(module: nn.Module, signal: Tensor, shape: torch.Size) -> Tensor:
+def transpose_conv(module: nn.Conv1d | nn.Conv2d | nn.Conv3d, signal: Tensor, shape: torch.Size) -> Tensor:
     """The convolution's transpose with its own weights, no bias, back to input ``shape``."""
     dims = signal.dim() - 2
     return _CONV_INPUT_GRAD[dims](
@@ -57,8 +59,8 @@ def transpose_conv(module: nn.Module, signal: Tensor, shape: torch.Size) -> Tens
 
 
 def _check_supported(name: str, module: nn.Module) -> None:
-    if type(module) in _POOLS or isinstance(module, _CONVS + _LINEAR_MAPS + _RESHAPES + (nn.ReLU, nn.Linear)):
-        if isinstance(module, _CONVS) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
+    if type(module) in _POOLS or isinstance(module, CONVOLUTIONS + _LINEAR_MAPS + _RESHAPES + (nn.ReLU, nn.Linear)):
+        if isinstance(module, CONVOLUTIONS) and (module.padding_mode != "zeros" or isinstance(module.padding, str)):
             raise InputError(f"layer {name!r}: padding {module.padding!r} / padding_mode {module.padding_mode!r} has no transposed form here; use integer zero padding")
         return
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -93,8 +95,9 @@ class DeconvReconstruction:
             def check(module, hook_args):
                 x = hook_args[0] if hook_args else None
                 previous, version = last[0]
-                same = isinstance(x, Tensor) and (x is previous or (x.data_ptr() == previous.data_ptr() and x.numel() == previous.numel()))
-                if not same or x._version != version:
+                if not isinstance(x, Tensor) or x._version != version or not (
+                    x is previous or (x.data_ptr() == previous.data_ptr() and x.numel() == previous.numel())
+                ):
                     raise InputError(
                         f"layer: the path to {layer!r} is not a plain chain of layers: the input of {name!r} is not "
                         "the unchanged output of the layer before it (a residual addition or another functional op "
@@ -156,21 +159,26 @@ class DeconvReconstruction:
     def _down(call: _Call, signal: Tensor) -> Tensor:
         module = call.module
         if type(module) in _POOLS:
+            assert call.switches is not None  # recorded for every max pooling
             flat = torch.zeros(call.shape, dtype=signal.dtype, device=signal.device).flatten(2)
             flat.scatter_add_(2, call.switches.flatten(2), signal.flatten(2))
             return flat.view(call.shape)
         if isinstance(module, nn.ReLU):
             return signal.clamp(min=0)
-        if isinstance(module, _CONVS):
+        if isinstance(module, CONVOLUTIONS):
             return transpose_conv(module, signal, call.shape)
         if isinstance(module, nn.Linear):
             return signal @ module.weight
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if module.running_var is None:
+                raise InputError(f"layer {call.name!r}: a BatchNorm without running statistics (track_running_stats=False) "
+                                 "has no fixed scale to deconvolve through")
             scale = torch.rsqrt(module.running_var + module.eps)
             if module.weight is not None:
                 scale = scale * module.weight
             return signal * scale.view((1, -1) + (1,) * (signal.dim() - 2))
         if isinstance(module, _LINEAR_MAPS):
+            assert call.x is not None  # kept for every linear map
             with torch.enable_grad():
                 probe = call.x.detach().requires_grad_(True)
                 return torch.autograd.grad(module(probe), probe, signal)[0]

@@ -26,18 +26,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .engine import as_args, expand_args, prepare
+from .checks import expand_args
+from .errors import InputError
 from .hooks import frozen_parameters
 from .result import Attribution
-from .targets import TargetType, target_scores
-from .errors import InputError
+from .sweep import StraightPath
+from .targets import target_scores
+from .types import Baselines, TargetType
 
 ELEMENTWISE: set[Callable] = {
     F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
     F.celu, F.gelu, F.silu, F.softplus, F.hardtanh, F.sigmoid, torch.sigmoid, Tensor.sigmoid, F.tanh, torch.tanh,
     Tensor.tanh,
 }
-MAX_POOLS = {  # caught function -> the form with a signature that returns the winners
+MAX_POOL_FUNCTIONS = {  # caught function -> the form with a signature that returns the winners
     F.max_pool1d: F.max_pool1d_with_indices, F.max_pool2d: F.max_pool2d_with_indices, F.max_pool3d: F.max_pool3d_with_indices,
 }
 
@@ -121,7 +123,11 @@ def _out_of_place(func: Callable, args: tuple, kwargs: dict, **force) -> Callabl
 
 class RescaleRule(TorchFunctionMode):
     """While active, caught nonlinearities back-propagate DeepLIFT multipliers for ``[x; x']`` batches
-    (max pooling too, unless ``pools=False``: then it keeps its gradient)."""
+    (max pooling too, unless ``pools=False``: then it keeps its gradient).
+
+    >>> with RescaleRule(pools=True):   # on a batch [inputs; baselines]
+    ...     output = model(torch.cat([x, x_ref]).requires_grad_())
+    """
 
     def __init__(self, pools: bool = True) -> None:
         super().__init__()
@@ -132,8 +138,8 @@ class RescaleRule(TorchFunctionMode):
         if args and isinstance(args[0], Tensor) and args[0].requires_grad:
             if func in ELEMENTWISE:
                 return _Rescale.apply(args[0], _out_of_place(func, args, kwargs))
-            if self.pools and func in MAX_POOLS:
-                with_indices = MAX_POOLS[func]
+            if self.pools and func in MAX_POOL_FUNCTIONS:
+                with_indices = MAX_POOL_FUNCTIONS[func]
                 if not inspect.signature(with_indices).bind(*args, **kwargs).arguments.get("return_indices", False):
                     return _MaxPoolRescale.apply(args[0], _out_of_place(with_indices, args, kwargs, return_indices=True))
         return func(*args, **kwargs)
@@ -164,13 +170,13 @@ class DeepLift:
         self,
         inputs: Tensor,
         target: TargetType = None,
-        baselines: Tensor | float | None = None,
+        baselines: Baselines = None,
         additional_forward_args: Any = None,
     ) -> Attribution:
-        inputs, baselines, target = prepare(self.model, inputs, baselines, target)
-        n = inputs.shape[0]
+        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
+        inputs, baselines, target, n = path.inputs, path.baselines, path.target, path.batch
         example = torch.arange(n, device=inputs.device).repeat(2)
-        args = expand_args(as_args(additional_forward_args), example, n)
+        args = expand_args(path.args, example, n)
         with frozen_parameters(self.model), torch.enable_grad():
             probe = torch.cat([inputs, baselines]).requires_grad_(True)
             with RescaleRule(pools=self.maxpool == "rescale"):

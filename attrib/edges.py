@@ -53,7 +53,7 @@ def direct_grads(
         if cut:
             handles = [places[n].node.register_prehook(stop(places[n].output_nr)) for n in names]
         found = torch.autograd.grad(
-            [root], [places[n] for n in names], [grad], retain_graph=True, allow_unused=True, is_grads_batched=batched,
+            root, [places[n] for n in names], [grad], retain_graph=True, allow_unused=True, is_grads_batched=batched,
         )
     finally:
         for handle in handles:

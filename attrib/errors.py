@@ -8,8 +8,15 @@ from __future__ import annotations
 
 
 class InputError(ValueError):
-    """Bad input, named in one line (the argument and what is wrong with it)."""
+    """Bad input, named in one line (the argument and what is wrong with it).
+
+    >>> try: IntegratedGradients(model).attribute(x, n_steps=0)
+    ... except InputError as error: print(error)   # n_steps must be a positive int, got 0
+    """
 
 
 class InputTypeError(InputError, TypeError):
-    """Bad input of the wrong type."""
+    """Bad input of the wrong type.
+
+    >>> isinstance(InputTypeError('inputs must be a tensor'), (ValueError, TypeError))   # True
+    """

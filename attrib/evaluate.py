@@ -20,14 +20,19 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
+from .checks import check_inputs
 from .conductance import LayerConductance
-from .engine import check_inputs
-from .hooks import capture, resolve_layers
-from .layer import InternalInfluence, LayerActivation, LayerGradientXActivation
-from .targets import TargetType, normalize_target, target_scores
 from .errors import InputError
+from .hooks import capture, resolve_layers
+from .layer_attribution import (
+    InternalInfluence,
+    LayerActivation,
+    LayerGradientXActivation,
+)
+from .targets import normalize_target, target_scores
+from .types import Baselines, TargetType
 
-METHODS = ("activation", "gradient_x_activation", "internal_influence", "conductance")
+COMPARED_METHODS = ("activation", "gradient_x_activation", "internal_influence", "conductance")
 
 
 def _suppressor(mode: str) -> Callable[[Tensor, Tensor], Tensor]:
@@ -62,7 +67,7 @@ def ablate(model: nn.Module, inputs: Tensor, layer: str, keep: Tensor, target: T
 
 
 def _channels(model: nn.Module, inputs: Tensor, layer: str) -> int:
-    return LayerActivation(model, layer).attribute(inputs[:1]).attributions[layer].shape[1]
+    return LayerActivation(model, layer).attribute(inputs[:1])[layer].shape[1]
 
 
 def ablation_scores(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, mode: str = "zero",
@@ -85,22 +90,22 @@ def ablation_scores(model: nn.Module, inputs: Tensor, layer: str, target: Target
 
 
 def layer_attribution(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, method: str,
-                      n_steps: int = 50, baselines: Tensor | float | None = None) -> Tensor:
+                      n_steps: int = 50, baselines: Baselines = None) -> Tensor:
     """The method's attribution at ``layer``'s output, shaped like it ``(B, C, ...)``."""
     ((layer, _),) = resolve_layers(model, layer)
     if method == "activation":
-        return LayerActivation(model, layer).attribute(inputs).attributions[layer]
+        return LayerActivation(model, layer).attribute(inputs)[layer]
     if method == "gradient_x_activation":
-        return LayerGradientXActivation(model, layer).attribute(inputs, target=target).attributions[layer]
+        return LayerGradientXActivation(model, layer).attribute(inputs, target=target)[layer]
     if method == "internal_influence":
-        return InternalInfluence(model, layer).attribute(inputs, target=target, baselines=baselines, n_steps=n_steps).attributions[layer]
+        return InternalInfluence(model, layer).attribute(inputs, target=target, baselines=baselines, n_steps=n_steps)[layer]
     if method == "conductance":
-        return LayerConductance(model, layer).attribute(inputs, target=target, baselines=baselines, n_steps=n_steps).attributions[layer]
-    raise InputError(f"method must be one of {METHODS}, got {method!r}")
+        return LayerConductance(model, layer).attribute(inputs, target=target, baselines=baselines, n_steps=n_steps)[layer]
+    raise InputError(f"method must be one of {COMPARED_METHODS}, got {method!r}")
 
 
 def filter_importance(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, method: str,
-                      n_steps: int = 50, baselines: Tensor | float | None = None) -> Tensor:
+                      n_steps: int = 50, baselines: Baselines = None) -> Tensor:
     """``(B, C)``: the method's attribution at ``layer`` summed over each filter's positions."""
     value = layer_attribution(model, inputs, layer, target, method, n_steps, baselines)
     return value.reshape(value.shape[0], value.shape[1], -1).sum(-1)
@@ -161,7 +166,7 @@ def pooled_activations(model: nn.Module, inputs: Tensor, layer: str, batch_size:
     """``(B, C)``: each filter's output averaged over its positions."""
     parts = []
     for start in range(0, inputs.shape[0], batch_size):
-        value = LayerActivation(model, layer).attribute(inputs[start:start + batch_size]).attributions[layer]
+        value = LayerActivation(model, layer).attribute(inputs[start:start + batch_size])[layer]
         parts.append(value.reshape(value.shape[0], value.shape[1], -1).mean(-1))
     return torch.cat(parts)
 
@@ -225,7 +230,7 @@ def randomised_copies(model: nn.Module, seed: int = 0, inputs: Tensor | None = N
         current = copy.deepcopy(current)
 
 
-def sanity_check(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, methods: Sequence[str] = METHODS,
+def sanity_check(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, methods: Sequence[str] = COMPARED_METHODS,
                  n_steps: int = 32, seed: int = 0) -> dict[str, list[tuple[str, float]]]:
     """Per method: ``(top layer randomised down to, mean Spearman correlation with the original
     per-unit attribution at ``layer``)`` for each step of the cascade."""

@@ -2,22 +2,29 @@
 input x gradient and SmoothGrad."""
 from __future__ import annotations
 
-from contextlib import closing, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .engine import (
-    INPUT, as_args, check_count, check_inputs, check_internal_batch_size, check_model, endpoint_scores, expand_args, prepare, sweep,
+from .checks import (
+    as_args,
+    check_count,
+    check_inputs,
+    check_internal_batch_size,
+    check_model,
+    expand_args,
 )
+from .errors import InputError
 from .hooks import frozen_parameters
-from .paths import weighted_rule
+from .quadrature import weighted_rule
 from .result import Attribution
 from .sums import WeightedSum
-from .targets import TargetType, normalize_target, target_scores
-from .errors import InputError
+from .sweep import StraightPath
+from .targets import normalize_target, target_scores
+from .types import INPUT, Baselines, TargetType
 
 
 class IntegratedGradients:
@@ -37,28 +44,20 @@ class IntegratedGradients:
         self,
         inputs: Tensor,
         target: TargetType = None,
-        baselines: Tensor | float | None = None,
+        baselines: Baselines = None,
         n_steps: int = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         additional_forward_args: Any = None,
     ) -> Attribution:
-        inputs, baselines, target = prepare(self.model, inputs, baselines, target)
+        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
         alphas, weights = weighted_rule(method, n_steps)
-        args = as_args(additional_forward_args)
-        outputs, baseline_outputs = endpoint_scores(self.model, inputs, baselines, target, args)
-        integral = WeightedSum(weights, inputs.shape[0])
-        with closing(sweep(
-            self.model, inputs, baselines, alphas, target=target, input_grad=True,
-            internal_batch_size=internal_batch_size, additional_forward_args=args,
-        )) as chunks:
-            for chunk in chunks:
-                integral.add(chunk)
-        attributions = integral.total[INPUT] * (inputs - baselines)
+        integral = WeightedSum(weights, path.batch)
+        path.evaluate(alphas, integral.add, input_grad=True, internal_batch_size=internal_batch_size)
+        attributions = integral.total[INPUT] * (path.inputs - path.baselines)
         return Attribution(
-            attributions=attributions,
-            delta=attributions.reshape(attributions.shape[0], -1).sum(1) - (outputs - baseline_outputs),
-            outputs=outputs, baseline_outputs=baseline_outputs, method=method, n_steps=n_steps,
+            attributions=attributions, delta=attributions.reshape(path.batch, -1).sum(1) - path.change,
+            outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps,
             evaluations=alphas.shape[0],
         )
 
@@ -105,7 +104,10 @@ class Saliency:
 
 
 class InputXGradient:
-    """``x * dF/dx`` (Shrikumar et al., 2016); exact completeness for bias-free ReLU networks with a zero baseline."""
+    """``x * dF/dx`` (Shrikumar et al., 2016); exact completeness for bias-free ReLU networks with a zero baseline.
+
+    >>> InputXGradient(model).attribute(x, target=3).attributions   # x * dF/dx
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

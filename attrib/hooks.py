@@ -11,19 +11,23 @@ the forward pass raises.
 from __future__ import annotations
 
 import difflib
-from contextlib import contextmanager
-from typing import Callable, Iterator, Mapping, Sequence, Union
+from contextlib import AbstractContextManager, contextmanager
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from .errors import InputError, InputTypeError
 
-LayerSpec = Union[str, nn.Module]
+from .errors import InputError, InputTypeError
+from .types import LayerSpec
+
 Edit = Callable[[Tensor], Tensor]
 
 
 class LayerReuseError(InputError):
-    """A hooked module ran more than once in one forward pass, so 'its output' is ambiguous."""
+    """A hooked module ran more than once in one forward pass, so 'its output' is ambiguous.
+
+    >>> LRP(model).attribute(x, layers=['shared'])   # raises LayerReuseError if 'shared' runs twice per pass
+    """
 
 
 def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> list[tuple[str, nn.Module]]:
@@ -115,6 +119,10 @@ class capture:
     ``cap[name]`` is the tensor seen in the latest forward pass. What flows on is a clone, so an
     in-place operation downstream (``ReLU(inplace=True)``) cannot alter the captured tensor. A module
     that runs twice in one forward pass raises :class:`LayerReuseError`.
+
+    >>> with capture(model, ['features.28'], on='input') as cap:
+    ...     model(x)
+    >>> cap['features.28']   # the layer's input in that pass
     """
 
     def __init__(
@@ -139,7 +147,7 @@ class capture:
         self.captured: dict[str, Tensor] = {}
         self._calls: dict[str, int] = {}
         self._handles: list = []
-        self._guard = None
+        self._guard: AbstractContextManager[None] | None = None
 
     def __getitem__(self, name: str) -> Tensor:
         return self.captured[name]

@@ -151,7 +151,9 @@ def _colour_and_alpha(image: Image.Image, channels: int, record: dict) -> tuple[
     steps = record["steps"]
     key = image.info.get("transparency") if image.mode not in ("P", "PA") else None
     if image.mode in ("P", "PA"):
-        transparent = image.mode == "PA" or "transparency" in image.info or image.palette.mode == "RGBA"
+        palette = image.palette
+        assert palette is not None  # Pillow gives every P and PA image a palette
+        transparent = image.mode == "PA" or "transparency" in image.info or palette.mode == "RGBA"
         image = image.convert("RGBA" if transparent else "RGB")
         steps.append(f"palette expanded to {image.mode}")
     elif image.mode not in MODES:

@@ -28,7 +28,11 @@ TOOL = "attrib report"
 
 
 class Terminated(KeyboardInterrupt):
-    """The process received SIGTERM or SIGHUP; ``signum`` says which."""
+    """The process received SIGTERM or SIGHUP; ``signum`` says which.
+
+    >>> with termination_as_interrupt():   # SIGTERM/SIGHUP now raise Terminated (a KeyboardInterrupt)
+    ...     run()
+    """
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)

@@ -6,6 +6,7 @@ from typing import Any, Union
 
 import torch
 from torch import Tensor
+
 from .errors import InputError
 
 Attributions = Union[Tensor, dict[str, Tensor]]
@@ -22,6 +23,9 @@ class Attribution:
     method-specific extras (e.g. ``step_residuals``: per layer, (n_steps, B) — each step's
     Stieltjes sum minus the score change over that step). ``layers`` holds per-layer maps of input
     methods that also record layers (LRP), keyed by layer name; ``result[name]`` reads either.
+
+    >>> res = IntegratedGradients(model).attribute(x, target=3)
+    >>> res.tensor.shape == x.shape, res.delta   # the map, and the completeness error per example
     """
 
     attributions: Attributions
@@ -33,6 +37,16 @@ class Attribution:
     evaluations: int | None = None
     info: dict[str, Any] = field(default_factory=dict)
     layers: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def tensor(self) -> Tensor:
+        """``attributions`` of an input method; a layer method's maps are read with ``result[layer]``.
+
+        >>> IntegratedGradients(model).attribute(x, target=3).tensor.shape == x.shape
+        """
+        if isinstance(self.attributions, dict):
+            raise InputError(f"attributions: this result holds layers {list(self.attributions)}; read one with result[name]")
+        return self.attributions
 
     def __getitem__(self, layer: str) -> Tensor:
         if isinstance(self.attributions, dict):

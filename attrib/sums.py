@@ -11,13 +11,21 @@ from typing import Iterator
 import torch
 from torch import Tensor
 
-from .engine import Chunk
+from .sweep import Chunk
 
 BLOCK_ELEMENTS = 1 << 21
 
 
 def _per_row(weights: Tensor, like: Tensor) -> Tensor:
     return weights.to(like.dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+
+def _predecessors(kept: Tensor | None, current: Tensor, from_kept: bool) -> Tensor:
+    """The rows a step's predecessors are read from: those kept from earlier chunks, or the chunk's own."""
+    if not from_kept:
+        return current
+    assert kept is not None, "predecessors among the kept rows, but no rows were kept"
+    return kept
 
 
 def _blocks(rows: int, row_elements: int) -> Iterator[slice]:
@@ -27,7 +35,12 @@ def _blocks(rows: int, row_elements: int) -> Iterator[slice]:
 
 
 class WeightedSum:
-    """``sum_k w_k h(alpha_k)`` per example, where ``h`` is a gradient (integrated gradients' form)."""
+    """``sum_k w_k h(alpha_k)`` per example, where ``h`` is a gradient (integrated gradients' form).
+
+    >>> integral = WeightedSum(weights, n_examples)
+    >>> path.evaluate(alphas, integral.add, input_grad=True)
+    >>> integral.total[INPUT]   # sum_k w_k dF/dx at node k, per example
+    """
 
     def __init__(self, weights: Tensor, n_examples: int) -> None:
         self.weights = weights
@@ -52,6 +65,13 @@ def step_terms(form: str, g_start: Tensor, g_end: Tensor, y_start: Tensor, y_end
     return gradient * (y_end - y_start)
 
 
+def trapezoid_sum(g: Tensor, y: Tensor, dim: int = 0) -> Tensor:
+    """``sum_k (g_k + g_{k+1}) / 2 * (y_{k+1} - y_k)`` over the nodes along ``dim``: :func:`step_terms`
+    for every step at once (differentiable; ``y`` may broadcast against ``g``)."""
+    n, m = g.shape[dim], y.shape[dim]
+    return step_terms("trapezoid", g.narrow(dim, 0, n - 1), g.narrow(dim, 1, n - 1), y.narrow(dim, 0, m - 1), y.narrow(dim, 1, m - 1)).sum(dim)
+
+
 class StieltjesSum:
     """``sum_k G_k (y_{k+1} - y_k)`` per example and layer, streamed over chunks.
 
@@ -59,6 +79,10 @@ class StieltjesSum:
     ``rows[B:]`` and ``rows[:-B]``; the last B rows of a chunk are kept (copied) for the first steps of
     the next, so the result does not depend on the chunk size. Each step's sum and score change are
     kept, (n_steps, B), for the completeness residual per step.
+
+    >>> sums = StieltjesSum('trapezoid', alphas.shape[0], n_examples)
+    >>> path.evaluate(alphas, sums.add_scores, consume=sums.add_layer, layers=['features.28'])
+    >>> sums.total['features.28'], sums.residuals()['features.28']   # conductance; per-step completeness residuals
     """
 
     def __init__(self, form: str, n_nodes: int, n_examples: int) -> None:
@@ -107,7 +131,8 @@ class StieltjesSum:
         kept = self._kept_scores
         for before, after, first_row, from_kept in self._pairs(chunk, 0 if kept is None else kept.shape[0]):
             row = torch.arange(first_row, first_row + after.stop - after.start, device=chunk.scores.device)
-            self.step_score_change[row // B - 1, row % B] = chunk.scores[after] - (kept if from_kept else chunk.scores)[before]
+            earlier = _predecessors(kept, chunk.scores, from_kept)
+            self.step_score_change[row // B - 1, row % B] = chunk.scores[after] - earlier[before]
         self._kept_scores = self._keep(kept, chunk.scores)
 
     def add_layer(self, chunk: Chunk, name: str, y: Tensor, g: Tensor) -> None:
@@ -118,10 +143,10 @@ class StieltjesSum:
             self.step_sums[name] = y.new_zeros((self.n_steps, B))
         y_kept, g_kept = self._kept.get(name, (None, None))
         for before, after, first_row, from_kept in self._pairs(chunk, 0 if y_kept is None else y_kept.shape[0]):
-            y0, g0 = (y_kept, g_kept) if from_kept else (y, g)
+            y0, g0 = _predecessors(y_kept, y, from_kept), _predecessors(g_kept, g, from_kept)
             y0, g0, y1, g1 = y0[before], g0[before], y[after], g[after]
             for rows in _blocks(y1.shape[0], y1[0].numel()):
-                # step_terms, in place and without the trapezoid's 1/2 (exact), applied once on the sums
+                # the fast form of step_terms: in place, the trapezoid's 1/2 (exact) applied once on the sums
                 terms = torch.sub(y1[rows], y0[rows])
                 terms.mul_(g0[rows] if self.form == "left" else torch.add(g0[rows], g1[rows]))
                 row = torch.arange(first_row + rows.start, first_row + rows.stop, device=terms.device)
@@ -131,4 +156,7 @@ class StieltjesSum:
 
     def residuals(self) -> dict[str, Tensor]:
         """Per layer, (n_steps, B): each step's sum minus the change of the score over that step."""
+        if not self.step_sums:
+            return {}
+        assert self.step_score_change is not None, "add_scores runs before add_layer"
         return {name: sums - self.step_score_change for name, sums in self.step_sums.items()}

@@ -10,16 +10,13 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Union
-
 import operator
 
 import torch
 from torch import Tensor
-from .errors import InputError, InputTypeError
 
-TargetType = Union[None, int, tuple, Sequence[Union[int, tuple]], Tensor, Callable[[Any], Tensor]]
-NeuronSelector = Union[int, tuple, Callable[[Tensor], Tensor]]
+from .errors import InputError, InputTypeError
+from .types import NeuronSelector, TargetType
 
 
 def _index(target: object, shape: torch.Size) -> tuple:
@@ -46,7 +43,7 @@ def _plain_ints(target: object) -> object:
         array = torch.as_tensor(target)
         return array if array.dim() else _plain_ints(array.item())
     if hasattr(target, "__index__") and not isinstance(target, int):
-        return operator.index(target)  # type: ignore[call-overload]
+        return operator.index(target)
     if isinstance(target, (tuple, list)):
         return type(target)(_plain_ints(t) for t in target)
     return target

@@ -21,9 +21,17 @@ from pathlib import Path
 
 import torch
 import torchvision
+from common import (
+    cpu_model,
+    device_label,
+    peak_rss_mb,
+    result_file,
+    rss_mb,
+    side_by_side,
+    sync,
+)
 
 import attrib
-from common import cpu_model, device_label, peak_rss_mb, result_file, rss_mb, side_by_side, sync
 
 warnings.filterwarnings("ignore", module="captum")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -128,7 +136,7 @@ def section_one_layer(repeats, device):
 def neuron_limit(model, layer, x, filters, method):
     """The floor: one batched forward with a graph to the input, one backward to the layer,
     one backward from the layer to the input per filter."""
-    alphas, weights = attrib.paths.weighted_rule(method, N_STEPS)
+    alphas, weights = attrib.quadrature.weighted_rule(method, N_STEPS)
     module = dict(model.named_modules())[layer]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -194,7 +202,7 @@ def section_ig(repeats, device):
 
     model, x = vgg16(device=device), image(device=device)
     method = "gausslegendre"
-    alphas, _ = attrib.paths.weighted_rule(method, N_STEPS)
+    alphas, _ = attrib.quadrature.weighted_rule(method, N_STEPS)
 
     def limit():
         for p in model.parameters():

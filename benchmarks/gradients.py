@@ -19,10 +19,17 @@ from pathlib import Path
 
 import torch
 import torchvision
+from common import (
+    device_label,
+    imagenet_pictures,
+    limit_fn,
+    result_file,
+    side_by_side,
+    sync,
+)
 from torch import nn
 
 import attrib
-from common import device_label, imagenet_pictures, limit_fn, result_file, side_by_side, sync
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,8 +49,16 @@ def build(device: str) -> tuple[nn.Module, nn.Module, torch.Tensor]:
 def cases(model: nn.Module, twin: nn.Module, x: torch.Tensor) -> dict:
     """{method: (attrib fn, Captum fn or None, numbers comparable?)}"""
     from captum.attr import (
-        DeepLift, Deconvolution, GuidedBackprop, GuidedGradCam, InputXGradient, LayerAttribution, LayerGradCam,
-        NeuronDeconvolution, NoiseTunnel, Saliency,
+        Deconvolution,
+        DeepLift,
+        GuidedBackprop,
+        GuidedGradCam,
+        InputXGradient,
+        LayerAttribution,
+        LayerGradCam,
+        NeuronDeconvolution,
+        NoiseTunnel,
+        Saliency,
     )
 
     layer = dict(twin.named_modules())[LAYER]

@@ -21,14 +21,23 @@ from pathlib import Path
 
 import torch
 import torchvision
+from common import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    cpu_model,
+    device_label,
+    imagenet_pictures,
+    limit_fn,
+    peak_rss_mb,
+    result_file,
+    rss_mb,
+    side_by_side,
+    sync,
+)
 from torch import nn
 
 import attrib
 from attrib.lrp import LRP
-from common import (
-    IMAGENET_MEAN, IMAGENET_STD, cpu_model, device_label, imagenet_pictures, limit_fn, peak_rss_mb, result_file, rss_mb,
-    side_by_side, sync,
-)
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -131,7 +140,7 @@ def captum_agreement(device: str) -> dict:
     from captum.attr import LRP as CaptumLRP
 
     from attrib.lrp import Composite, Epsilon
-    from attrib.lrp.composites import AVERAGE_POOLS, LINEAR_TYPES, MAX_POOLS
+    from attrib.module_types import AVERAGE_POOLS, LINEAR_LAYERS, MAX_POOLS
 
     out = {}
     for dtype in (torch.float32, torch.float64):
@@ -140,7 +149,7 @@ def captum_agreement(device: str) -> dict:
         for module in twin.modules():
             if isinstance(module, nn.ReLU):
                 module.inplace = False
-        composite = Composite(types=[(LINEAR_TYPES, Epsilon(1e-9)), (AVERAGE_POOLS + MAX_POOLS, Epsilon(1e-9))])
+        composite = Composite(types=[(LINEAR_LAYERS, Epsilon(1e-9)), (AVERAGE_POOLS + MAX_POOLS, Epsilon(1e-9))])
         ours = LRP(model, composite).attribute(x, target=TARGET).attributions
         theirs = CaptumLRP(twin).attribute(x, target=TARGET).detach()
         out[str(dtype).replace("torch.", "")] = float((ours - theirs).abs().max() / theirs.abs().max())

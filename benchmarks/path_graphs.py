@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 import torchvision
+from common import device_label, imagenet_pictures
 from torch import nn
 
 import attrib
 from attrib import graphs
-from common import device_label, imagenet_pictures
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET, K, LIMIT_S = 3, 8, 60.0

@@ -3,7 +3,7 @@ the attributes (numbers and strings) are kept as they are."""
 from __future__ import annotations
 
 import json
-from pathlib import Path as FilePath
+from pathlib import Path
 
 import networkx as nx
 
@@ -20,10 +20,10 @@ def plain_graph(flow: FlowGraph, graph: nx.DiGraph | None = None) -> nx.DiGraph:
     return nx.relabel_nodes(graph, {node: node_id(node) for node in graph.nodes}, copy=True)
 
 
-def write_graphml(flow: FlowGraph, path: str | FilePath, graph: nx.DiGraph | None = None) -> None:
+def write_graphml(flow: FlowGraph, path: str | Path, graph: nx.DiGraph | None = None) -> None:
     nx.write_graphml(plain_graph(flow, graph), str(path))
 
 
-def write_json(flow: FlowGraph, path: str | FilePath, graph: nx.DiGraph | None = None) -> None:
+def write_json(flow: FlowGraph, path: str | Path, graph: nx.DiGraph | None = None) -> None:
     data = nx.node_link_data(plain_graph(flow, graph), edges="edges")
-    FilePath(path).write_text(json.dumps(data, indent=1))
+    Path(path).write_text(json.dumps(data, indent=1))

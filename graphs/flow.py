@@ -26,21 +26,30 @@ from typing import Any, Sequence
 import networkx as nx
 import torch
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
+from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from attrib import LayerActivation, LayerConductance
+from attrib.checks import (
+    as_args,
+    check_baselines,
+    check_count,
+    check_inputs,
+    expand_args,
+)
 from attrib.edges import direct_grads, frontier
-from attrib.engine import as_args, check_baselines, check_count, check_inputs, expand_args
-from attrib.hooks import LayerSpec, capture, frozen_parameters, resolve_layers
-from attrib.paths import uniform_nodes
+from attrib.errors import InputError
+from attrib.hooks import capture, frozen_parameters, resolve_layers
 from attrib.lrp import LRP
 from attrib.lrp.composites import Composite
-from attrib.lrp.trace import INPUT, RelevanceTrace
-from attrib.targets import TargetType, normalize_target, target_scores
-from attrib.errors import InputError
+from attrib.lrp.trace import RelevanceTrace
+from attrib.module_types import LINEAR_LAYERS
+from attrib.quadrature import uniform_nodes
+from attrib.sums import trapezoid_sum
+from attrib.sweep import interpolate
+from attrib.targets import normalize_target, target_scores
+from attrib.types import INPUT, Baselines, LayerSpec, TargetType
 
 CLASS_LAYER = "output"
-LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
 @dataclass
@@ -52,7 +61,11 @@ class FlowGraph:
     ``(C,)``; ``flows[upper][lower]``:
     ``(k, C_lower)`` direct flows from the upper layer's top channels (top: the largest relevance
     times the sign of the score) (``upper`` is ``"output"`` for
-    the class node, one row); ``trace``: the kept LRP pass (for path heatmaps)."""
+    the class node, one row); ``trace``: the kept LRP pass (for path heatmaps).
+
+    >>> flow = build_graph(model, x[:1], target=3, k=8)
+    >>> flow.graph.number_of_nodes(), flow.values['features.28']   # nodes; relevance per channel
+    """
 
     graph: nx.DiGraph
     layers: list[str]
@@ -76,7 +89,7 @@ class FlowGraph:
 def default_layers(model: nn.Module, inputs: Tensor, additional_forward_args: Any = None) -> list[str]:
     """Every Conv and Linear layer that runs in the forward pass, except the one that produces the
     model output (modules that do not run in eval mode, such as auxiliary heads, are left out)."""
-    names = [name for name, module in model.named_modules() if isinstance(module, LAYER_TYPES)]
+    names = [name for name, module in model.named_modules() if isinstance(module, LINEAR_LAYERS)]
     if not names:
         raise InputError("layers: the model has no Conv or Linear layer; name the layers")
     with capture(model, names) as cap, torch.no_grad():
@@ -142,6 +155,42 @@ def _lrp_parts(model, inputs, target, names, k, composite, args) -> _Parts:
     return _Parts(names, values, flows, to_input, top, trace.score, dict(trace.seen_at), trace)
 
 
+def _stieltjes_per_channel(v: Tensor, path: Tensor) -> Tensor:
+    """Per channel, the trapezoid Stieltjes sum of gradients ``v`` along the layer's ``path``
+    ``(1, nodes, C, ...)``: ``(nodes, C, ...)`` -> ``(C,)``, or batched ``(r, nodes, C, ...)`` -> ``(r, C)``."""
+    batched = v.dim() == path.dim()
+    terms = trapezoid_sum(v if batched else v.unsqueeze(0), path, dim=1)
+    per_channel = terms.reshape(terms.shape[0], terms.shape[1], -1).sum(-1)
+    return per_channel if batched else per_channel[0]
+
+
+def _conductance_flows(total: Tensor, grads: dict[str, Tensor], places: dict[str, GradientEdge], shapes: dict,
+                       paths: dict[str, Tensor], names: list[str], top: dict[str, list[int]]) -> tuple[dict, dict]:
+    """From the class node and from each kept channel of each layer, one backward pass to the layers
+    of its frontier: the conductance each lower channel receives through it (``flows``), and what
+    reaches the input directly (``to_input``)."""
+    order = names + [INPUT]
+    flows, to_input = {}, {}
+    for upper in [None] + names:
+        root: Tensor | GradientEdge
+        if upper is None:
+            root, start, key, batched = total, torch.ones_like(total), CLASS_LAYER, False
+            below = frontier(total.grad_fn, places, order)
+        else:
+            start = torch.zeros((len(top[upper]),) + shapes[upper], dtype=total.dtype, device=total.device)
+            for row, channel in enumerate(top[upper]):
+                start[row, :, channel] = grads[upper][:, channel]
+            root, key, batched = places[upper], upper, True
+            below = frontier(places[upper].node, places, order)
+        found = direct_grads(root, start, {n: places[n] for n in below}, shapes, batched=batched)
+        found = {n: (v if batched else v.unsqueeze(0)) for n, v in found.items()}
+        direct = found.pop(INPUT, None)
+        flows[key] = {lower: _stieltjes_per_channel(v, paths[lower]) for lower, v in found.items()}
+        if direct is not None:  # what reaches the input without passing a chosen layer (x - x' inner product)
+            to_input[key] = _stieltjes_per_channel(direct, paths[INPUT]).sum(1)
+    return flows, to_input
+
+
 def _conductance_parts(model, inputs, target, names, k, n_steps, baselines, args) -> _Parts:
     """Conductance flows: the conductance of channel c' of a lower layer carried on the paths that
     go through channel c of the upper layer, ``sum_k (v_k + v_{k+1}) / 2 * (y'_{k+1} - y'_k)`` over
@@ -154,7 +203,8 @@ def _conductance_parts(model, inputs, target, names, k, n_steps, baselines, args
     nodes = n_steps + 1
     example = torch.zeros(nodes, dtype=torch.long, device=inputs.device)
     with frozen_parameters(model), capture(model, names) as cap, torch.enable_grad():
-        rows = (baselines + alphas.view((-1,) + (1,) * (inputs.dim() - 1)) * (inputs - baselines)).requires_grad_(True)
+        rows = interpolate(baselines, inputs - baselines, alphas, torch.arange(nodes, device=inputs.device), example)
+        rows.requires_grad_(True)
         output = model(rows, *expand_args(as_args(args), example, 1))
         scores = target_scores(output, normalize_target(target, 1) if not callable(target) else target, example)
         missing = [name for name in names if name not in cap.captured or not cap[name].requires_grad]
@@ -168,38 +218,11 @@ def _conductance_parts(model, inputs, target, names, k, n_steps, baselines, args
         shapes = {name: tuple(tensors[name].shape) for name in places}
         total = scores.sum()
         grads = direct_grads(total, torch.ones_like(total), {n: places[n] for n in names}, shapes, cut=False)
-        steps = {name: tensors[name].detach()[1:] - tensors[name].detach()[:-1] for name in places}
-
-        def stieltjes(v: Tensor, name: str) -> Tensor:
-            """``(nodes, C, ...)`` -> ``(C,)``, or batched ``(r, nodes, C, ...)`` -> ``(r, C)``."""
-            batched = v.dim() == len(shapes[name]) + 1
-            v = v if batched else v.unsqueeze(0)
-            terms = ((v[:, 1:] + v[:, :-1]) * 0.5 * steps[name]).sum(1)
-            per_channel = terms.reshape(terms.shape[0], terms.shape[1], -1).sum(-1)
-            return per_channel if batched else per_channel[0]
-
-        values = {name: stieltjes(grads[name], name) for name in names}
+        paths = {name: tensors[name].detach().unsqueeze(0) for name in places}
+        values = {name: _stieltjes_per_channel(grads[name], paths[name]) for name in names}
         score = float((scores[-1] - scores[0]).detach())
         _, top = _rank(values, score, k)
-        order = names + [INPUT]
-        flows, to_input = {}, {}
-        one = torch.ones_like(total)
-        for upper in [None] + names:
-            if upper is None:
-                root, start, key, batched = total, one, CLASS_LAYER, False
-                below = frontier(total.grad_fn, places, order)
-            else:
-                start = torch.zeros((len(top[upper]),) + shapes[upper], dtype=inputs.dtype, device=inputs.device)
-                for row, channel in enumerate(top[upper]):
-                    start[row, :, channel] = grads[upper][:, channel]
-                root, key, batched = places[upper], upper, True
-                below = frontier(places[upper].node, places, order)
-            found = direct_grads(root, start, {n: places[n] for n in below}, shapes, batched=batched)
-            found = {n: (v if batched else v.unsqueeze(0)) for n, v in found.items()}
-            direct = found.pop(INPUT, None)
-            flows[key] = {lower: stieltjes(v, lower) for lower, v in found.items()}
-            if direct is not None:  # what reaches the input without passing a chosen layer (x - x' inner product)
-                to_input[key] = stieltjes(direct, INPUT).sum(1)
+        flows, to_input = _conductance_flows(total, grads, places, shapes, paths, names, top)
     return _Parts(names, values, flows, to_input, top, score, {n: n for n in names})
 
 
@@ -212,7 +235,7 @@ def build_graph(
     composite: str | Composite = "epsilon_plus",
     method: str = "lrp",
     n_steps: int = 16,
-    baselines: Tensor | float | None = None,
+    baselines: Baselines = None,
     conductance_steps: int | None = 16,
     additional_forward_args: Any = None,
 ) -> FlowGraph:
@@ -237,7 +260,8 @@ def build_graph(
     if method == "lrp":
         parts = _lrp_parts(model, inputs, target, names, k, composite, additional_forward_args)
         conductance = _conductance(model, inputs, target, parts.names, conductance_steps, additional_forward_args)
-        meta = dict(method="lrp", composite=parts.trace.run.composite.name)
+        assert parts.trace is not None  # the LRP parts keep their trace
+        meta: dict[str, Any] = dict(method="lrp", composite=parts.trace.composite.name)
     else:
         parts = _conductance_parts(model, inputs, target, names, k, n_steps, baselines, additional_forward_args)
         conductance = parts.values

@@ -27,18 +27,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
-from attrib.engine import expand_args
+from attrib.checks import expand_args
+from attrib.errors import InputError
 from attrib.hooks import capture, mask
 from attrib.targets import normalize_target, target_scores
 
+from .critical_paths import CriticalPath, k_best_paths
 from .flow import FlowGraph
-from .paths import Path, k_best_paths
-from attrib.errors import InputError
-
 
 SHAPE_THRESHOLD = 1.0
 PLATEAU_TOLERANCE = 0.05
@@ -77,7 +77,7 @@ def share(part: Tensor, whole: Tensor) -> float:
     return float(part.detach().double().sum()) / total if total != 0 else math.nan
 
 
-def _masks(flow: FlowGraph, path_sets: list[list[Path] | None]) -> dict[str, Tensor]:
+def _masks(flow: FlowGraph, path_sets: Sequence[Sequence[CriticalPath] | None]) -> dict[str, Tensor]:
     """Per layer ``(len(path_sets), C)``: 1 on channels that lie on a path of each set (everywhere
     for a set that is ``None``: nothing masked)."""
     masks = {}
@@ -102,7 +102,7 @@ def _trace(flow: FlowGraph):
     return flow.trace
 
 
-def path_heatmaps(flow: FlowGraph, path_sets: list[list[Path] | None]) -> Tensor:
+def path_heatmaps(flow: FlowGraph, path_sets: Sequence[Sequence[CriticalPath] | None]) -> Tensor:
     """``(len(path_sets), *input)``: the input relevance keeping only each set's path channels
     (``None``: the full map, in the same batched backward pass)."""
     trace = _trace(flow)
@@ -126,7 +126,7 @@ def full_heatmap(flow: FlowGraph) -> Tensor:
     return trace.to_input(trace.start)[0]
 
 
-def path_scores(flow: FlowGraph, path_sets: list[list[Path]]) -> Tensor:
+def path_scores(flow: FlowGraph, path_sets: Sequence[Sequence[CriticalPath]]) -> Tensor:
     """Target score ``(len(path_sets),)`` with only each set's path channels kept in the forward pass
     (masked at the module that carries each layer's relevance: its BatchNorm when folded)."""
     masks = _masks(flow, path_sets)

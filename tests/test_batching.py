@@ -1,10 +1,9 @@
 """Chunking, batching, targets and dtypes: the same numbers however the work is cut."""
 import pytest
 import torch
+from conftest import make_cnn, relative
 
 import attrib
-
-from conftest import make_cnn, relative
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])

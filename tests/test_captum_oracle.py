@@ -4,11 +4,10 @@ import warnings
 import pytest
 import torch
 from captum import attr as captum
+from conftest import assert_unchanged, make_cnn, make_mlp, model_state, relative
 
 import attrib
-from attrib.paths import CAPTUM_METHODS
-
-from conftest import assert_unchanged, make_cnn, make_mlp, model_state, relative
+from attrib.quadrature import CAPTUM_METHODS
 
 TOL = 1e-8
 

@@ -167,7 +167,7 @@ def test_weights_default_come_from_the_local_torch_cache(tmp_path):
     report names the file."""
     import torchvision
 
-    from attrib.inputs import cached_torchvision_weights
+    from attrib.cli_inputs import cached_torchvision_weights
 
     torch.manual_seed(1)
     state = torchvision.models.resnet18(weights=None).state_dict()
@@ -194,7 +194,7 @@ def test_weights_default_come_from_the_local_torch_cache(tmp_path):
     assert data["model"]["weights"] == str(path)
     model = torchvision.models.resnet18(weights=None)
     model.load_state_dict(state)
-    from attrib.inputs import Loaded, load_pictures
+    from attrib.cli_inputs import Loaded, load_pictures
 
     picture = load_pictures([str(tmp_path / "grey.png")], Loaded(model.eval(), "resnet18", 3, 224, (0.485, 0.456, 0.406),
                                                                   (0.229, 0.224, 0.225)))[0]
@@ -208,7 +208,7 @@ def test_weights_default_go_through_torchvisions_own_builder(tmp_path, monkeypat
     dict loaded with weights_only, without fetching anything."""
     import torchvision
 
-    from attrib.inputs import cached_torchvision_weights, load_model
+    from attrib.cli_inputs import cached_torchvision_weights, load_model
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     torch.manual_seed(0)

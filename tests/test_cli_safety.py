@@ -209,7 +209,7 @@ def test_a_factory_declares_its_input_and_output(tmp_path):
     data = json.loads((tmp_path / "r" / "report.json").read_text())
     assert data["model"]["input"] == {"channels": 1, "size": 28, "mean": [0.5], "std": [0.5]}
     assert data["model"]["output"] == "logits" and data["layer"] == "features.2"
-    from attrib.inputs import load_model, load_pictures
+    from attrib.cli_inputs import load_model, load_pictures
 
     sys.path.insert(0, str(TESTS))
     try:
@@ -227,7 +227,7 @@ def test_a_factory_declares_its_input_and_output(tmp_path):
 
 # ------------------------------------------------------------------ 2. pictures decoded faithfully
 def test_a_16_bit_grey_png_reaches_the_model_with_its_value_not_white(tmp_path):
-    from attrib.inputs import load_model, load_pictures
+    from attrib.cli_inputs import load_model, load_pictures
     from attrib.models.digits import MEAN, STD
 
     Image.fromarray(np.full((32, 32), 30000, dtype=np.uint16)).save(tmp_path / "deep.png")

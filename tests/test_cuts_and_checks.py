@@ -6,13 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import relative
 from torch import nn
 
 import attrib
 from attrib.cuts import cut_layers, default_layer
 from attrib.errors import InputError
-
-from conftest import relative
 
 
 @pytest.fixture(scope="module")

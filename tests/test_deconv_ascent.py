@@ -2,11 +2,11 @@
 import pytest
 import torch
 import torchvision
+from conftest import assert_unchanged, make_cnn, model_state, relative
 from torch import nn
 
 import attrib
 from attrib.ascent import aggregated_conductance, conductance_map, last_conv
-from conftest import assert_unchanged, make_cnn, model_state, relative
 
 FILTER = (5, slice(None), slice(None))
 

@@ -1,10 +1,9 @@
 """Bad input: a clear ValueError/TypeError naming the argument, and the model left untouched."""
 import pytest
 import torch
+from conftest import DictOutput, assert_unchanged, make_cnn, model_state
 
 import attrib
-
-from conftest import DictOutput, assert_unchanged, make_cnn, model_state
 
 X = torch.randn(2, 3, 8, 8, dtype=torch.float64)
 
@@ -50,11 +49,11 @@ def test_non_finite_inputs_and_wrong_dtype(model):
 
 
 def test_bad_steps_method_and_chunk(model):
-    check(model, ValueError, r"n_steps must be at least 1", lambda: attrib.LayerConductance(model, "0").attribute(X, target=0, n_steps=0))
-    check(model, ValueError, r"n_steps must be at least 2", lambda: attrib.IntegratedGradients(model).attribute(X, target=0, n_steps=1, method="riemann_left"))
+    check(model, ValueError, r"n_steps must be a positive int, got 0", lambda: attrib.LayerConductance(model, "0").attribute(X, target=0, n_steps=0))
+    check(model, ValueError, r"n_steps must be an int >= 2, got 1", lambda: attrib.IntegratedGradients(model).attribute(X, target=0, n_steps=1, method="riemann_left"))
     check(model, TypeError, r"n_steps must be an int", lambda: attrib.LayerConductance(model, "0").attribute(X, target=0, n_steps=2.5))
     check(model, ValueError, r"method: 'simpson' is not one of", lambda: attrib.LayerConductance(model, "0").attribute(X, target=0, method="simpson"))
-    check(model, ValueError, r"internal_batch_size must be at least 1", lambda: attrib.LayerConductance(model, "0").attribute(X, target=0, internal_batch_size=0))
+    check(model, ValueError, r"internal_batch_size must be a positive int, got 0", lambda: attrib.LayerConductance(model, "0").attribute(X, target=0, internal_batch_size=0))
     check(model, ValueError, r"tolerance: adaptive refinement needs", lambda: attrib.LayerConductance(model, "0").attribute(X, target=0, method="riemann_left", tolerance=1e-3))
 
 
@@ -77,3 +76,22 @@ def test_model_output_that_is_not_a_tensor():
 def test_neuron_selector_errors(model):
     check(model, ValueError, r"neuron_selector: .* must index all 3", lambda: attrib.NeuronConductance(model, "3").attribute(X, (1, 1), target=0))
     check(model, ValueError, r"neuron_selector: .* out of range", lambda: attrib.NeuronConductance(model, "3").attribute(X, (9, 0, 0), target=0))
+
+
+def test_every_count_argument_refuses_a_float_the_same_way(model):
+    """One validator: a float where an int count is expected is a TypeError (and a ValueError, since
+    InputTypeError is both) naming the argument, in every method that takes a count."""
+    calls = {
+        "n_steps": [
+            lambda: attrib.LayerConductance(model, "0").attribute(X, target=0, n_steps=2.0),
+            lambda: attrib.IntegratedGradients(model).attribute(X, target=0, n_steps=2.0),
+            lambda: attrib.NeuronConductance(model, "0").attribute(X, (0, 0, 0), target=0, n_steps=2.0),
+            lambda: attrib.InternalInfluence(model, "0").attribute(X, target=0, n_steps=2.0),
+            lambda: attrib.conductance_ascent(model, X[:1], "0", target=0, n_steps=2.0, steps=1),
+        ],
+        "internal_batch_size": [lambda: attrib.IntegratedGradients(model).attribute(X, target=0, internal_batch_size=2.0)],
+        "n_samples": [lambda: attrib.SmoothGrad(model).attribute(X, target=0, n_samples=2.0)],
+    }
+    for name, makers in calls.items():
+        for call in makers:
+            check(model, attrib.InputTypeError, rf"{name} must be an int, got float 2.0", call)

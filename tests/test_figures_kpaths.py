@@ -5,9 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import make_cnn
 
 from attrib import graphs
-from conftest import make_cnn
 from attrib.viz import figures
 from attrib.viz.graph import draw_graph, draw_k_curves
 
@@ -35,7 +35,7 @@ def test_shape_distance_and_share_equal_a_hand_calculation():
 def every_path(flow: graphs.FlowGraph) -> list:
     """One path through every pair of channels of make_cnn's two conv layers: every channel kept."""
     channels = {layer: flow.values[layer].numel() for layer in flow.layers}
-    return [graphs.Path((flow.class_node, ("3", upper), ("0", lower)), 1.0, 1.0)
+    return [graphs.CriticalPath((flow.class_node, ("3", upper), ("0", lower)), 1.0, 1.0)
             for upper in range(channels["3"]) for lower in range(channels["0"])]
 
 

@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 import torchvision
+from conftest import assert_unchanged, make_cnn, make_mlp, model_state, relative
 from torch import nn
 
 import attrib
-from conftest import assert_unchanged, make_cnn, make_mlp, model_state, relative
 
 captum_attr = pytest.importorskip("captum.attr")
 warnings.filterwarnings("ignore", module="captum")

@@ -6,15 +6,15 @@ import networkx as nx
 import pytest
 import torch
 import torchvision
+from conftest import assert_unchanged, make_cnn, model_state, relative
 from torch import nn
 
 import attrib
 from attrib import graphs
 from attrib.lrp import LRP, LRP0, Composite, Epsilon, Norm
-from attrib.lrp.composites import AVERAGE_POOLS, BATCHNORMS, LINEAR_TYPES
-from conftest import assert_unchanged, make_cnn, model_state, relative
+from attrib.module_types import AVERAGE_POOLS, BATCHNORMS, LINEAR_LAYERS
 
-LRP_ZERO = Composite(types=[(LINEAR_TYPES, LRP0()), (AVERAGE_POOLS, Norm(0)), (BATCHNORMS, LRP0())], addition_rule=Norm(0))
+LRP_ZERO = Composite(types=[(LINEAR_LAYERS, LRP0()), (AVERAGE_POOLS, Norm(0)), (BATCHNORMS, LRP0())], addition_rule=Norm(0))
 
 
 def tiny_mlp(bias: bool = False) -> nn.Module:
@@ -115,7 +115,7 @@ def test_leak_per_layer_equals_the_conservation_report_with_biases():
     difference in LRP's conservation report."""
     model = make_cnn()
     x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
-    composite = Composite(types=[(LINEAR_TYPES, Epsilon(0.01))])
+    composite = Composite(types=[(LINEAR_LAYERS, Epsilon(0.01))])
     flow = graphs.build_graph(model, x, target=2, k=64, composite=composite, conductance_steps=None)
     report = LRP(model, composite).attribute(x, target=2).info["conservation"]
     rows = {row.name: float(row.difference[0]) for row in report.rows}
@@ -162,7 +162,7 @@ def test_masking_nothing_reproduces_the_full_heatmap():
     model = make_cnn()
     x = torch.rand(1, 3, 8, 8, dtype=torch.float64)
     flow = graphs.build_graph(model, x, target=3, k=64, composite="epsilon_plus", conductance_steps=None)
-    every = [graphs.Path(nodes, score, score) for score, nodes in brute_force_paths(flow, positive_only=False)]
+    every = [graphs.CriticalPath(nodes, score, score) for score, nodes in brute_force_paths(flow, positive_only=False)]
     maps = graphs.path_heatmaps(flow, [every, every[:1]])
     full = LRP(model, "epsilon_plus").attribute(x, target=3).attributions[0]
     assert relative(maps[0], full) < 1e-12

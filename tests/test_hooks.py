@@ -2,12 +2,11 @@
 import pytest
 import torch
 import torchvision
+from conftest import assert_unchanged, make_cnn, model_state
 from torch import nn
 
 import attrib
 from attrib.hooks import LayerReuseError, capture, mask, resolve_layers
-
-from conftest import assert_unchanged, make_cnn, model_state
 
 
 class Functional(nn.Module):
@@ -116,11 +115,11 @@ def test_graph_starts_at_the_lowest_layer():
     """Layer methods never need dF/dx: the captured layer is a leaf, nothing below keeps a graph."""
     model = make_cnn()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    from attrib.engine import sweep
+    from attrib.sweep import sweep
 
     chunks = sweep(model, x, torch.zeros_like(x), torch.tensor([0.5, 1.0], dtype=torch.float64), target=0, layers=["3"])
     seen = []
-    import attrib.engine as engine
+    import attrib.sweep as engine
 
     original = engine._gradients
 

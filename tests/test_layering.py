@@ -2,8 +2,9 @@
 figures, graphs/ never imports viz/, only the CLI composes them, no oracle is imported outside tests and
 benchmarks, and graphs/ and viz/ install as attrib.graphs and attrib.viz (no generic top-level names)."""
 import ast
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,3 +64,39 @@ def test_graphs_and_viz_install_under_attrib():
     import attrib.viz
 
     assert Path(attrib.graphs.__file__).parent == ROOT / "graphs" and Path(attrib.viz.__file__).parent == ROOT / "viz"
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Every module of the package (as installed) -> the package modules it imports, at any level
+    (module top, inside functions, under TYPE_CHECKING): an import hidden in a function is still an edge."""
+    modules = {}
+    for folder, package in (("attrib", "attrib"), ("graphs", "attrib.graphs"), ("viz", "attrib.viz")):
+        for path, pkg in sources(folder, package):
+            name = pkg if path.name == "__init__.py" else f"{pkg}.{path.stem}"
+            modules[name] = (path, pkg)
+    return {
+        name: {target for target in imported(path, pkg) if target in modules and target != name}
+        for name, (path, pkg) in modules.items()
+    }
+
+
+def test_no_import_cycle():
+    """Run alone: ``python -m pytest tests/test_layering.py -k cycle``."""
+    graph = module_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for target in sorted(graph[node]):
+            if state.get(target) == 1:
+                cycles.append(path[path.index(target):] + [target] if target in path else [node, target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == []
+    assert graph["attrib.lrp.trace"] >= {"attrib.lrp.run", "attrib.lrp.plan"}  # the graph is read, not empty

@@ -5,15 +5,33 @@ import copy
 import pytest
 import torch
 import torchvision
+from conftest import (
+    DictOutput,
+    assert_unchanged,
+    make_cnn,
+    make_mlp,
+    model_state,
+    relative,
+)
 from torch import nn
 
 import attrib
-from attrib.lrp import COMPOSITES, LRP, LRP0, Composite, Epsilon, Flat, Gamma, Norm, Pass, ZBox, ZPlus
-from attrib.lrp.composites import AVERAGE_POOLS, BATCHNORMS, LINEAR_TYPES
+from attrib.lrp import (
+    COMPOSITES,
+    LRP,
+    LRP0,
+    Composite,
+    Epsilon,
+    Flat,
+    Gamma,
+    Norm,
+    Pass,
+    ZBox,
+    ZPlus,
+)
+from attrib.module_types import AVERAGE_POOLS, BATCHNORMS, LINEAR_LAYERS
 
-from conftest import DictOutput, assert_unchanged, make_cnn, make_mlp, model_state, relative
-
-CONSERVING = dict(types=[(LINEAR_TYPES, LRP0()), (AVERAGE_POOLS, Norm(0)), (BATCHNORMS, LRP0())], addition_rule=Norm(0))
+CONSERVING = dict(types=[(LINEAR_LAYERS, LRP0()), (AVERAGE_POOLS, Norm(0)), (BATCHNORMS, LRP0())], addition_rule=Norm(0))
 
 
 def bias_free(model: nn.Module) -> nn.Module:
@@ -68,7 +86,7 @@ def test_hand_computed_zplus_and_one_hot_start():
         model[0].weight.copy_(torch.tensor([[1.0, -1.0], [2.0, 1.0]]))
         model[2].weight.fill_(1.0)
     x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
-    composite = Composite(types=[(LINEAR_TYPES, ZPlus(epsilon=0))])
+    composite = Composite(types=[(LINEAR_LAYERS, ZPlus(epsilon=0))])
     result = LRP(model, composite).attribute(x, target=0)
     assert torch.allclose(result.attributions, torch.tensor([[2.0, 2.0]], dtype=torch.float64))
     one_hot = LRP(model, composite).attribute(x, target=0, start="one_hot")
@@ -117,7 +135,7 @@ def test_lrp0_conserves_relevance_through_every_layer_of_bias_free_models(name):
 def test_zplus_conserves_relevance_on_bias_free_relu_networks(name):
     model = bias_free(MODELS[name]())
     x = torch.rand(2, 6, dtype=torch.float64) if name == "mlp" else image(SIZES.get(name, 32), batch=2)
-    composite = Composite(**dict(CONSERVING, types=[(LINEAR_TYPES, ZPlus(epsilon=0)), (AVERAGE_POOLS, Norm(0))]))
+    composite = Composite(**dict(CONSERVING, types=[(LINEAR_LAYERS, ZPlus(epsilon=0)), (AVERAGE_POOLS, Norm(0))]))
     report = LRP(model, composite).attribute(x, target=1).info["conservation"]
     for row in report.rows:
         assert float(row.difference.abs().max()) <= 1e-6 * report.start.abs().max(), row.name
@@ -286,7 +304,7 @@ def test_composite_lookup_by_name_pattern_first_and_type():
     rules = {row.name: row.rule for row in report.rows}
     assert rules["0"].startswith("ZBox") and rules["3"] == repr(Epsilon(0.2)) and rules["6"] == repr(Epsilon(0.1))
     assert rules["1"] == "Pass()" and rules["4"] == "Pass()"
-    glob = Composite(types=[(LINEAR_TYPES, Epsilon())], names={"[03]": LRP0()})
+    glob = Composite(types=[(LINEAR_LAYERS, Epsilon())], names={"[03]": LRP0()})
     rules = {row.name: row.rule for row in LRP(model, glob).attribute(torch.rand(1, 3, 8, 8, dtype=torch.float64), target=0).info["conservation"].rows}
     assert rules["0"] == rules["3"] == "LRP0(bias=True)"
 
@@ -349,9 +367,9 @@ def test_errors_name_the_argument():
     with pytest.raises(ValueError, match="neuron_selector"):
         LRP(model).attribute(x, start_layer="3", neuron_selector=(9, 0, 0))
     with pytest.raises(ValueError, match="ZBox low"):
-        LRP(model, Composite(types=[(LINEAR_TYPES, Epsilon())], first=ZBox(torch.zeros(5), 1.0))).attribute(x, target=0)
+        LRP(model, Composite(types=[(LINEAR_LAYERS, Epsilon())], first=ZBox(torch.zeros(5), 1.0))).attribute(x, target=0)
     with pytest.raises(ValueError, match="needs weights"):
-        LRP(model, Composite(types=[(LINEAR_TYPES, Epsilon()), (nn.MaxPool2d, Gamma())])).attribute(x, target=0)
+        LRP(model, Composite(types=[(LINEAR_LAYERS, Epsilon()), (nn.MaxPool2d, Gamma())])).attribute(x, target=0)
     with pytest.raises(ValueError, match="training mode"):
         LRP(nn.Sequential(nn.Linear(2, 2), nn.Dropout()).train())
     with pytest.raises(TypeError, match="model output"):
@@ -362,7 +380,7 @@ def test_layer_without_a_rule_is_named():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 2)).double().eval()
     with pytest.raises(ValueError, match=r"no rule for layer '1' \(LayerNorm\)"):
         LRP(model).attribute(torch.rand(1, 4, dtype=torch.float64), target=0)
-    mapped = LRP(model, Composite(types=[(LINEAR_TYPES, Epsilon())], names={"1": Pass()}))
+    mapped = LRP(model, Composite(types=[(LINEAR_LAYERS, Epsilon())], names={"1": Pass()}))
     rows = {row.name: row for row in mapped.attribute(torch.rand(1, 4, dtype=torch.float64), target=0).info["conservation"].rows}
     assert rows["1"].rule == "Pass()" and float(rows["1"].difference) == 0.0
 
@@ -397,7 +415,7 @@ def test_inplace_relu_overwriting_a_kept_output_falls_back_when_relevance_sits_b
     inplace = make_cnn(activation=lambda: nn.ReLU(inplace=True))
     plain = make_cnn(activation=nn.ReLU)
     plain.load_state_dict(inplace.state_dict())
-    composite = Composite(types=[(LINEAR_TYPES, Epsilon(1e-3))], names={"3": Flat()})
+    composite = Composite(types=[(LINEAR_LAYERS, Epsilon(1e-3))], names={"3": Flat()})
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
     a = LRP(inplace, composite).attribute(x, target=1)
     b = LRP(plain, composite).attribute(x, target=1)
@@ -463,3 +481,30 @@ def test_modules_that_never_run_need_no_rule_and_the_first_rule_goes_to_the_firs
             def forward(self, x):
                 return super().forward(x) + self.unused_lstm(x.flatten(2)[..., :4].sum(1, keepdim=True))[0][:, 0, :2]
         LRP(Runs().double().eval(), "epsilon").attribute(x, target=1)
+
+
+def test_views_are_kept_rebuilt_when_a_parameter_changes_and_dropped_by_clear_cache():
+    """The kept views (folded BatchNorms, w + gamma w^+) serve repeated calls; a changed parameter
+    rebuilds them (the result follows the new weights); clear_cache() empties the cache and the
+    next call rebuilds it with the same numbers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).double().eval()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    model[1].running_var.uniform_(0.5, 2.0)
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    lrp = LRP(model, "epsilon_gamma_box")
+    first = lrp.attribute(x, target=1).attributions
+    kept = len(lrp.views)
+    assert kept >= 3  # conv, its folded form with the BatchNorm, the linear layer
+    fresh = LRP(copy.deepcopy(model), "epsilon_gamma_box").attribute(x, target=1).attributions
+    torch.testing.assert_close(first, fresh, rtol=0, atol=0)
+    with torch.no_grad():
+        model[0].weight.mul_(-1.5)  # in place: same tensor, new version
+    changed = lrp.attribute(x, target=1).attributions
+    torch.testing.assert_close(changed, LRP(copy.deepcopy(model), "epsilon_gamma_box").attribute(x, target=1).attributions,
+                               rtol=0, atol=0)
+    assert (changed - first).abs().max() > 1e-3
+    lrp.clear_cache()
+    assert len(lrp.views) == 0
+    torch.testing.assert_close(lrp.attribute(x, target=1).attributions, changed, rtol=0, atol=0)
+    assert len(lrp.views) == kept

@@ -4,12 +4,12 @@ import copy
 import pytest
 import torch
 import torchvision
+from conftest import relative
 from torch import nn
 
 from attrib.lrp import LRP, Composite, Epsilon
-from attrib.lrp.composites import AVERAGE_POOLS, IMAGENET_MEAN, IMAGENET_STD, LINEAR_TYPES, MAX_POOLS
-
-from conftest import relative
+from attrib.module_types import AVERAGE_POOLS, LINEAR_LAYERS, MAX_POOLS
+from attrib.normalization import IMAGENET_MEAN, IMAGENET_STD
 
 zennit = pytest.importorskip("zennit")
 from zennit.attribution import Gradient  # noqa: E402
@@ -82,7 +82,7 @@ def test_matches_captum_epsilon_on_vgg16(pictures):
     for module in theirs_model.modules():
         if isinstance(module, nn.ReLU):
             module.inplace = False
-    composite = Composite(types=[(LINEAR_TYPES, Epsilon(1e-9)), (AVERAGE_POOLS + MAX_POOLS, Epsilon(1e-9))])
+    composite = Composite(types=[(LINEAR_LAYERS, Epsilon(1e-9)), (AVERAGE_POOLS + MAX_POOLS, Epsilon(1e-9))])
     ours = LRP(model, composite).attribute(pictures, target=[5, 7])
     expected = CaptumLRP(theirs_model).attribute(pictures, target=[5, 7]).detach()
     assert relative(ours.attributions, expected) < 1e-10

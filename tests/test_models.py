@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from attrib import graphs
-from attrib.models import DigitsNet, load_digits_model, pixel_bounds, preprocess, sample_digits
-from attrib.models.digits import MEAN, STD, SIZE
+from attrib.models import (
+    DigitsNet,
+    load_digits_model,
+    pixel_bounds,
+    preprocess,
+    sample_digits,
+)
+from attrib.models.digits import MEAN, SIZE, STD
 
 sklearn_datasets = pytest.importorskip("sklearn.datasets")
 model_selection = pytest.importorskip("sklearn.model_selection")

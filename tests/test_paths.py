@@ -3,7 +3,7 @@ import pytest
 import torch
 from captum.attr._utils.approximation_methods import approximation_parameters
 
-from attrib.paths import CAPTUM_METHODS, FIRST_NODE, stieltjes_rule, weighted_rule
+from attrib.quadrature import CAPTUM_METHODS, FIRST_NODE, stieltjes_rule, weighted_rule
 
 
 @pytest.mark.parametrize("method", CAPTUM_METHODS)

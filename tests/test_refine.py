@@ -3,11 +3,10 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_cnn
 from torch import nn
 
 import attrib
-
-from conftest import make_cnn
 
 
 @pytest.mark.parametrize("activation, pool, tolerance", [(nn.ReLU, nn.MaxPool2d, 1e-5), (nn.Softplus, nn.AvgPool2d, 1e-8)])

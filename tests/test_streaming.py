@@ -5,11 +5,10 @@ layers whose graph reaches no leaf are differentiated directly. Every route must
 numbers, and completeness must hold on cuts made of several layers (parallel branches).
 """
 import torch
+from conftest import relative
 from torch import nn
 
 import attrib
-
-from conftest import relative
 
 
 class TwoBranches(nn.Module):
@@ -72,7 +71,7 @@ def test_streamed_and_chunked_agree_with_internal_influence_dense():
     full = attrib.InternalInfluence(model, ["a", "c"]).attribute(x, target=0, n_steps=7)
     chunked = attrib.InternalInfluence(model, ["a", "c"]).attribute(x, target=0, n_steps=7, internal_batch_size=3)
     # dense re-implementation: gauss-legendre nodes, dF/dy at each node by plain autograd
-    nodes, weights = attrib.paths.weighted_rule("gausslegendre", 7)
+    nodes, weights = attrib.quadrature.weighted_rule("gausslegendre", 7)
     expected = torch.zeros_like(full["c"])
     for alpha, weight in zip(nodes.tolist(), weights.tolist()):
         seen = {}

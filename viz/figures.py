@@ -9,7 +9,7 @@ Images may be normalised tensors (give ``mean``/``std``), 0-1 or 0-255 arrays, `
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path as FilePath
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -201,7 +201,11 @@ class KPathScale:
     """The one scale of :func:`k_path_heatmaps`: every map divided by its own L1 norm (sum of
     |relevance| over all input elements), channels summed, drawn between -``limit`` and ``limit``
     (the ``percentile`` of |value| over every panel together). ``shares[k]``: sum of the K-path map /
-    sum of the full map; ``distances[k]``: the shape distance (graphs.heatmaps) to the full map."""
+    sum of the full map; ``distances[k]``: the shape distance (graphs.heatmaps) to the full map.
+
+    >>> scale = k_path_scale(full, {1: maps[0], 5: maps[4]})
+    >>> scale.limit, scale.caption   # the shared colour limit and the sentence that says so
+    """
 
     limit: float
     percentile: float
@@ -263,6 +267,6 @@ def figure_pixels(fig) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba()).copy()
 
 
-def save(fig, path: str | FilePath) -> None:
+def save(fig, path: str | Path) -> None:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)

@@ -4,7 +4,7 @@ and the K-path curves."""
 from __future__ import annotations
 
 import math
-from pathlib import Path as FilePath
+from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -15,8 +15,8 @@ import networkx as nx  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import SymmetricalLogLocator  # noqa: E402
 
+from attrib.graphs.critical_paths import CriticalPath  # noqa: E402
 from attrib.graphs.flow import CLASS_LAYER, FlowGraph  # noqa: E402
-from attrib.graphs.paths import Path  # noqa: E402
 
 
 def layered_positions(flow: FlowGraph, graph: nx.DiGraph) -> dict:
@@ -33,7 +33,7 @@ def layered_positions(flow: FlowGraph, graph: nx.DiGraph) -> dict:
 
 
 def draw_graph(
-    flow: FlowGraph, paths: Sequence[Path] = (), path: str | FilePath | None = None, graph: nx.DiGraph | None = None,
+    flow: FlowGraph, paths: Sequence[CriticalPath] = (), path: str | Path | None = None, graph: nx.DiGraph | None = None,
     title: str | None = None,
 ):
     """Draw the graph (or a pruned one); returns the figure and writes a PNG when ``path`` is given."""
@@ -89,7 +89,7 @@ def draw_graph(
     return fig
 
 
-def draw_k_curves(curves, path: str | FilePath | None = None, threshold: float | None = None):
+def draw_k_curves(curves, path: str | Path | None = None, threshold: float | None = None):
     """Against K: the shape distance of the K-path heatmap to the full one (unit-L1 maps, 0..2;
     ``threshold`` and the K it chooses marked), and the share of the relevance / score the K paths
     carry (symlog: shares of a deep network's paths span many decades and may be negative)."""

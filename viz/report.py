@@ -60,8 +60,8 @@ def _checks(checks: list[dict]) -> list[str]:
             _table(rows, ["method", "where", "sum of attributions", "should be", "relative error", "verdict", "note"], classes)]
 
 
-def write_html(report: dict, folder: Path) -> Path:
-    """Write ``index.html`` in ``folder``; every image it references must already be there."""
+def _header(report: dict) -> list[str]:
+    """The page head and the run's summary: model, layer, methods, settings, notes, skipped methods."""
     model = report["model"]
     cut = report.get("layer_is_cut")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>attrib report: {html.escape(model['name'])}</title>",
@@ -77,59 +77,78 @@ def write_html(report: dict, folder: Path) -> Path:
         parts.append(f"<p class='note'>{html.escape(note)}</p>")
     for method, reason in report.get("skipped", {}).items():
         parts.append(f"<p class='note'>skipped {html.escape(method)}: {html.escape(reason)}</p>")
+    return parts
+
+
+def _image(image: dict) -> list[str]:
+    """One picture's section: input record, prediction, checks, figures, tables."""
+    parts: list[str] = []
+    prediction = image["prediction"]
+    parts.append(f"<h2>{html.escape(image['name'])}</h2>")
+    record = image.get("input") or {}
+    if record:
+        described = [record.get("source", "")]
+        if record.get("mode"):
+            described.append(f"{record['mode']}, {record['size'][0]}×{record['size'][1]}")
+        parts.append("<p class='small'>input: " + html.escape("; ".join(d for d in described if d)) + "</p>")
+        if record.get("steps"):
+            parts.append("<ul class='small'>" + "".join(f"<li>{html.escape(s)}</li>" for s in record["steps"]) + "</ul>")
+    parts.append("<p>prediction: class {} (p = {:.3f}); explained target: {}{}</p>".format(
+        prediction["class"], prediction["probability"], image["target"],
+        f"; true label {image['label']}" if image.get("label") is not None else ""))
+    parts.append(_table([[c, p] for c, p in prediction["top"]], ["class", "probability"]))
+    if image.get("checks"):
+        parts.extend(_checks(image["checks"]))
+    for figure in image["figures"]:
+        parts.append(f"<figure><img src='{_src(figure['file'])}' alt='{html.escape(figure['title'])}'>"
+                     f"<figcaption>{html.escape(figure['title'])}</figcaption></figure>")
+    if image.get("top_filters"):
+        parts.append("<h3>top filters by aggregated conductance</h3>")
+        parts.append(_table([[f["filter"], f["conductance"]] for f in image["top_filters"]], ["filter", "max over H x W"]))
+    if image.get("paths"):
+        parts.append("<h3>critical paths</h3>")
+        parts.append(_table([[i + 1, " → ".join(p["nodes"]), p["score"], p["carried"]] for i, p in enumerate(image["paths"])],
+                            ["#", "path (class → lowest layer)", "score (product of shares)", "relevance carried"]))
+    if image.get("k_curve"):
+        parts.extend(_k_curve(image["k_curve"]))
+    if image.get("seconds"):
+        parts.append("<p class='small'>time: " + html.escape(", ".join(f"{k} {v:.1f} s" for k, v in image["seconds"].items()))
+                     + "</p>")
+    return parts
+
+
+def _k_curve(curve: dict) -> list[str]:
+    """The K-path curve table and the sentence on the chosen K."""
+    parts: list[str] = []
+    parts.append("<h3>K-path curves</h3>")
+    parts.append("<p class='small'>shape distance: Σ|a/‖a‖₁ − b/‖b‖₁| between the K-path heatmap and the full one "
+                 "(0: same shape, 2: nothing in common); shares: what the K paths carry of the full relevance and "
+                 "of the score (a path through many layers carries a product of shares, so they are small).</p>")
+    parts.append(_table([list(row) for row in zip(curve["ks"], curve["heatmap_distance"], curve["heatmap_share"],
+                                                  curve["score_share"], curve["heatmap_smape"], curve["heatmap_mse"])],
+                        ["K", "shape distance", "relevance share", "score share", "raw heatmap SMAPE", "raw heatmap MSE"]))
+    chosen = curve["chosen_k"]
+    plateau = curve.get("plateau_k")
+    plateau_text = ""
+    if plateau is not None:
+        plateau_text = (f"; the curve levels off at K = {plateau} (distance "
+                        f"{curve['heatmap_distance'][curve['ks'].index(plateau)]:.3f})")
+    chosen_text = "none reaches it"
+    if chosen is not None:
+        at = curve["ks"].index(chosen)
+        chosen_text = (f"{chosen} (distance {curve['heatmap_distance'][at]:.3f}: the shape matches; those paths carry "
+                       f"{curve['heatmap_share'][at]:.2%} of the relevance and {curve['score_share'][at]:.2%} of the "
+                       "score, so they show where the evidence is, not how much of it)")
+    parts.append("<p>chosen K (shape distance ≤ {:g}): {}{}.</p>".format(curve["distance_threshold"], chosen_text,
+                                                                         plateau_text))
+    return parts
+
+
+def write_html(report: dict, folder: Path) -> Path:
+    """Write ``index.html`` in ``folder``; every image it references must already be there."""
+    parts = _header(report)
     for image in report["images"]:
-        prediction = image["prediction"]
-        parts.append(f"<h2>{html.escape(image['name'])}</h2>")
-        record = image.get("input") or {}
-        if record:
-            described = [record.get("source", "")]
-            if record.get("mode"):
-                described.append(f"{record['mode']}, {record['size'][0]}×{record['size'][1]}")
-            parts.append("<p class='small'>input: " + html.escape("; ".join(d for d in described if d)) + "</p>")
-            if record.get("steps"):
-                parts.append("<ul class='small'>" + "".join(f"<li>{html.escape(s)}</li>" for s in record["steps"]) + "</ul>")
-        parts.append("<p>prediction: class {} (p = {:.3f}); explained target: {}{}</p>".format(
-            prediction["class"], prediction["probability"], image["target"],
-            f"; true label {image['label']}" if image.get("label") is not None else ""))
-        parts.append(_table([[c, p] for c, p in prediction["top"]], ["class", "probability"]))
-        if image.get("checks"):
-            parts.extend(_checks(image["checks"]))
-        for figure in image["figures"]:
-            parts.append(f"<figure><img src='{_src(figure['file'])}' alt='{html.escape(figure['title'])}'>"
-                         f"<figcaption>{html.escape(figure['title'])}</figcaption></figure>")
-        if image.get("top_filters"):
-            parts.append("<h3>top filters by aggregated conductance</h3>")
-            parts.append(_table([[f["filter"], f["conductance"]] for f in image["top_filters"]], ["filter", "max over H x W"]))
-        if image.get("paths"):
-            parts.append("<h3>critical paths</h3>")
-            parts.append(_table([[i + 1, " → ".join(p["nodes"]), p["score"], p["carried"]] for i, p in enumerate(image["paths"])],
-                                ["#", "path (class → lowest layer)", "score (product of shares)", "relevance carried"]))
-        if image.get("k_curve"):
-            curve = image["k_curve"]
-            parts.append("<h3>K-path curves</h3>")
-            parts.append("<p class='small'>shape distance: Σ|a/‖a‖₁ − b/‖b‖₁| between the K-path heatmap and the full one "
-                         "(0: same shape, 2: nothing in common); shares: what the K paths carry of the full relevance and "
-                         "of the score (a path through many layers carries a product of shares, so they are small).</p>")
-            parts.append(_table([list(row) for row in zip(curve["ks"], curve["heatmap_distance"], curve["heatmap_share"],
-                                                          curve["score_share"], curve["heatmap_smape"], curve["heatmap_mse"])],
-                                ["K", "shape distance", "relevance share", "score share", "raw heatmap SMAPE", "raw heatmap MSE"]))
-            chosen = curve["chosen_k"]
-            plateau = curve.get("plateau_k")
-            plateau_text = ""
-            if plateau is not None:
-                plateau_text = (f"; the curve levels off at K = {plateau} (distance "
-                                f"{curve['heatmap_distance'][curve['ks'].index(plateau)]:.3f})")
-            chosen_text = "none reaches it"
-            if chosen is not None:
-                at = curve["ks"].index(chosen)
-                chosen_text = (f"{chosen} (distance {curve['heatmap_distance'][at]:.3f}: the shape matches; those paths carry "
-                               f"{curve['heatmap_share'][at]:.2%} of the relevance and {curve['score_share'][at]:.2%} of the "
-                               "score, so they show where the evidence is, not how much of it)")
-            parts.append("<p>chosen K (shape distance ≤ {:g}): {}{}.</p>".format(curve["distance_threshold"], chosen_text,
-                                                                                 plateau_text))
-        if image.get("seconds"):
-            parts.append("<p class='small'>time: " + html.escape(", ".join(f"{k} {v:.1f} s" for k, v in image["seconds"].items()))
-                         + "</p>")
+        parts.extend(_image(image))
     parts.append("<p>Every number is in <a href='report.json'>report.json</a>.</p></body></html>")
     path = folder / "index.html"
     path.write_text("\n".join(parts), encoding="utf-8")

@@ -1,8 +1,21 @@
-"""Layer-wise relevance propagation: rules, composites, canonizers and the engine."""
+"""Layer-wise relevance propagation: rules, composites, canonizers, plan, run and method."""
 from .composites import COMPOSITES, Composite, register_composite
-from .engine import LRP
+from .method import LRP
 from .report import ConservationReport, LayerBalance
-from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, WSquare, ZBox, ZPlus
+from .rules import (
+    LRP0,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    Gradient,
+    Norm,
+    Pass,
+    Rule,
+    WSquare,
+    ZBox,
+    ZPlus,
+)
 
 __all__ = [
     "COMPOSITES", "AlphaBeta", "Composite", "ConservationReport", "Epsilon", "Flat", "Gamma", "Gradient", "LRP",

@@ -14,15 +14,12 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
-
-if TYPE_CHECKING:
-    from .engine import _Run
 
 ADDITIONS = {torch.add, Tensor.add, Tensor.__add__}
 INPLACE_ADDITIONS = {Tensor.add_, Tensor.__iadd__}
@@ -38,15 +35,33 @@ def _computed(value: object) -> bool:
     return isinstance(value, Tensor) and value.requires_grad and value.grad_fn is not None
 
 
-class FunctionalOps(TorchFunctionMode):
-    """Routes residual additions and functional average pooling of one forward pass to the run."""
+class Receiver(Protocol):
+    """What takes the caught operations (:class:`attrib.lrp.run.Run`).
 
-    def __init__(self, run: "_Run", additions: bool) -> None:
+    >>> with FunctionalOps(run, additions=True):   # run: an attrib.lrp.run.Run
+    ...     model(x)
+    """
+
+    depth: int  # > 0 while a hooked leaf module runs: operations inside it are that module's own
+
+    def addition(self, a: Tensor, b: Tensor, inplace: bool) -> Tensor: ...
+
+    def functional(self, func: Callable, args: tuple, kwargs: dict) -> Tensor: ...
+
+
+class FunctionalOps(TorchFunctionMode):
+    """Routes residual additions and functional average pooling of one forward pass to ``run``.
+
+    >>> with FunctionalOps(run, additions=True):   # run: an attrib.lrp.run.Run
+    ...     model(x)                         # out += identity becomes a relevance-sharing step
+    """
+
+    def __init__(self, run: Receiver, additions: bool) -> None:
         super().__init__()
         self.run = run
         self.additions = additions
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if self.run.depth == 0 and torch.is_grad_enabled():
             if (

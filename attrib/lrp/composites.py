@@ -19,35 +19,44 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
-import torch
 from torch import nn
 
-from .rules import LRP0, AlphaBeta, Epsilon, Flat, Gamma, Gradient, Norm, Pass, Rule, ZBox, ZPlus
 from ..errors import InputError, InputTypeError
+from ..module_types import AVERAGE_POOLS, BATCHNORMS, CONVOLUTIONS, LINEAR_LAYERS, MAX_POOLS
+from ..normalization import normalized_range
+from .rules import (
+    LRP0,
+    AlphaBeta,
+    Epsilon,
+    Flat,
+    Gamma,
+    Gradient,
+    Norm,
+    Pass,
+    Rule,
+    ZBox,
+    ZPlus,
+)
 
-LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 ACTIVATIONS = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
     nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.Tanhshrink,
     nn.Threshold, nn.LogSigmoid,
 )
-AVERAGE_POOLS = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
-MAX_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 WINNER_POOLS = MAX_POOLS + (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # leaves whose gradient already moves relevance without changing it (reshapes, eval-mode dropout)
 TRANSPARENT = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 TypeRules = Sequence[tuple[Union[type, tuple[type, ...]], Rule]]
 
 
 @dataclass
 class Composite:
-    """A mapping from layers to rules. See the module docstring for the lookup order."""
+    """A mapping from layers to rules. See the module docstring for the lookup order.
+
+    >>> Composite(types=[(nn.Conv2d, Gamma(0.25)), (nn.Linear, Epsilon(1e-6))], first=ZBox(-2.2, 2.7), names={'fc': LRP0()})
+    """
 
     types: TypeRules = ()
     names: dict[str, Rule] = field(default_factory=dict)
@@ -94,7 +103,7 @@ class Composite:
             return Epsilon(1e-6)
         if isinstance(module, TRANSPARENT):
             return None
-        if isinstance(module, LINEAR_TYPES):
+        if isinstance(module, LINEAR_LAYERS):
             raise InputError(
                 f"composite {self.name!r}: no rule for layer {name!r} ({type(module).__name__}); "
                 "map its type or name to a rule"
@@ -140,27 +149,26 @@ def _bounds(low, high) -> tuple:
     if (low is None) != (high is None):
         raise InputError("low and high: give both or neither")
     if low is None:
-        mean, std = torch.tensor(IMAGENET_MEAN, dtype=torch.float64), torch.tensor(IMAGENET_STD, dtype=torch.float64)
-        return -mean / std, (1 - mean) / std
+        return normalized_range()
     return low, high
 
 
 @register_composite("epsilon")
 def epsilon(epsilon: float = 1e-6) -> Composite:
     """LRP-epsilon on every Linear and Conv layer."""
-    return Composite(types=[(LINEAR_TYPES, Epsilon(epsilon))])
+    return Composite(types=[(LINEAR_LAYERS, Epsilon(epsilon))])
 
 
 @register_composite("epsilon_plus")
 def epsilon_plus(epsilon: float = 1e-6) -> Composite:
     """z+ on convolutions, epsilon on dense layers."""
-    return Composite(types=[(CONV_TYPES, ZPlus()), (nn.Linear, Epsilon(epsilon))])
+    return Composite(types=[(CONVOLUTIONS, ZPlus()), (nn.Linear, Epsilon(epsilon))])
 
 
 @register_composite("epsilon_plus_flat")
 def epsilon_plus_flat(epsilon: float = 1e-6) -> Composite:
     """Flat on the first layer, z+ on convolutions, epsilon on dense layers."""
-    return Composite(types=[(CONV_TYPES, ZPlus()), (nn.Linear, Epsilon(epsilon))], first=Flat())
+    return Composite(types=[(CONVOLUTIONS, ZPlus()), (nn.Linear, Epsilon(epsilon))], first=Flat())
 
 
 @register_composite("epsilon_gamma_box")
@@ -168,13 +176,13 @@ def epsilon_gamma_box(low=None, high=None, epsilon: float = 1e-6, gamma: float =
     """z^B on the first layer (default bounds: [0, 1] pixels after ImageNet normalisation), gamma on
     convolutions, epsilon on dense layers."""
     low, high = _bounds(low, high)
-    return Composite(types=[(CONV_TYPES, Gamma(gamma)), (nn.Linear, Epsilon(epsilon))], first=ZBox(low, high))
+    return Composite(types=[(CONVOLUTIONS, Gamma(gamma)), (nn.Linear, Epsilon(epsilon))], first=ZBox(low, high))
 
 
 @register_composite("epsilon_alpha2_beta1")
 def epsilon_alpha2_beta1(epsilon: float = 1e-6) -> Composite:
     """alpha=2, beta=1 on convolutions, epsilon on dense layers."""
-    return Composite(types=[(CONV_TYPES, AlphaBeta(2.0, 1.0)), (nn.Linear, Epsilon(epsilon))])
+    return Composite(types=[(CONVOLUTIONS, AlphaBeta(2.0, 1.0)), (nn.Linear, Epsilon(epsilon))])
 
 
 @register_composite("vgg16_tutorial")

@@ -10,7 +10,11 @@ from torch import Tensor
 
 @dataclass
 class LayerBalance:
-    """One layer call: ``entering`` and ``leaving`` are (B,) float64 sums of relevance."""
+    """One layer call: ``entering`` and ``leaving`` are (B,) float64 sums of relevance.
+
+    >>> row = LRP(model).attribute(x, target=3).info['conservation'].rows[0]
+    >>> row.name, row.rule, row.difference   # relevance absorbed (< 0) or created at that layer, per example
+    """
 
     name: str
     kind: str
@@ -25,6 +29,7 @@ class LayerBalance:
     @property
     def difference(self) -> Tensor:
         """``leaving - entering``: negative where relevance is absorbed (bias, epsilon), positive where created."""
+        assert self.entering is not None and self.leaving is not None, f"no relevance recorded for {self.name!r}"
         return self.leaving - self.entering
 
 
@@ -34,7 +39,11 @@ class ConservationReport:
     that arrived at the input, each (B,). Listed: every layer call with a rule, residual additions and
     functional poolings. Not listed, because their gradient moves relevance unchanged: reshapes,
     concatenations, eval-mode dropout and winner-take-all max pooling (a tie in a window hands the
-    whole share to one input)."""
+    whole share to one input).
+
+    >>> report = LRP(model, 'epsilon').attribute(x, target=3).info['conservation']
+    >>> print(report.table(0)); report.worst(0).name; report.total_difference
+    """
 
     rows: list[LayerBalance]
     start: Tensor
@@ -43,27 +52,19 @@ class ConservationReport:
 
     @property
     def total_difference(self) -> Tensor:
+        """``input - start`` per example: what the whole pass absorbed (< 0) or created (> 0)."""
         return self.input - self.start
 
     def worst(self, example: int = 0) -> LayerBalance:
         """The row with the largest ``|difference|`` for one example."""
         return max(self.rows, key=lambda row: abs(float(row.difference[example])))
 
-    def to_dict(self) -> dict:
-        return {
-            "start": self.start.tolist(), "input": self.input.tolist(), "notes": list(self.notes),
-            "layers": [
-                {"name": r.name, "kind": r.kind, "rule": r.rule, "entering": r.entering.tolist(),
-                 "leaving": r.leaving.tolist(), "difference": r.difference.tolist()}
-                for r in self.rows
-            ],
-        }
-
     def table(self, example: int = 0) -> str:
         """A plain-text table for one example."""
         width = max([len(r.name) for r in self.rows] + [5])
         lines = [f"{'layer':<{width}}  {'rule':<28} {'entering':>13} {'leaving':>13} {'difference':>12} {'relative':>9}"]
         for r in self.rows:
+            assert r.entering is not None and r.leaving is not None  # a report keeps only rows that relevance passed
             entering, leaving = float(r.entering[example]), float(r.leaving[example])
             relative = (leaving - entering) / abs(entering) if entering else float("nan")
             lines.append(f"{r.name:<{width}}  {r.rule[:28]:<28} {entering:13.6g} {leaving:13.6g} "

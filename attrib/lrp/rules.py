@@ -5,7 +5,7 @@ decisions with deep Taylor decomposition", 2017).
 A rule maps the relevance ``R_k`` at a layer's output to relevance ``R_j`` at its input. The layer is
 an affine map ``z_k = sum_j x_j w_jk + b_k`` (Linear, ConvNd, a BatchNorm folded into one of them, a
 BatchNorm on its own, an average pooling with fixed weights), seen through a
-:class:`~attrib.lrp.layers.LayerView`: ``forward(x, weight, bias)`` and ``backward(x, weight, s)``,
+:class:`~attrib.lrp.views.LayerView`: ``forward(x, weight, bias)`` and ``backward(x, weight, s)``,
 the latter the vector-Jacobian product ``sum_k w_jk s_k``. Every product rule then reads
 
     R_j = x_j * sum_k w'_jk * R_k / stab(z'_k)       computed as  x * backward(x, w', R / stab(z'))
@@ -21,40 +21,50 @@ positive and ``b^-`` as a negative contribution, ``ZBox``'s bias cancels (as in 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from .layers import LayerView
+    from .views import LayerView
 
-Number = Union[float, int]
+Number = float | int
 
 
-def divide(relevance: Tensor, z: Tensor, epsilon: Union[Number, Tensor], scratch: bool = False) -> Tensor:
-    """``relevance / stab(z)``, ``stab(z) = z + eps * sign(z)`` with ``sign(0) = +1`` (also for -0.0).
+def stab(z: Tensor, epsilon: Number | Tensor) -> Tensor:
+    """The stabiliser ``z + eps * sign(z)`` with ``sign(0) = +1`` (also for -0.0)."""
+    return torch.where(z < 0, z - epsilon, z + epsilon)
 
-    Written to allocate as little as possible: fresh large tensors cost page faults on CPU, often
-    more than the arithmetic. ``scratch=True`` lets it overwrite ``z``. ``epsilon=0`` divides by ``z``
-    itself and drops the relevance where ``z = 0``.
+
+def divide(relevance: Tensor, z: Tensor, epsilon: Number | Tensor, scratch: bool = False) -> Tensor:
+    """``relevance / stab(z)``; ``epsilon=0`` divides by ``z`` itself and drops the relevance where ``z = 0``.
+
+    ``scratch=True`` lets it overwrite ``z``. The denominator is :func:`stab` computed by
+    :func:`_stabilised`, which allocates as little as possible.
     """
     if not isinstance(epsilon, Tensor) and epsilon == 0:
         zero = z == 0
         return torch.div(relevance, z.masked_fill(zero, 1)).masked_fill_(zero, 0)
-    if scratch and not isinstance(epsilon, Tensor):
+    denominator = _stabilised(z, epsilon, scratch)
+    return torch.div(relevance, denominator, out=denominator)
+
+
+def _stabilised(z: Tensor, epsilon: Number | Tensor, scratch: bool) -> Tensor:
+    """``stab(z)`` in a tensor the caller may overwrite, with as few fresh tensors as possible: on CPU
+    they cost page faults, often more than the arithmetic. ``scratch``: ``z`` itself may be used."""
+    if scratch and not isinstance(epsilon, Tensor):  # z + eps - 2 eps [z < 0], in z
         negative = z < 0  # -0.0 is not negative: sign(0) = +1
-        denominator = z.add_(epsilon).sub_(negative.view(torch.uint8), alpha=2 * epsilon)
-        return torch.div(relevance, denominator, out=denominator)
-    if z.numel() and bool(z.amin() >= 0):  # no negative outputs (below a ReLU, say): stab(z) = z + eps
-        denominator = z + epsilon
-        return torch.div(relevance, denominator, out=denominator)
+        return z.add_(epsilon).sub_(negative.view(torch.uint8), alpha=2 * epsilon)
+    if z.numel() and bool(z.amin() >= 0):  # no negative outputs (below a ReLU, say): z + eps
+        return z + epsilon
     denominator = z.abs().add_(epsilon).copysign_(z)
     zero = z == 0
     if bool(zero.any()):  # copysign gives -0.0 a negative sign; the convention says +1
         denominator = torch.where(zero, torch.as_tensor(epsilon, dtype=z.dtype, device=z.device), denominator)
-    return torch.div(relevance, denominator, out=denominator)
+    return denominator
 
 
 def _divide_signed(relevance: Tensor, denominator: Tensor, epsilon: Number, sign: int) -> Tensor:
@@ -64,11 +74,13 @@ def _divide_signed(relevance: Tensor, denominator: Tensor, epsilon: Number, sign
     return torch.div(relevance, denominator.add_(sign * epsilon), out=denominator)
 
 
-def _shifted(bias: Tensor | None, layer: "LayerView", epsilon: Number) -> Tensor:
+def _shifted(bias: Tensor | None, layer: LayerView, epsilon: Number) -> Tensor:
     """``bias + epsilon`` (a bias of ``epsilon`` if there is none): the layer adds it in the same pass."""
-    if bias is None:
-        return torch.full((layer.weight.shape[0],), epsilon, dtype=layer.weight.dtype, device=layer.weight.device)
-    return bias + epsilon
+    if bias is not None:
+        return bias + epsilon
+    weight = layer.weight
+    assert weight is not None  # only rules that need weights shift the bias
+    return torch.full((weight.shape[0],), epsilon, dtype=weight.dtype, device=weight.device)
 
 
 def _has_negative(x: Tensor) -> bool:
@@ -88,15 +100,48 @@ def _negative(param: Tensor | None) -> Tensor | None:
     return None if param is None else param.clamp(max=0)
 
 
-def _part(layer: "LayerView", which: str, part) -> Tensor | None:
+def _signs(sign: int) -> tuple:
+    """``(part of sign s, part of sign -s)``: ``(_positive, _negative)`` for ``s = 1``."""
+    return (_positive, _negative) if sign > 0 else (_negative, _positive)
+
+
+def _param_part(layer: LayerView, which: str, part) -> Tensor | None:
     """``part`` (``_positive``/``_negative``) of the layer's weight or bias, kept with the view."""
     return layer.derived((which, part.__name__), lambda: part(getattr(layer, which)))
+
+
+def _input_parts(x: Tensor) -> tuple[Tensor, ...]:
+    """``(x^+, x^-)``, or ``(x,)`` when ``x >= 0`` (``x^-`` is then 0 and adds nothing)."""
+    if not _has_negative(x):
+        return (x,)
+    return x.clamp(min=0), x.clamp(max=0)
+
+
+def _denominator(layer: LayerView, parts: tuple, weights: tuple, bias: Tensor | None) -> Tensor:
+    """``sum_j x_j w'_jk + b'_k`` where each input part (``x^+``, ``x^-``) has its own weights ``w'``."""
+    total = layer.forward(parts[0], weights[0], bias)
+    for part, weight in zip(parts[1:], weights[1:]):
+        total += layer.forward(part, weight, None)
+    return total
+
+
+def _redistribute(layer: LayerView, parts: tuple, weights: tuple, share: Tensor) -> Tensor:
+    """``x_j sum_k w'_jk share_k``, summed over the input parts, each with its own weights ``w'``."""
+    total = layer.backward(parts[0], weights[0], share).mul_(parts[0])
+    for part, weight in zip(parts[1:], weights[1:]):
+        total += layer.backward(part, weight, share).mul_(part)
+    return total
 
 
 class Rule:
     """Base class. ``relevance(layer, x, z, R)`` returns the relevance at the layer's input.
 
-    ``x`` is the layer's input, ``z`` its output in the forward pass, ``R`` the relevance at ``z``.
+    ``x`` is the layer's input, ``z`` its output in the forward pass (``None`` for a rule that does not
+    declare ``needs_output``), ``R`` the relevance at ``z``.
+
+    >>> class Half(Rule):   # a rule is its formula: here R_j = R_j / 2 for an elementwise layer
+    ...     def relevance(self, layer, x, z, relevance):
+    ...         return relevance / 2
     """
 
     needs_weight = False
@@ -108,10 +153,10 @@ class Rule:
     # (z may be overwritten: the engine will not need it again)
     hints: frozenset = frozenset()
 
-    def relevance(self, layer: "LayerView", x: Tensor, z: Tensor, relevance: Tensor) -> Tensor:
+    def relevance(self, layer: LayerView, x: Tensor, z: Tensor | None, relevance: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def check(self, layer: "LayerView", name: str) -> None:
+    def check(self, layer: LayerView, name: str) -> None:
         """Raise ValueError if this rule cannot be used on ``layer``."""
         if self.needs_weight and layer.weight is None:
             raise InputError(
@@ -157,7 +202,10 @@ class Epsilon(_BiasRule):
 
 class LRP0(_BiasRule):
     """LRP-0: ``R_j = x_j sum_k w_jk R_k / z_k``. Where ``z_k = 0`` its relevance is dropped (with
-    ReLU above, the relevance there is already 0)."""
+    ReLU above, the relevance there is already 0).
+
+    >>> Composite(types=[(nn.Linear, LRP0())])
+    """
 
     needs_output = True
     relu_exact = True
@@ -176,6 +224,8 @@ class Gamma(_BiasRule):
     ``x^+ (w + gamma w^+)`` and ``x^- (w + gamma w^-)`` are used; for ``z_k < 0`` the roles of ``w^+`` and
     ``w^-`` swap, favouring negative contributions. With non-negative inputs and positive outputs
     (a ReLU network) this is the overview's formula; zennit's ``Gamma`` uses the same convention.
+
+    >>> Composite(types=[(nn.Conv2d, Gamma(0.25))])
     """
 
     needs_weight = True
@@ -198,22 +248,42 @@ class Gamma(_BiasRule):
         return layer.derived(("gamma", self.gamma, which, part.__name__), lambda: part(param).mul_(self.gamma).add_(param))
 
     def relevance(self, layer, x, z, relevance, quiet: bool = False):
-        if _has_negative(x):
-            return self._signed(layer, x, z, relevance)
-        # x >= 0: d+ = (w + g w+) x + b + g b+ on z > 0 and d- = (w + g w-) x + b + g b- on z < 0 add
-        # up to (2 + g) z, so one modified forward gives both; each has the sign of z there, so
-        # stab(d+) = d+ + eps (eps rides in the bias) and -stab(d-) = (2 + g) ... = eps - d-
-        if self.epsilon == 0:
-            return self._signed(layer, x, z, relevance)
+        if self.epsilon != 0 and not _has_negative(x):
+            return self._fast(layer, x, z, relevance, quiet)
+        return self.reference(layer, x, z, relevance)
+
+    def reference(self, layer, x, z, relevance) -> Tensor:
+        """The formula, for inputs of either sign: the outputs of each sign ``s`` share their
+        relevance, ``R_j = sum_{k: s z_k > 0} c_jk R_k / (sum_j c_jk + b_k + gamma b_k^s + s eps)`` with
+        ``c_jk = x_j^+ (w_jk + gamma w_jk^s) + x_j^- (w_jk + gamma w_jk^-s)``."""
+        parts = x.clamp(min=0), x.clamp(max=0)
+        total = self._side(layer, parts, z, relevance, 1)
+        if bool((z < 0).logical_and_(relevance != 0).any()):  # relevance on negative outputs (none below a ReLU)
+            total += self._side(layer, parts, z, relevance, -1)
+        return total
+
+    def _side(self, layer, parts, z, relevance, sign: int) -> Tensor:
+        """The outputs of sign ``s``. The tilt only adds contributions of sign ``s``, so the denominator
+        has that sign there and stab() adds ``s * eps``."""
+        same, opposite = _signs(sign)
+        weights = (self._tilted(layer, "weight", same), self._tilted(layer, "weight", opposite))
+        denominator = _denominator(layer, parts, weights, self._tilted(layer, "bias", same))
+        share = _divide_signed(relevance, denominator, self.epsilon, sign).masked_fill_(z <= 0 if sign > 0 else z >= 0, 0)
+        return _redistribute(layer, parts, weights, share)
+
+    def _fast(self, layer, x, z, relevance, quiet: bool) -> Tensor:
+        """:meth:`reference` for ``x >= 0`` and ``eps > 0``, with one modified forward pass. There the
+        denominators ``d+ = (w + g w^+) x + b + g b^+`` (for ``z > 0``) and ``d- = (w + g w^-) x + b + g b^-``
+        (for ``z < 0``) add up to ``(2 + g) z`` and have the sign of ``z`` where used, so
+        ``stab(d+) = d+ + eps`` (eps rides in the bias) and ``-stab(d-) = eps - d- = stab(d+) - (2 + g) z``.
+        ``quiet``: no relevance arrives where ``z <= 0`` (and ``z`` may be ``relu(z)``)."""
         weight_up = self._tilted(layer, "weight", _positive)
         up = layer.forward(x, weight_up, _shifted(self._tilted(layer, "bias", _positive), layer, self.epsilon))
-        nonpositive = None if quiet else z <= 0
-        down = None
-        if not quiet and bool(torch.logical_and(relevance, nonpositive).any()):  # relevance on z <= 0
-            plain = z if self.bias or layer.bias is None else layer.forward(x, layer.weight, None)
-            flipped = torch.add(up, plain, alpha=-(2 + self.gamma))  # eps - d-, positive where z < 0
-            share = torch.div(relevance, flipped, out=flipped).masked_fill_(z >= 0, 0).nan_to_num_(0.0, 0.0, 0.0)
-            down = layer.backward(x, self._tilted(layer, "weight", _negative), share)
+        nonpositive, down = None, None
+        if not quiet:
+            nonpositive = z <= 0
+            if bool(torch.logical_and(relevance, nonpositive).any()):  # relevance on z <= 0
+                down = self._fast_negative(layer, x, z, relevance, up)  # before `up` is overwritten
         share = torch.div(relevance, up, out=up)
         if nonpositive is not None:
             share.masked_fill_(nonpositive, 0)
@@ -224,30 +294,21 @@ class Gamma(_BiasRule):
             total -= down
         return total.mul_(x)
 
-    def _signed(self, layer, x, z, relevance):
-        """The general form, for inputs of either sign (or epsilon = 0)."""
-        positive_in, negative_in = x.clamp(min=0), x.clamp(max=0)
-        total = None
-        for sign, favoured, other in ((1, _positive, _negative), (-1, _negative, _positive)):
-            if sign < 0 and not bool((z < 0).logical_and_(relevance != 0).any()):
-                continue  # no relevance on negative outputs (the usual case below a ReLU)
-            weight_a = self._tilted(layer, "weight", favoured)   # for x^+
-            weight_b = self._tilted(layer, "weight", other)      # for x^-
-            denominator = layer.forward(positive_in, weight_a, self._tilted(layer, "bias", favoured))
-            denominator += layer.forward(negative_in, weight_b, None)
-            # the tilt only adds contributions of the output's own sign, so the denominator has the
-            # sign of z there: stab() adds +eps for z > 0 and -eps for z < 0
-            share = _divide_signed(relevance, denominator, self.epsilon, sign).masked_fill_(z <= 0 if sign > 0 else z >= 0, 0)
-            part = layer.backward(x, weight_a, share).mul_(positive_in)
-            part += layer.backward(x, weight_b, share).mul_(negative_in)
-            total = part if total is None else total.add_(part)
-        return torch.zeros_like(x) if total is None else total
+    def _fast_negative(self, layer, x, z, relevance, up: Tensor) -> Tensor:
+        """``sum_{k: z_k < 0} (w + g w^-)_jk R_k / -stab(d-_k)``, ``-stab(d-) = up - (2 + g) z`` (``up = stab(d+)``)."""
+        plain = z if self.bias or layer.bias is None else layer.forward(x, layer.weight, None)
+        flipped = torch.add(up, plain, alpha=-(2 + self.gamma))  # eps - d-, positive where z < 0
+        share = torch.div(relevance, flipped, out=flipped).masked_fill_(z >= 0, 0).nan_to_num_(0.0, 0.0, 0.0)
+        return layer.backward(x, self._tilted(layer, "weight", _negative), share)
 
 
 class AlphaBeta(_BiasRule):
     """LRP-alpha-beta: ``R_j = sum_k (alpha (x_j w_jk)^+ / sum_j (x_j w_jk)^+ - beta (x_j w_jk)^- /
     sum_j (x_j w_jk)^-) R_k`` with ``alpha - beta = 1``; positive contributions are ``x^+ w^+`` and
-    ``x^- w^-`` (plus ``b^+``), negative ones ``x^+ w^-`` and ``x^- w^+`` (plus ``b^-``)."""
+    ``x^- w^-`` (plus ``b^+``), negative ones ``x^+ w^-`` and ``x^- w^+`` (plus ``b^-``).
+
+    >>> Composite(types=[(nn.Conv2d, AlphaBeta(alpha=2.0, beta=1.0))])
+    """
 
     needs_weight = True
 
@@ -259,40 +320,33 @@ class AlphaBeta(_BiasRule):
         self.epsilon = epsilon
         super().__init__(bias)
 
-    def _part(self, layer, x, relevance, for_positive_in, for_negative_in, bias_part, sign) -> Tensor:
-        """One signed part: contributions ``x^+ w1 + x^- w2 (+ b')``, all of one sign, relevance shared
-        in proportion. The denominator has that sign (0 only where every contribution is 0, and then
-        the stabiliser's sign does not matter), so stab() adds ``sign * eps``."""
-        signed_in = _has_negative(x)
-        positive_in = x.clamp(min=0) if signed_in else x
-        weight_a, weight_b = _part(layer, "weight", for_positive_in), _part(layer, "weight", for_negative_in)
-        bias = _part(layer, "bias", bias_part) if self.bias else None
-        if self.epsilon != 0:  # stab() adds sign * eps: the layer adds it with the bias
-            bias = _shifted(bias, layer, sign * self.epsilon)
-        denominator = layer.forward(positive_in, weight_a, bias)
-        if signed_in:
-            negative_in = x.clamp(max=0)
-            denominator += layer.forward(negative_in, weight_b, None)
-        if self.epsilon != 0:
-            share = torch.div(relevance, denominator, out=denominator)
-        else:
-            share = _divide_signed(relevance, denominator, 0, sign)
-        part = layer.backward(x, weight_a, share).mul_(positive_in)
-        if signed_in:
-            part += layer.backward(x, weight_b, share).mul_(negative_in)
-        return part
-
     def relevance(self, layer, x, z, relevance):
-        total = self._part(layer, x, relevance, _positive, _negative, _positive, 1)
+        parts = _input_parts(x)
+        total = self._share(layer, parts, relevance, 1)
         if self.alpha != 1:
             total = self.alpha * total
         if self.beta:
-            total -= self.beta * self._part(layer, x, relevance, _negative, _positive, _negative, -1)
+            total -= self.beta * self._share(layer, parts, relevance, -1)
         return total
+
+    def _share(self, layer, parts, relevance, sign: int) -> Tensor:
+        """``sum_k c_jk R_k / stab(sum_j c_jk + b_k^s)`` over the contributions ``c`` of sign ``s``:
+        ``x^+ w^s`` and ``x^- w^-s``. They never cancel, so the denominator has sign ``s`` (or is 0
+        where every ``c`` is, and then its sign does not matter): stab() adds ``s * eps``, with the bias."""
+        same, opposite = _signs(sign)
+        weights = (_param_part(layer, "weight", same), _param_part(layer, "weight", opposite))
+        bias = _param_part(layer, "bias", same) if self.bias else None
+        if self.epsilon == 0:
+            return _redistribute(layer, parts, weights, divide(relevance, _denominator(layer, parts, weights, bias), 0))
+        denominator = _denominator(layer, parts, weights, _shifted(bias, layer, sign * self.epsilon))
+        return _redistribute(layer, parts, weights, torch.div(relevance, denominator, out=denominator))
 
 
 class ZPlus(AlphaBeta):
-    """z+ rule (``AlphaBeta(1, 0)``): ``R_j = sum_k (x_j w_jk)^+ / sum_j (x_j w_jk)^+ R_k``."""
+    """z+ rule (``AlphaBeta(1, 0)``): ``R_j = sum_k (x_j w_jk)^+ / sum_j (x_j w_jk)^+ R_k``.
+
+    >>> Composite(types=[(nn.Conv2d, ZPlus())])
+    """
 
     def __init__(self, epsilon: float = 1e-6, bias: bool = True) -> None:
         super().__init__(1.0, 0.0, epsilon, bias)
@@ -307,23 +361,25 @@ class ZBox(Rule):
 
     ``low``/``high``: floats, or per-channel tensors of shape (C,), or tensors broadcasting to one
     example's shape. :meth:`from_normalization` derives them from a normalisation's mean and std.
+
+    >>> Composite(first=ZBox.from_normalization(IMAGENET_MEAN, IMAGENET_STD))   # pixels in [0, 1]
     """
 
     needs_weight = True
 
-    def __init__(self, low: Union[Number, Tensor], high: Union[Number, Tensor], epsilon: float = 1e-6) -> None:
+    def __init__(self, low: Number | Tensor, high: Number | Tensor, epsilon: float = 1e-6) -> None:
         self.low = low
         self.high = high
         self.epsilon = epsilon
 
     @classmethod
-    def from_normalization(cls, mean, std, epsilon: float = 1e-6) -> "ZBox":
+    def from_normalization(cls, mean, std, epsilon: float = 1e-6) -> ZBox:
         """Bounds of ``(x - mean) / std`` for ``x`` in [0, 1]: ``low = -mean/std``, ``high = (1-mean)/std``."""
         mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
         return cls(-mean / std, (1 - mean) / std, epsilon)
 
     @staticmethod
-    def _bound(bound: Union[Number, Tensor], x: Tensor, name: str) -> Tensor:
+    def _bound(bound: Number | Tensor, x: Tensor, name: str) -> Tensor:
         bound = torch.as_tensor(bound, dtype=x.dtype, device=x.device)
         if bound.dim() == 1 and x.dim() > 2 and bound.shape[0] == x.shape[1]:
             bound = bound.reshape((-1,) + (1,) * (x.dim() - 2))
@@ -337,7 +393,8 @@ class ZBox(Rule):
 
     def relevance(self, layer, x, z, relevance):
         low, high = self._bound(self.low, x, "low"), self._bound(self.high, x, "high")
-        weight, weight_pos, weight_neg = layer.weight, _part(layer, "weight", _positive), _part(layer, "weight", _negative)
+        weight = layer.weight
+        weight_pos, weight_neg = _param_part(layer, "weight", _positive), _param_part(layer, "weight", _negative)
         denominator = layer.forward(x, weight, None)
         denominator -= layer.forward(low[:1], weight_pos, None)  # the bounds are the same for every example
         denominator -= layer.forward(high[:1], weight_neg, None)
@@ -349,7 +406,10 @@ class ZBox(Rule):
 
 class Flat(Rule):
     """Flat: ``R_j = sum_k R_k / N_k``, every input connected to ``k`` gets an equal share
-    (``N_k`` = number of inputs of ``k``, fewer at a padded border)."""
+    (``N_k`` = number of inputs of ``k``, fewer at a padded border).
+
+    >>> Composite(first=Flat())
+    """
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         self.epsilon = epsilon
@@ -361,7 +421,10 @@ class Flat(Rule):
 
 
 class WSquare(Rule):
-    """w^2: ``R_j = sum_k w_jk^2 R_k / sum_j w_jk^2`` (the bias is not used)."""
+    """w^2: ``R_j = sum_k w_jk^2 R_k / sum_j w_jk^2`` (the bias is not used).
+
+    >>> Composite(first=WSquare())
+    """
 
     needs_weight = True
 
@@ -375,18 +438,26 @@ class WSquare(Rule):
 
 
 class Pass(Rule):
-    """Pass relevance through unchanged (elementwise activations): ``R_j = R_j``."""
+    """Pass relevance through unchanged (elementwise activations): ``R_j = R_j``.
+
+    >>> Composite(types=[(nn.GELU, Pass())])
+    """
 
     def relevance(self, layer, x, z, relevance):
         if relevance.shape != x.shape:
-            raise InputError(f"Pass needs a layer whose output has its input's shape; got {tuple(x.shape)} -> {tuple(relevance.shape)}")
+            raise InputError(
+                f"Pass needs a layer whose output has its input's shape; got {tuple(x.shape)} -> {tuple(relevance.shape)}"
+            )
         return relevance
 
 
 class Norm(Rule):
     """Share in proportion to contributions without parameters (average pooling, sums):
     ``R_j = x_j sum_k w_jk R_k / stab(z_k)`` with the layer's fixed weights (``epsilon=0``: no
-    stabiliser, exactly conservative)."""
+    stabiliser, exactly conservative).
+
+    >>> Composite(types=[(nn.AvgPool2d, Norm(0))])   # exactly conservative
+    """
 
     def __init__(self, epsilon: float = 1e-6) -> None:
         self.epsilon = epsilon
@@ -400,10 +471,11 @@ class Norm(Rule):
 
 class Gradient(Rule):
     """The layer's plain vector-Jacobian product ``R_j = sum_k dz_k/dx_j R_k`` (max pooling: the
-    winner takes all)."""
+    winner takes all).
+
+    >>> Composite(types=[(nn.Tanh, Gradient())])   # relevance times the local derivative
+    """
 
     def relevance(self, layer, x, z, relevance):
         return layer.backward(x, layer.weight, relevance)
 
-
-RULES = {cls.__name__: cls for cls in (LRP0, Epsilon, Gamma, ZPlus, AlphaBeta, ZBox, Flat, WSquare, Pass, Norm, Gradient)}

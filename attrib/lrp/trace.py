@@ -9,25 +9,23 @@ is the *direct* flow, never counted twice through a lower recorded layer.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.graph import get_gradient_edge
 
+from ..checks import as_args, check_count, check_inputs
 from ..edges import direct_grads, frontier
-from ..engine import as_args, check_count, check_inputs
-from ..hooks import LayerSpec, resolve_layers
-from ..targets import TargetType, normalize_target, target_scores
-from .canonizers import FunctionalOps
 from ..errors import InputError
-
-if TYPE_CHECKING:
-    from .engine import LRP
+from ..hooks import resolve_layers
+from ..targets import normalize_target, target_scores
+from ..types import INPUT, LayerSpec, TargetType
+from .composites import Composite
+from .plan import ViewCache, make_plan
+from .run import Run
 
 OUTPUT = "<output>"
-INPUT = "<input>"
 
 
 class RelevanceTrace:
@@ -40,11 +38,10 @@ class RelevanceTrace:
     >>> flows = trace.propagate("features.28", masked)   # {"features.26": (8, C, H, W)}
     """
 
-    def __init__(self, lrp: "LRP", inputs: Tensor, target: TargetType, layers: Sequence[LayerSpec], copies: int,
-                 additional_forward_args: Any = None, start: str = "score") -> None:
-        from .engine import _Run  # the run machinery lives with the engine
-
-        model = lrp.model
+    def __init__(
+        self, model: nn.Module, composite: Composite, inputs: Tensor, target: TargetType, layers: Sequence[LayerSpec],
+        copies: int, additional_forward_args: Any = None, start: str = "score", views: ViewCache | None = None,
+    ) -> None:
         inputs = check_inputs(model, inputs)
         if inputs.shape[0] != 1:
             raise InputError(f"inputs: a trace follows one example, got a batch of {inputs.shape[0]}")
@@ -56,18 +53,13 @@ class RelevanceTrace:
             target = target[0]
         resolved = resolve_layers(model, layers)
         self.copies = copies
-        self.run = _Run(lrp, lrp._plan(), {name: (module, "out") for name, module in resolved}, None)
+        views = ViewCache() if views is None else views
+        self.composite = composite
+        self.run = Run(model, composite, make_plan(model, composite, views), views, {name: (module, "out") for name, module in resolved})
         self.run.per_layer = False
         self.input = inputs.expand((copies,) + tuple(inputs.shape[1:])).clone().requires_grad_(True)
-        args = as_args(additional_forward_args)
+        output = self.run.forward(self.input, as_args(additional_forward_args))
         with torch.enable_grad():
-            with ExitStack() as stack:
-                self.run.hooks(stack)
-                stack.enter_context(FunctionalOps(self.run, lrp.composite.split_additions))
-                try:
-                    output = model(self.input, *args)
-                finally:
-                    self.run.finish_forward()
             if not isinstance(output, Tensor) or not output.requires_grad:
                 raise InputError("inputs: the model output is not a tensor that depends on the inputs")
             rows = torch.arange(copies, device=inputs.device)
@@ -116,9 +108,9 @@ class RelevanceTrace:
 
         def scale(weights: Tensor, index: int) -> Callable:
             def hook(grads: tuple) -> tuple:
-                grads = list(grads)
-                grads[index] = grads[index] * weights.to(grads[index].dtype)
-                return tuple(grads)
+                scaled = list(grads)
+                scaled[index] = scaled[index] * weights.to(scaled[index].dtype)
+                return tuple(scaled)
             return hook
 
         try:

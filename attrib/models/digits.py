@@ -14,6 +14,7 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from ..errors import InputError
 
 SIZE = 32
@@ -24,7 +25,11 @@ WEIGHTS, SAMPLES = "digits.pt", "digits_samples.pt"
 
 class DigitsNet(nn.Module):
     """conv(1->16) relu conv(16->16) relu pool | conv(16->32) relu conv(32->32) relu pool | avgpool 4x4 |
-    dense 512->64 relu dropout | dense 64->10."""
+    dense 512->64 relu dropout | dense 64->10.
+
+    >>> model = load_digits_model()   # the shipped weights
+    >>> model(torch.zeros(1, 1, 8, 8)).shape   # (1, 10)
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -9,9 +9,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from ..errors import InputError
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+from ..errors import InputError
+from ..module_types import CONVOLUTIONS
 
 
 def _autograd_vjp(function: Callable[[Tensor], Tensor], x: Tensor, s: Tensor) -> Tensor:
@@ -26,12 +26,17 @@ class LayerView:
     Views live as long as their :class:`~attrib.lrp.LRP` object, so parameters derived by rules
     (``w + gamma w^+``, a folded BatchNorm) are computed once; ``signature`` (the identity and
     version counter of every source tensor) tells when a view is stale and must be rebuilt.
+
+    >>> view = view_of(model.features[0])
+    >>> torch.allclose(view.forward(x, view.weight, view.bias), model.features[0](x))   # True
     """
 
     kind = "layer"
     weight: Tensor | None = None
     bias: Tensor | None = None
     sources: tuple = ()
+    module: nn.Module | None = None  # the module seen (None for a function)
+    built: tuple | None = None  # the ``signature`` when the view was built (set by ViewCache)
 
     def signature(self) -> tuple:
         return tuple((id(t), t._version) for t in self.sources if t is not None)
@@ -57,7 +62,9 @@ class LayerView:
 class _ParameterView(LayerView):
     """A module whose own ``weight`` and ``bias`` are the layer's parameters."""
 
-    def __init__(self, module: nn.Module) -> None:
+    weight: Tensor
+
+    def __init__(self, module: nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         self.module = module
         self.kind = type(module).__name__
         self.weight, self.bias = module.weight.detach(), None if module.bias is None else module.bias.detach()
@@ -65,6 +72,12 @@ class _ParameterView(LayerView):
 
 
 class LinearView(_ParameterView):
+    """``nn.Linear``: ``z = x W^T + b``.
+
+    >>> view = LinearView(nn.Linear(4, 2))
+    >>> view.backward(x, view.weight, s)   # s @ W: the vector-Jacobian product
+    """
+
     def forward(self, x, weight, bias):
         return F.linear(x, weight, bias)
 
@@ -73,7 +86,15 @@ class LinearView(_ParameterView):
 
 
 class ConvView(_ParameterView):
-    def __init__(self, module: nn.Module) -> None:
+    """``nn.ConvNd``; the backward pass calls the direct input-gradient kernel where padding allows.
+
+    >>> view = ConvView(conv)
+    >>> view.forward(x, view.weight.clamp(min=0), None)   # the same convolution with w+
+    """
+
+    module: nn.Conv1d | nn.Conv2d | nn.Conv3d
+
+    def __init__(self, module: nn.Conv1d | nn.Conv2d | nn.Conv3d) -> None:
         super().__init__(module)
         # the direct input-gradient kernel needs integer padding and zero padding mode
         self._direct = module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -98,6 +119,8 @@ def _batchnorm_sources(module: nn.modules.batchnorm._BatchNorm) -> tuple:
 
 def batchnorm_affine(module: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
     """``(scale, shift)`` per channel of an eval-mode BatchNorm: ``y = scale * x + shift``."""
+    # the LRP plan refuses a BatchNorm without running statistics before a view is made
+    assert module.running_mean is not None and module.running_var is not None, "BatchNorm keeps no running statistics"
     scale = torch.rsqrt(module.running_var.detach() + module.eps)
     shift = -module.running_mean.detach() * scale
     if module.weight is not None:
@@ -107,7 +130,11 @@ def batchnorm_affine(module: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, T
 
 
 class FoldedView(LayerView):
-    """A Linear/Conv followed by a BatchNorm, as one layer: ``w' = w * scale``, ``b' = b * scale + shift``."""
+    """A Linear/Conv followed by a BatchNorm, as one layer: ``w' = w * scale``, ``b' = b * scale + shift``.
+
+    >>> view = FoldedView(ConvView(conv), batchnorm)
+    >>> view.forward(x, view.weight, view.bias)   # == batchnorm(conv(x)) in eval mode
+    """
 
     def __init__(self, base: LinearView | ConvView, batchnorm: nn.modules.batchnorm._BatchNorm) -> None:
         self.base, self.module = base, batchnorm
@@ -125,7 +152,11 @@ class FoldedView(LayerView):
 
 
 class AffineView(LayerView):
-    """A BatchNorm with no Linear/Conv right before it: a per-channel affine map (a diagonal layer)."""
+    """A BatchNorm with no Linear/Conv right before it: a per-channel affine map (a diagonal layer).
+
+    >>> view = AffineView(batchnorm)
+    >>> view.forward(x, view.weight, view.bias)   # == batchnorm(x) in eval mode
+    """
 
     def __init__(self, module: nn.modules.batchnorm._BatchNorm) -> None:
         self.module = module
@@ -146,7 +177,11 @@ class AffineView(LayerView):
 
 
 class FunctionView(LayerView):
-    """A parameter-free linear map given as a function (pooling, a functional op)."""
+    """A parameter-free linear map given as a function (pooling, a functional op).
+
+    >>> view = FunctionView(lambda t: F.avg_pool2d(t, 2), 'avg_pool2d')
+    >>> view.backward(x, None, s)   # by autograd
+    """
 
     def __init__(self, function: Callable[[Tensor], Tensor], kind: str) -> None:
         self.function = function
@@ -157,9 +192,12 @@ class FunctionView(LayerView):
 
 
 class MaxAsAveragePoolView(FunctionView):
-    """A max pooling seen, for relevance, as the average pooling with the same window (LRP tutorial)."""
+    """A max pooling seen, for relevance, as the average pooling with the same window (LRP tutorial).
 
-    def __init__(self, module: nn.Module) -> None:
+    >>> MaxAsAveragePoolView(nn.MaxPool2d(2)).forward(x, None, None)   # == F.avg_pool2d(x, 2)
+    """
+
+    def __init__(self, module: nn.MaxPool1d | nn.MaxPool2d | nn.MaxPool3d) -> None:
         dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(module)]
         if module.dilation not in (1, (1,) * dims):
             raise InputError(f"maxpool='average' needs dilation 1, got {module.dilation!r}")
@@ -178,7 +216,7 @@ def view_of(module: nn.Module) -> LayerView:
     """The view of a leaf module that has a rule."""
     if isinstance(module, nn.Linear):
         return LinearView(module)
-    if isinstance(module, _CONVS):
+    if isinstance(module, CONVOLUTIONS):
         return ConvView(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return AffineView(module)

@@ -10,22 +10,27 @@ backward.
 """
 from __future__ import annotations
 
+import functools
+from contextlib import closing
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Generator, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .hooks import LayerSpec, capture, frozen_parameters, resolve_layers
-from .targets import TargetType, normalize_target, target_scores
-from .errors import InputError, InputTypeError
-
-INPUT = "<input>"
+from .checks import as_args, check_baselines, check_inputs, check_internal_batch_size, check_model, expand_args
+from .errors import InputError
+from .hooks import capture, frozen_parameters, resolve_layers
+from .targets import normalize_target, target_scores
+from .types import INPUT, Baselines, LayerSpec, TargetType
 
 
 @dataclass
 class Chunk:
-    """One evaluated chunk: rows ``start:stop`` of the step-major interpolated batch."""
+    """One evaluated chunk: rows ``start:stop`` of the step-major interpolated batch.
+
+    >>> path.evaluate(alphas, lambda chunk: print(chunk.start, chunk.stop, chunk.scores.shape), layers=['fc1'])
+    """
 
     start: int
     stop: int
@@ -38,94 +43,6 @@ class Chunk:
 
 Differentiate = Callable[[Tensor, dict[str, Tensor]], dict[str, Tensor]]
 Consume = Callable[[Chunk, str, Tensor, Tensor], None]
-
-
-def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if tensor.is_floating_point():
-            return tensor.device, tensor.dtype
-    return None, None
-
-
-def check_model(model: nn.Module) -> None:
-    if not isinstance(model, nn.Module):
-        raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    stochastic = [
-        name for name, module in model.named_modules()
-        if module.training and isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
-    ]
-    if stochastic:
-        raise InputError(
-            f"model: {stochastic[0]!r} is in training mode, where rows of the interpolated batch would mix "
-            "(batch statistics) or be random (dropout); call model.eval() first"
-        )
-
-
-def check_inputs(model: nn.Module, inputs: Tensor) -> Tensor:
-    if not isinstance(inputs, Tensor):
-        raise InputTypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
-    if inputs.dim() == 0:
-        raise InputError("inputs must have a batch dimension")
-    if inputs.shape[0] == 0:
-        raise InputError(f"inputs: the batch is empty (shape {tuple(inputs.shape)}); give at least one example")
-    if not inputs.is_floating_point():
-        raise InputTypeError(f"inputs must be floating point to be interpolated, got {inputs.dtype}")
-    device, dtype = model_device_dtype(model)
-    if device is not None and inputs.device != device:
-        raise InputError(f"inputs are on {inputs.device} but the model is on {device}; move one of them")
-    if dtype is not None and inputs.dtype != dtype:
-        raise InputTypeError(f"inputs are {inputs.dtype} but the model's parameters are {dtype}")
-    if not torch.isfinite(inputs).all():
-        raise InputError("inputs contain NaN or infinite values")
-    return inputs.detach()
-
-
-def check_baselines(baselines: Tensor | float | int | None, inputs: Tensor) -> Tensor:
-    """``None`` (zeros), a number, a tensor shaped like ``inputs`` or like one example ``(1, ...)``."""
-    if baselines is None:
-        return torch.zeros_like(inputs)
-    if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
-        return torch.full_like(inputs, float(baselines))
-    if not isinstance(baselines, Tensor):
-        raise InputTypeError(f"baselines must be None, a number or a tensor, got {type(baselines).__name__}")
-    if baselines.shape != inputs.shape and baselines.shape != (1,) + inputs.shape[1:]:
-        raise InputError(
-            f"baselines of shape {tuple(baselines.shape)} do not match inputs of shape {tuple(inputs.shape)}; "
-            f"give shape {tuple(inputs.shape)} or {(1,) + tuple(inputs.shape[1:])}"
-        )
-    if baselines.device != inputs.device:
-        raise InputError(f"baselines are on {baselines.device} but inputs are on {inputs.device}")
-    if baselines.dtype != inputs.dtype:
-        raise InputTypeError(f"baselines are {baselines.dtype} but inputs are {inputs.dtype}")
-    if not torch.isfinite(baselines).all():
-        raise InputError("baselines contain NaN or infinite values")
-    return baselines.detach().expand_as(inputs)
-
-
-def check_count(name: str, value: object, minimum: int = 1) -> int:
-    """An int (not a bool) of at least ``minimum``, or a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        wanted = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise InputError(f"{name} must be {wanted}, got {value!r}")
-    return value
-
-
-def check_internal_batch_size(internal_batch_size: int | None, rows: int) -> int:
-    if internal_batch_size is None:
-        return rows
-    if isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int):
-        raise InputTypeError(f"internal_batch_size must be an int or None, got {type(internal_batch_size).__name__}")
-    if internal_batch_size < 1:
-        raise InputError(f"internal_batch_size must be at least 1, got {internal_batch_size}")
-    return internal_batch_size
-
-
-def expand_args(args: Sequence[Any], example: Tensor, n_examples: int) -> tuple:
-    """Repeat per-example tensors among ``additional_forward_args`` for each row; pass others as is."""
-    return tuple(
-        arg[example.to(arg.device)] if isinstance(arg, Tensor) and arg.dim() > 0 and arg.shape[0] == n_examples else arg
-        for arg in args
-    )
 
 
 def _gradients(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -228,7 +145,7 @@ def sweep(
     additional_forward_args: Sequence[Any] = (),
     differentiate: Differentiate | None = None,
     consume: Consume | None = None,
-) -> Iterator[Chunk]:
+) -> Generator[Chunk, None, None]:
     """Evaluate the path in chunks; yields a :class:`Chunk` per forward+backward pass.
 
     ``differentiate(scores, tensors)`` replaces the default backward (dF/d every captured tensor);
@@ -251,40 +168,113 @@ def sweep(
             stop = min(start + chunk_rows, rows)
             index = torch.arange(start, stop, device=inputs.device)
             node, example = index // n, index % n
-            shape = (-1,) + (1,) * (inputs.dim() - 1)
             with torch.enable_grad():
-                interpolated = baselines[example] + alphas[node].view(shape) * diff[example]
-                interpolated.requires_grad_(input_grad)
-                fed = interpolated.clone() if input_grad else interpolated  # a model may change its input in place
-                output = model(fed, *expand_args(additional_forward_args, example, n))
-                scores = target_scores(output, target, example)
-                tensors = {name: cap.captured[name] for name in names}
-                cap.captured.clear()
-                chunk = Chunk(start, stop, node, example, scores.detach(), {}, {})
-                if input_grad:
-                    tensors[INPUT] = interpolated
-                if consume is not None:
-                    grads = _streamed_gradients(  # no reference to the streamed layers stays here
-                        scores, {name: tensors.pop(name) for name in names}, tensors,
-                        lambda name, value, grad: consume(chunk, name, value, grad),
-                    )
-                else:
-                    grads = (differentiate or _gradients)(scores, tensors)
-            chunk.values.update({name: tensor.detach() for name, tensor in tensors.items()})
-            chunk.grads.update({name: grad.detach() for name, grad in grads.items()})
-            del interpolated, fed, output, scores, tensors, grads  # nothing of this chunk's graph outlives it
+                points = interpolate(baselines, diff, alphas, node, example)
+            args = expand_args(additional_forward_args, example, n)
+            chunk = _evaluate(model, cap, names, points, (start, stop, node, example), target, input_grad, args,
+                              differentiate, consume)
+            del points  # nothing of this chunk's graph outlives it
             yield chunk
             del chunk
 
 
-def prepare(model: nn.Module, inputs: Tensor, baselines: Any, target: TargetType) -> tuple[Tensor, Tensor, TargetType]:
-    """Validate the common arguments of a path method."""
-    check_model(model)
-    inputs = check_inputs(model, inputs)
-    return inputs, check_baselines(baselines, inputs), normalize_target(target, inputs.shape[0])
+def _evaluate(model: nn.Module, cap: capture, names: list[str], points: Tensor, rows: tuple[int, int, Tensor, Tensor],
+              target: TargetType,
+              input_grad: bool, args: tuple, differentiate: Differentiate | None, consume: Consume | None) -> Chunk:
+    """One forward and one backward pass at the chunk's ``points`` (rows ``start, stop, node, example``
+    of the step-major batch); the returned chunk holds detached scores, values and gradients."""
+    with torch.enable_grad():
+        points.requires_grad_(input_grad)
+        fed = points.clone() if input_grad else points  # a model may change its input in place
+        output = model(fed, *args)
+        start, stop, node, example = rows
+        scores = target_scores(output, target, example)
+        tensors = {name: cap.captured[name] for name in names}
+        cap.captured.clear()
+        chunk = Chunk(start, stop, node, example, scores.detach(), {}, {})
+        if input_grad:
+            tensors[INPUT] = points
+        if consume is not None:
+            grads = _streamed_gradients(  # no reference to the streamed layers stays here
+                scores, {name: tensors.pop(name) for name in names}, tensors, functools.partial(consume, chunk),
+            )
+        else:
+            grads = (differentiate or _gradients)(scores, tensors)
+    chunk.values.update({name: tensor.detach() for name, tensor in tensors.items()})
+    chunk.grads.update({name: grad.detach() for name, grad in grads.items()})
+    return chunk
 
 
-def as_args(additional_forward_args: Any) -> tuple:
-    if additional_forward_args is None:
-        return ()
-    return tuple(additional_forward_args) if isinstance(additional_forward_args, (tuple, list)) else (additional_forward_args,)
+def interpolate(baselines: Tensor, difference: Tensor, alphas: Tensor, node: Tensor, example: Tensor) -> Tensor:
+    """Rows ``x'_e + alpha_n (x_e - x'_e)`` for each pair (``node[r]``, ``example[r]``): the points of the path."""
+    shape = (-1,) + (1,) * (baselines.dim() - 1)
+    return baselines[example] + alphas[node].view(shape) * difference[example]
+
+
+def step_major(n_nodes: int, n_examples: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """``(node, example)`` of every row of the step-major batch: row ``r`` is node ``r // B`` of example ``r % B``."""
+    index = torch.arange(n_nodes * n_examples, device=device)
+    return index // n_examples, index % n_examples
+
+
+class StraightPath:
+    """The straight line from the baselines to the inputs: the arguments a path method shares, checked
+    once, and the target score at both ends (one forward pass without a graph, taken before the first
+    sweep, so that a bad target fails before the long part).
+
+    >>> path = StraightPath(model, x, baselines=0.0, target=3)
+    >>> path.evaluate(torch.tensor([0.5, 1.0]), print, layers=["features.28"])   # each Chunk
+    >>> path.change                                                              # F(x) - F(x') per example
+    """
+
+    def __init__(self, model: nn.Module, inputs: Tensor, baselines: Baselines, target: TargetType,
+                 additional_forward_args: Any = None) -> None:
+        check_model(model)
+        self.model = model
+        self.inputs = check_inputs(model, inputs)
+        self.baselines = check_baselines(baselines, self.inputs)
+        self.target = normalize_target(target, self.inputs.shape[0])
+        self.args = as_args(additional_forward_args)
+        self._ends: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.inputs.shape[0]
+
+    def _scores_at_ends(self) -> tuple[Tensor, Tensor]:
+        if self._ends is None:
+            self._ends = endpoint_scores(self.model, self.inputs, self.baselines, self.target, self.args)
+        return self._ends
+
+    @property
+    def outputs(self) -> Tensor:
+        """F(x), per example."""
+        return self._scores_at_ends()[0]
+
+    @property
+    def baseline_outputs(self) -> Tensor:
+        """F(x'), per example."""
+        return self._scores_at_ends()[1]
+
+    @property
+    def change(self) -> Tensor:
+        """F(x) - F(x'), per example: what a complete attribution adds up to."""
+        return self.outputs - self.baseline_outputs
+
+    def evaluate(self, alphas: Tensor, each: Callable[[Chunk], Any], **options: Any) -> None:
+        """:func:`sweep` along the path at ``alphas`` (keyword ``options`` as there), handing each chunk
+        to ``each``; the scores at the ends are taken first."""
+        self._scores_at_ends()
+        chunks = sweep(self.model, self.inputs, self.baselines, alphas, target=self.target,
+                       additional_forward_args=self.args, **options)
+        with closing(chunks):
+            for chunk in chunks:
+                each(chunk)
+
+    def at_inputs(self, **options: Any) -> Chunk:
+        """One chunk at the inputs themselves (alpha = 1, no other point and no endpoint pass)."""
+        chunks = sweep(self.model, self.inputs, self.inputs, torch.ones(1, dtype=torch.float64), target=self.target,
+                       additional_forward_args=self.args, **options)
+        with closing(chunks):
+            (chunk,) = list(chunks)
+        return chunk

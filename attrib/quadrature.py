@@ -25,26 +25,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from .errors import InputError, InputTypeError
+
+from .checks import check_count
+from .errors import InputError
 
 CAPTUM_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 STIELTJES = "stieltjes_trapezoid"
-METHODS = CAPTUM_METHODS + (STIELTJES,)
+QUADRATURE_METHODS = CAPTUM_METHODS + (STIELTJES,)
 FIRST_NODE = 2.0 ** -60
 
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise InputError(f"method: {method!r} is not one of {', '.join(METHODS)}")
+    if method not in QUADRATURE_METHODS:
+        raise InputError(f"method: {method!r} is not one of {', '.join(QUADRATURE_METHODS)}")
     return method
 
 
 def check_n_steps(n_steps: int, minimum: int = 1) -> int:
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int):
-        raise InputTypeError(f"n_steps must be an int, got {type(n_steps).__name__}")
-    if n_steps < minimum:
-        raise InputError(f"n_steps must be at least {minimum}, got {n_steps}")
-    return n_steps
+    return check_count("n_steps", n_steps, minimum)
 
 
 def captum_alphas(method: str, n: int) -> list[float]:

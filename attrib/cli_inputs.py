@@ -13,17 +13,20 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .engine import check_count
+from .checks import check_count
 from .errors import InputError
+from .normalization import IMAGENET_MEAN, IMAGENET_STD, normalized_range
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
 @dataclass
 class Loaded:
-    """A model ready to explain and how to feed it."""
+    """A model ready to explain and how to feed it.
+
+    >>> loaded = load_model('digits', None)
+    >>> loaded.model, loaded.channels, loaded.size, loaded.mean   # the network and how pictures are made for it
+    """
 
     model: nn.Module
     name: str
@@ -129,7 +132,12 @@ def _torchvision_pretrained(spec: str, state: dict, source: str) -> nn.Module:
 class OutputSelected(nn.Module):
     """``model`` with one element of its dict/tuple/list output as the output. It shares the model's
     submodules, parameters and buffers under the same names (``--layer`` names stay the model's own)
-    and leaves the model object itself untouched."""
+    and leaves the model object itself untouched.
+
+    >>> model = OutputSelected(segmenter, 'out')   # model(x) == segmenter(x)['out']
+    """
+
+    inner: nn.Module
 
     def __init__(self, model: nn.Module, key: str | int) -> None:
         super().__init__()
@@ -188,43 +196,59 @@ def load_model(spec: str, weights: str | None = None, *, channels: int | None = 
         raise InputError(f"--{next(iter(options))}: only a custom model (package.module:factory) takes input options; "
                          f"{spec} has its own")
     if spec == "digits":
-        from .models import load_digits_model, pixel_bounds
-        from .models.digits import MEAN, SIZE, STD, DigitsNet
-
-        if weights in (None, "DEFAULT"):
-            model, source = load_digits_model(), "embedded (trained on sklearn digits)"
-        else:
-            model, source = DigitsNet(), str(weights)
-            _apply(model, _state_dict(weights), source)
-        return Loaded(model.eval(), "digits", 1, SIZE, (MEAN,), (STD,), 10, source, bounds=pixel_bounds())
+        return _digits(weights)
     if ":" in spec:
-        module_name, _, attribute = spec.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-            factory: Callable = getattr(module, attribute)
-        except (ImportError, AttributeError) as error:
-            raise InputError(f"--model: cannot import {spec!r}: {error}") from None
-        model = factory()
-        if not isinstance(model, nn.Module):
-            raise InputError(f"--model: {spec} returned a {type(model).__name__}, not an nn.Module")
-        chosen = {**_declared(factory, module, spec), **options}
-        channels = check_count("--channels", chosen.get("channels", 3))
-        size = check_count("--input-size", chosen.get("size", 224))
-        default_norm = channels == 3 and "mean" not in chosen and "std" not in chosen
-        mean = _floats("mean", chosen.get("mean", IMAGENET_MEAN if default_norm else (0.0,) * channels), channels)
-        std = _floats("std", chosen.get("std", IMAGENET_STD if default_norm else (1.0,) * channels), channels)
-        if not all(s > 0 for s in std):
-            raise InputError(f"--std: every value must be > 0, got {list(std)}")
-        if weights not in (None, "DEFAULT"):
-            _apply(model, _state_dict(weights), weights)
-        model.eval()
-        key = chosen.get("output")
-        shown = OutputSelected(model, key) if key is not None else model
-        bounds = (tuple((0 - m) / s for m, s in zip(mean, std)), tuple((1 - m) / s for m, s in zip(mean, std)))
-        loaded = Loaded(shown, spec, channels, size, mean, std, bounds=bounds, output=key)
-        if weights not in (None, "DEFAULT"):
-            loaded.weights = str(weights)
-        return loaded
+        return _custom(spec, weights, options)
+    return _torchvision(spec, weights)
+
+
+def _digits(weights: str | None) -> Loaded:
+    """The embedded digits CNN (or the same architecture with the user's weights)."""
+    from .models import load_digits_model, pixel_bounds
+    from .models.digits import MEAN, SIZE, STD, DigitsNet
+
+    model: nn.Module
+    if weights in (None, "DEFAULT"):
+        model, source = load_digits_model(), "embedded (trained on sklearn digits)"
+    else:
+        model, source = DigitsNet(), str(weights)
+        _apply(model, _state_dict(weights), source)
+    return Loaded(model.eval(), "digits", 1, SIZE, (MEAN,), (STD,), 10, source, bounds=pixel_bounds())
+
+
+def _custom(spec: str, weights: str | None, options: dict[str, Any]) -> Loaded:
+    """``package.module:factory``: its input as declared by the factory, overridden by ``options``."""
+    module_name, _, attribute = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+        factory: Callable = getattr(module, attribute)
+    except (ImportError, AttributeError) as error:
+        raise InputError(f"--model: cannot import {spec!r}: {error}") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise InputError(f"--model: {spec} returned a {type(model).__name__}, not an nn.Module")
+    chosen = {**_declared(factory, module, spec), **options}
+    channels = check_count("--channels", chosen.get("channels", 3))
+    size = check_count("--input-size", chosen.get("size", 224))
+    default_norm = channels == 3 and "mean" not in chosen and "std" not in chosen
+    mean = _floats("mean", chosen.get("mean", IMAGENET_MEAN if default_norm else (0.0,) * channels), channels)
+    std = _floats("std", chosen.get("std", IMAGENET_STD if default_norm else (1.0,) * channels), channels)
+    if not all(s > 0 for s in std):
+        raise InputError(f"--std: every value must be > 0, got {list(std)}")
+    if weights not in (None, "DEFAULT"):
+        _apply(model, _state_dict(weights), weights)
+    model.eval()
+    key = chosen.get("output")
+    shown = OutputSelected(model, key) if key is not None else model
+    low, high = normalized_range(mean, std)
+    loaded = Loaded(shown, spec, channels, size, mean, std, bounds=(tuple(low.tolist()), tuple(high.tolist())), output=key)
+    if weights not in (None, "DEFAULT"):
+        loaded.weights = str(weights)
+    return loaded
+
+
+def _torchvision(spec: str, weights: str | None) -> Loaded:
+    """A torchvision classifier: random init, the user's state dict, or torchvision's cached file (DEFAULT)."""
     import torchvision
 
     names = set(torchvision.models.list_models(module=torchvision.models))
@@ -255,7 +279,11 @@ def load_model(spec: str, weights: str | None = None, *, channels: int | None = 
 class Picture:
     """One input: ``tensor`` (1, C, H, W) in the model's normalised space, where it came from and
     what was done to it (``record``: the decoding record of :func:`attrib.images.decode` plus the
-    resize steps)."""
+    resize steps).
+
+    >>> pictures = load_pictures(['cat.png'], loaded)
+    >>> pictures[0].tensor.shape, pictures[0].record['steps']   # (1, C, H, W); what was done to the file
+    """
 
     name: str
     tensor: Tensor

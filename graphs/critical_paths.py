@@ -25,15 +25,19 @@ from dataclasses import dataclass
 import networkx as nx
 import torch
 
-from attrib.engine import check_count
+from attrib.checks import check_count
 
 from .flow import CLASS_LAYER, FlowGraph
 
 
 @dataclass(frozen=True)
-class Path:
+class CriticalPath:
     """``nodes`` from the class node down; ``score`` = product of shares; ``carried`` = score x the
-    class node's value (its relevance, or F(x) - F(x') for conductance)."""
+    class node's value (its relevance, or F(x) - F(x') for conductance).
+
+    >>> best = k_best_paths(flow, 5)[0]
+    >>> best.nodes, best.score, best.channels   # class -> lowest layer, product of shares, {layer: channel}
+    """
 
     nodes: tuple
     score: float
@@ -44,7 +48,7 @@ class Path:
         return {layer: channel for layer, channel in self.nodes if layer != CLASS_LAYER}
 
 
-def k_best_paths(flow: FlowGraph, k: int, graph: nx.DiGraph | None = None) -> list[Path]:
+def k_best_paths(flow: FlowGraph, k: int, graph: nx.DiGraph | None = None) -> list[CriticalPath]:
     """The ``k`` paths with the largest score from the class node to the lowest layer, best first."""
     check_count("k", k)
     graph = flow.graph if graph is None else graph
@@ -64,7 +68,7 @@ def k_best_paths(flow: FlowGraph, k: int, graph: nx.DiGraph | None = None) -> li
             best[child] = heapq.nsmallest(k, merged)
     ends = [entry for node, entries in best.items() if node[0] == lowest for entry in entries]
     total = graph.nodes[source]["value"]
-    return [Path(path, math.exp(-length), math.exp(-length) * total) for length, path in heapq.nsmallest(k, ends)]
+    return [CriticalPath(path, math.exp(-length), math.exp(-length) * total) for length, path in heapq.nsmallest(k, ends)]
 
 
 def selected_neurons(flow: FlowGraph, std_factor: float = 1.0) -> dict[str, list[int]]:

@@ -1,0 +1,408 @@
+"""The LRP run: one forward pass in which every leaf module with a rule is wrapped, and the
+backward passes in which the 'gradient' flowing between layers is the relevance.
+
+Each rule-bearing leaf gets a forward pre-hook (it hands the module a detached input, so the
+module's own forward builds no graph) and a forward hook that returns the module's output through
+:class:`Relay`: a custom autograd function whose backward calls its :class:`Step`, which applies the
+layer's rule. Operations between modules keep their gradient, which already moves relevance
+correctly for reshapes, slicing, concatenation and max-pool winners; residual additions and
+functional average pooling are caught by :class:`~attrib.lrp.canonizers.FunctionalOps` and become
+:class:`SumStep` / Norm steps. Every hook lives inside :meth:`Run.forward` and is removed in
+``finally``; no parameter or buffer is written. :class:`~attrib.lrp.method.LRP` and
+:class:`~attrib.lrp.trace.RelevanceTrace` both drive a :class:`Run`.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+
+from ..errors import InputError, InputTypeError
+from ..hooks import LayerReuseError
+from ..module_types import BATCHNORMS, LINEAR_LAYERS
+from .canonizers import FUNCTIONAL_POOLS, FunctionalOps
+from .composites import Composite
+from .plan import Entry, Plan, ViewCache
+from .report import ConservationReport, LayerBalance, per_example_sum
+from .rules import Norm, Pass, Rule, divide
+from .views import ConvView, FoldedView, FunctionView, LayerView, LinearView
+
+CHEAP_VIEWS = (FunctionView,)
+
+
+class Stop(Exception):
+    """Raised by the start layer's hook: nothing above it is needed.
+
+    >>> Run(model, composite, plan, views, {}, start=model.features[10]).forward(x, ())   # None: stopped there
+    """
+
+
+class Relay(torch.autograd.Function):
+    """Forward: hands on the layer's output. Backward: the layer's rule turns relevance at its output
+    into relevance at its inputs.
+
+    >>> out = Relay.apply(step, x)   # out == step.output; out's backward calls step.propagate(relevance)
+    """
+
+    @staticmethod
+    def forward(ctx, step, *inputs):
+        ctx.step = step
+        output, step.output = step.output, None
+        return output
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, relevance):
+        return (None,) + ctx.step.propagate(relevance)
+
+
+class RelayInPlace(Relay):
+    """Like :class:`Relay` for ``a += b``: the addition is done in ``a`` itself (marked dirty), so
+    ``a.add_(b)`` keeps its meaning and no copy is made.
+
+    >>> a = RelayInPlace.apply(step, a, b)   # a += b, with step.propagate as the backward
+    """
+
+    @staticmethod
+    def forward(ctx, step, a, b):
+        ctx.step = step
+        ctx.mark_dirty(a)
+        return a.add_(b)
+
+
+def _saved(tensor: Tensor) -> tuple[Tensor, int]:
+    return tensor, tensor._version
+
+
+class Step:
+    """One call of a layer in the relevance graph.
+
+    >>> step.propagate(relevance)   # (relevance at the layer's input,), by the layer's rule
+    """
+
+    def __init__(self, run: Run, row: LayerBalance, view: LayerView, rule: Rule, x: Tensor, z: Tensor | None) -> None:
+        self.run, self.row, self.view, self.rule = run, row, view, rule
+        self.x, self.x_version = _saved(x)
+        self.z: Tensor | None = z
+        self.z_version = 0 if z is None else z._version
+        self.output: Tensor | None = None
+        self.records: list[tuple[str, str]] = []  # (layer name, "out" | "in")
+        self.relu_version = -1  # z's version after an in-place ReLU overwrote it with relu(z)
+
+    def _input(self) -> Tensor:
+        if self.x._version != self.x_version:
+            raise InputError(
+                f"LRP: the input of {self.row.name!r} was modified in place after the layer ran, so its "
+                "relevance cannot be computed; make that operation out of place"
+            )
+        return self.x
+
+    def propagate(self, relevance: Tensor) -> tuple[Tensor, ...]:
+        x = self._input()
+        z: Tensor | None = None
+        hints: dict[str, bool] = {}
+        if self.rule.needs_output:
+            z = self.z
+            if z is not None and z._version != self.z_version:
+                # relu(z) gives the same relevance as z if none arrives where they differ (z < 0)
+                quiet = z._version == self.relu_version and not bool((relevance != 0).logical_and_(z == 0).any())
+                hints["quiet"] = quiet
+                if not quiet:
+                    z = None
+            if z is None:
+                z = self.view.forward(x, self.view.weight, self.view.bias)
+                hints["scratch"] = True
+            else:
+                hints["scratch"] = self.run.final_pass  # nothing needs the kept output after this pass
+            reference = self.view.reference_output(x, z)
+            if reference is not z:
+                z, hints["scratch"] = reference, True
+        hints = {key: value for key, value in hints.items() if key in self.rule.hints and value}
+        result = self.rule.relevance(self.view, x, z, relevance, **hints)
+        self.run.account(self, relevance, (result,))
+        return (result,)
+
+
+class SumStep(Step):
+    """``a + b``: ``R_a = a R / stab(a + b)``, ``R_b = b R / stab(a + b)``.
+
+    >>> step.propagate(relevance)   # (R_a, R_b), shared as a and b contributed to a + b
+    """
+
+    def __init__(self, run: Run, row: LayerBalance, a: Tensor, b: Tensor, epsilon: float) -> None:
+        super().__init__(run, row, FunctionView(lambda t: t, "add"), Norm(epsilon), a, None)
+        self.b, self.b_version = _saved(b)
+        self.epsilon = epsilon
+
+    def propagate(self, relevance: Tensor) -> tuple[Tensor, ...]:
+        a = self._input()
+        if self.b._version != self.b_version:
+            raise InputError(f"LRP: an operand of the addition {self.row.name!r} was modified in place afterwards")
+        share = divide(relevance, a + self.b, self.epsilon, scratch=True)
+        to_b = (self.b * share).sum_to_size(self.b.shape)
+        result = (share.mul_(a).sum_to_size(a.shape), to_b)
+        self.run.account(self, relevance, result)
+        return result
+
+
+class Run:
+    """Hooks and bookkeeping for one forward pass and the backward passes that follow it.
+
+    >>> run = Run(model, composite, make_plan(model, composite, views), views, record={})
+    >>> output = run.forward(x.clone().requires_grad_(), ())
+    >>> relevance, records, report = run.backward(output, output.detach(), x, retain=False)
+    """
+
+    def __init__(
+        self, model: nn.Module, composite: Composite, plan: Plan, views: ViewCache,
+        record: dict[str, tuple[nn.Module, str]], start: nn.Module | None = None,
+    ) -> None:
+        self.model, self.composite, self.plan, self.views = model, composite, plan, views
+        self.record, self.start_module = record, start
+        self.depth = 0
+        self.inputs: list[Tensor | None] = []
+        self.parents: list[str] = []
+        self.rows: list[LayerBalance] = []
+        self.calls: dict[str, int] = {}
+        self.linear_outputs: dict[int, tuple[Tensor, Step, Tensor]] = {}
+        self.saved_outputs: dict[int, tuple[Tensor, Step]] = {}
+        self.saved_inputs: dict[int, Tensor] = {}
+        self.records: dict[str, Tensor] = {}
+        # recorded layers' outputs and their places in the graph, taken when they are made (a later
+        # in-place operation, such as ResNet's `out += identity`, moves the tensor but not its edge)
+        self.outputs: dict[str, Tensor] = {}
+        self.edges: dict[str, GradientEdge] = {}
+        self.start_output: Tensor | None = None
+        self.per_layer = True  # sum the relevance entering and leaving every layer for the report
+        self.final_pass = False  # the last backward pass: steps may overwrite what they kept
+        self.first_taken = False  # whether the first linear layer on the input's graph has run
+
+    # ------------------------------------------------------------------ forward
+    def _label(self, name: str) -> str:
+        count = self.calls[name] = self.calls.get(name, 0) + 1
+        if count > 1 and name in self.record:
+            raise LayerReuseError(
+                f"layers: module {name!r} runs {count} times in one forward pass, so its relevance is ambiguous"
+            )
+        return name if count == 1 else f"{name}#{count}"
+
+    def _relay(self, row: LayerBalance, view: LayerView, rule: Rule, x: Tensor, output: Tensor, graph_input: Tensor) -> tuple[Tensor, Step]:
+        keep_output = rule.needs_output and not isinstance(view, CHEAP_VIEWS)
+        step = Step(self, row, view, rule, x, output.detach() if keep_output else None)
+        if not isinstance(rule, Pass):
+            self.saved_inputs[id(graph_input)] = graph_input
+        step.output = output.detach()
+        out = Relay.apply(step, graph_input)
+        if keep_output:
+            self.saved_outputs[id(out)] = (out, step)
+        return out, step
+
+    def _entry(self, module: nn.Module) -> Entry:
+        """This call's rule: the first-layer rule for the first linear layer on the input's graph."""
+        key = id(module)
+        entry = self.plan.get(key)
+        if isinstance(module, LINEAR_LAYERS) and not self.first_taken:
+            self.first_taken = True
+            entry = self.plan.first.get(key, entry)
+        if entry is None:
+            raise self.plan.refused[key]
+        return entry
+
+    def pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+        name = self.plan.labels[id(module)]
+        self.depth += 1
+        if not args or not isinstance(args[0], Tensor):
+            raise InputTypeError(f"LRP: layer {name!r} was called without a tensor as its first argument")
+        x = args[0]
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            self.inputs.append(None)
+            return None
+        self.inputs.append(x)
+        detached = x.detach()
+        if getattr(module, "inplace", False) and self._kept(x):
+            owner = self.saved_outputs.get(id(x))
+            if (type(module) is nn.ReLU and owner is not None and owner[0] is x and owner[1].rule.relu_exact
+                    and self.saved_inputs.get(id(x)) is not x):
+                owner[1].relu_version = x._version + 1  # it keeps relu(z); checked in backward
+            else:
+                detached = detached.clone()  # the in-place op must not overwrite what a layer kept
+        return (detached,) + tuple(args[1:])
+
+    def _kept(self, tensor: Tensor) -> bool:
+        """Whether a step keeps this tensor (as its input or output) for the backward pass."""
+        output = self.saved_outputs.get(id(tensor))
+        return (output is not None and output[0] is tensor) or self.saved_inputs.get(id(tensor)) is tensor
+
+    def post_hook(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+        self.depth -= 1
+        x = self.inputs.pop()
+        if x is None:
+            return None
+        name, rule, view, rule_text = self._entry(module)
+        if not isinstance(output, Tensor):
+            raise InputTypeError(f"LRP: layer {name!r} returned a {type(output).__name__}, not a tensor")
+        label = self._label(name)
+        merged = self.linear_outputs.get(id(x)) if isinstance(module, BATCHNORMS) and self.composite.merge_batchnorm else None
+        if merged is not None and merged[0] is x:
+            _, below, source = merged
+            # the layer below is replaced by the folded one: forget what it kept (its output may
+            # still reach the graph elsewhere, then it recomputes)
+            del self.linear_outputs[id(x)]
+            self.saved_outputs.pop(id(x), None)
+            below.z = None
+            base = below.view
+            assert isinstance(base, (LinearView, ConvView)) and isinstance(module, BATCHNORMS)  # kept only for these
+            view = self.views.get(("folded", id(base.module), id(module)), lambda: FoldedView(base, module))
+            rule = below.rule
+            rule.check(view, label)
+            row = LayerBalance(f"{below.row.name}+{label}", view.kind, below.row.rule)
+            self.rows.append(row)
+            out, step = self._relay(row, view, rule, below.x, output, source)
+            step.records = [(n, side) for n, side in below.records if side == "in"]
+            step.records += [(n, "out") for n, side in below.records if side == "out"]
+            if name in self.record:
+                step.records.append((name, "out"))
+            self._keep_outputs(step, out)
+            return out
+        row = LayerBalance(label, view.kind, rule_text)
+        self.rows.append(row)
+        out, step = self._relay(row, view, rule, x.detach(), output, x)
+        if name in self.record:
+            step.records.append((name, self.record[name][1]))
+        self._keep_outputs(step, out)
+        if isinstance(view, (LinearView, ConvView)):
+            self.linear_outputs[id(out)] = (out, step, x)
+        return out
+
+    def _keep_outputs(self, step: Step, out: Tensor) -> None:
+        for name, side in step.records:
+            if side == "out":
+                self.outputs[name], self.edges[name] = out, get_gradient_edge(out)
+
+    def parent_pre_hook(self, name: str) -> Callable:
+        def hook(module, args):
+            self.parents.append(name)
+        return hook
+
+    def parent_post_hook(self, module, args, output) -> None:
+        self.parents.pop()
+
+    def _functional_label(self, what: str) -> str:
+        parent = self.parents[-1] if self.parents else ""
+        return self._label(f"{parent}.{what}" if parent else what)
+
+    def addition(self, a: Tensor, b: Tensor, inplace: bool) -> Tensor:
+        """A residual addition between two computed tensors (called by FunctionalOps)."""
+        saved_a = a.detach()
+        if inplace:
+            saved_a = saved_a.clone()
+            owner = self.saved_outputs.get(id(a))
+            if owner is not None and owner[0] is a:  # the layer that produced `a` keeps the old values
+                owner[1].z, owner[1].z_version = _saved(saved_a)
+                del self.saved_outputs[id(a)]
+        else:
+            self.saved_inputs[id(a)] = a
+        self.saved_inputs[id(b)] = b
+        rule = self.composite.addition_rule
+        row = LayerBalance(self._functional_label("add"), "add", repr(rule))
+        self.rows.append(row)
+        step = SumStep(self, row, saved_a, b.detach(), rule.epsilon)
+        if inplace:
+            return RelayInPlace.apply(step, a, b)
+        step.output = saved_a + b.detach()
+        return Relay.apply(step, a, b)
+
+    def functional(self, func: Callable, args: tuple, kwargs: dict) -> Tensor:
+        """A functional average pooling between modules: the Norm rule."""
+        x, rest = args[0], args[1:]
+        view = FunctionView(lambda t: func(t, *rest, **kwargs), func.__name__)
+        label = self._functional_label(func.__name__)
+        rule = self.composite.rule_for_function(label, FUNCTIONAL_POOLS[func])
+        rule.check(view, label)
+        row = LayerBalance(label, view.kind, repr(rule))
+        self.rows.append(row)
+        out, _ = self._relay(row, view, rule, x.detach(), func(x.detach(), *rest, **kwargs), x)
+        return out
+
+    def record_hook(self, name: str, side: str) -> Callable:
+        def store(module, args, output=None):
+            tensor = args[0] if side == "in" else output
+            self._label(name)
+            if not (isinstance(tensor, Tensor) and tensor.requires_grad):
+                raise InputError(f"layers: the {side}put of {name!r} is not on the input's graph, so it gets no relevance")
+            tensor.register_hook(lambda relevance: self.records.__setitem__(name, relevance.detach()))
+            if side == "out":
+                self.outputs[name], self.edges[name] = tensor, get_gradient_edge(tensor)
+        return store
+
+    def start_hook(self, module, args, output) -> None:
+        if not (isinstance(output, Tensor) and output.requires_grad):
+            raise InputError("start_layer: its output is not a tensor on the input's graph")
+        self.start_output = output
+        raise Stop
+
+    def hooks(self, stack: ExitStack) -> None:
+        """Register every hook on ``stack`` (removed when it closes)."""
+        def keep(handle):
+            stack.callback(handle.remove)
+        for name, module in self.model.named_modules():
+            if self.plan.hooked(module):
+                keep(module.register_forward_pre_hook(self.pre_hook))
+                keep(module.register_forward_hook(self.post_hook))
+            elif any(True for _ in module.children()):
+                keep(module.register_forward_pre_hook(self.parent_pre_hook(name)))
+                keep(module.register_forward_hook(self.parent_post_hook))
+        for name, (module, side) in self.record.items():
+            if not self.plan.hooked(module):
+                if side == "in":
+                    keep(module.register_forward_pre_hook(self.record_hook(name, "in")))
+                else:
+                    keep(module.register_forward_hook(self.record_hook(name, "out")))
+        if self.start_module is not None:
+            keep(self.start_module.register_forward_hook(self.start_hook))
+
+    def forward(self, inputs: Tensor, args: tuple) -> Any:
+        """The model's output at ``inputs`` (which must require grad), every hook attached only for
+        this call; ``None`` if the pass stopped at the start layer."""
+        try:
+            with torch.enable_grad(), ExitStack() as stack:
+                self.hooks(stack)
+                stack.enter_context(FunctionalOps(self, self.composite.split_additions))
+                return self.model(inputs, *args)
+        except Stop:
+            return None
+        finally:  # what the forward pass needed to decide in-place questions
+            self.linear_outputs.clear()
+            self.saved_outputs.clear()
+            self.saved_inputs.clear()
+
+    # ----------------------------------------------------------------- backward
+    def account(self, step: Step, relevance: Tensor, result: tuple[Tensor, ...]) -> None:
+        if self.per_layer:
+            entering = per_example_sum(relevance)
+            leaving = entering if result[0] is relevance else torch.stack([per_example_sum(r) for r in result]).sum(0)
+            step.row.add(entering, leaving)
+        for name, side in step.records:
+            self.records[name] = (relevance if side == "out" else result[0]).detach()
+
+    def backward(self, tensor: Tensor, relevance: Tensor, inputs: Tensor, retain: bool) -> tuple[Tensor, dict, ConservationReport]:
+        for row in self.rows:
+            row.entering = row.leaving = None
+        self.records = {}
+        self.final_pass = not retain
+        found = torch.autograd.grad(tensor, inputs, relevance, retain_graph=retain, allow_unused=True)[0]
+        if found is None:
+            raise InputError("inputs: the explained output does not depend on the inputs")
+        missing = [name for name in self.record if name not in self.records]
+        if missing:
+            raise InputError(f"layers: {missing} received no relevance (not between the input and the explained output)")
+        report = ConservationReport(
+            [row for row in self.rows if row.entering is not None], per_example_sum(relevance), per_example_sum(found),
+            [] if self.per_layer else ["per-layer sums were not taken (conservation=False)"],
+        )
+        return found, dict(self.records), report
+
+

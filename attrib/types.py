@@ -1,0 +1,17 @@
+"""The type aliases of the public signatures, and the one reserved name, in one place."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, Union
+
+from torch import Tensor, nn
+
+# which scalar of the output is explained (see :mod:`attrib.targets`)
+TargetType = Union[None, int, tuple, Sequence[Union[int, tuple]], Tensor, Callable[[Any], Tensor]]
+# which units of a layer: an index tuple, a tuple with slices (a filter), or a callable on the layer output
+NeuronSelector = Union[int, tuple, Callable[[Tensor], Tensor]]
+# a submodule by dotted name or the module itself
+LayerSpec = Union[str, nn.Module]
+# the path's start: None (zeros), a number, a tensor like the inputs or like one example
+Baselines = Union[Tensor, float, int, None]
+
+INPUT = "<input>"  # the input as a named place: a key beside layer names in sweeps and traces
