@@ -92,10 +92,11 @@ def _baseline(loaded, x):
     """A black image in the model's normalised space (pixel value 0)."""
     import torch
 
+    from .normalization import normalized_range
+
     if loaded.mean:
-        mean = torch.tensor(loaded.mean, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(loaded.std, dtype=x.dtype).view(1, -1, 1, 1)
-        return ((torch.zeros_like(x) - mean) / std).expand_as(x).clone()
+        black, _ = normalized_range(loaded.mean, loaded.std)
+        return black.to(x.dtype).view(1, -1, 1, 1).expand_as(x).clone()
     return torch.zeros_like(x)
 
 
@@ -307,8 +308,8 @@ def _lrp_problem(setup: _Setup) -> str | None:
 def _deconv_problem(setup: _Setup) -> str | None:
     """The layer cannot be reconstructed through (for a block: and why its last convolution cannot)."""
     from . import DeconvReconstruction
-    from .cuts import CONVOLUTIONS
     from .errors import InputError
+    from .module_types import CONVOLUTIONS
 
     deconv = DeconvReconstruction(setup.model)
     try:
@@ -623,17 +624,17 @@ def _check_numbers(args) -> None:
 
 
 def audit(args) -> int:
-    from torch import nn
 
     from . import DeepLift, IntegratedGradients, LayerConductance
     from .cli_inputs import check_forward, load_pictures
-    from .cuts import CONVOLUTIONS, cut_layers
+    from .cuts import cut_layers
+    from .module_types import LINEAR_LAYERS
 
     _check_numbers(args)
     loaded = _load(args)
     pictures = load_pictures(args.images, loaded)
     targets = [_target(args, check_forward(loaded, picture)) for picture in pictures]
-    layers = [n for n, m in loaded.model.named_modules() if isinstance(m, CONVOLUTIONS + (nn.Linear,))]
+    layers = [n for n, m in loaded.model.named_modules() if isinstance(m, LINEAR_LAYERS)]
     cuts = cut_layers(loaded.model, pictures[0].tensor, layers)
     tolerance = args.tolerance
     rows = []

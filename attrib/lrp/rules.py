@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..errors import InputError
+from ..normalization import normalized_range
 
 if TYPE_CHECKING:
     from .views import LayerView
@@ -375,8 +376,8 @@ class ZBox(Rule):
     @classmethod
     def from_normalization(cls, mean, std, epsilon: float = 1e-6) -> ZBox:
         """Bounds of ``(x - mean) / std`` for ``x`` in [0, 1]: ``low = -mean/std``, ``high = (1-mean)/std``."""
-        mean, std = torch.as_tensor(mean, dtype=torch.float64), torch.as_tensor(std, dtype=torch.float64)
-        return cls(-mean / std, (1 - mean) / std, epsilon)
+        low, high = normalized_range(mean, std)
+        return cls(low, high, epsilon)
 
     @staticmethod
     def _bound(bound: Number | Tensor, x: Tensor, name: str) -> Tensor:
