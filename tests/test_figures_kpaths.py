@@ -153,3 +153,30 @@ def test_digits_model_chooses_k_by_shape_where_raw_smape_cannot():
     assert all(d > graphs.SHAPE_THRESHOLD for d in curves.heatmap_distance[:chosen - 1])
     assert curves.choose(0.5, metric="heatmap_smape") is None and min(curves.heatmap_smape) > 1
     assert all(0 < s < 0.1 for s in curves.heatmap_share)
+
+
+DRAW = """
+import hashlib, sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import make_cnn
+from attrib import graphs
+from attrib.viz.graph import draw_graph
+from attrib.viz.figures import figure_pixels
+x = torch.rand(1, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+flow = graphs.build_graph(make_cnn(), x, target=3, k=6, conductance_steps=None)
+print(hashlib.sha256(figure_pixels(draw_graph(flow, graphs.k_best_paths(flow, 8))).tobytes()).hexdigest())
+"""
+
+
+def test_the_graph_drawing_does_not_depend_on_the_hash_seed():
+    """The critical paths are drawn in a fixed order: the same graph gives the same pixels whatever
+    PYTHONHASHSEED is (they were kept in a set, whose order follows the seed)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = DRAW.format(tests=str(Path(__file__).parent))
+    digests = {subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                              env=dict(os.environ, PYTHONHASHSEED=str(seed))).stdout.strip() for seed in (1, 2, 3, 4)}
+    assert len(digests) == 1

@@ -52,7 +52,7 @@ def draw_graph(
         share = data["share"]
         ax.plot([x0, x1], [y0, y1], color="#1f77b4" if share >= 0 else "#7f7f7f", alpha=0.35,
                 linewidth=0.2 + 2.0 * min(abs(share) / top, 1.0), zorder=1)
-    for a, b in on_path:
+    for a, b in sorted(on_path):  # a fixed drawing order (a set's order follows the hash seed)
         if a in positions and b in positions:
             (x0, y0), (x1, y1) = positions[a], positions[b]
             ax.plot([x0, x1], [y0, y1], color="#d62728", linewidth=2.2, zorder=3)
