@@ -55,7 +55,7 @@ def conductance_map(
     n = inputs.shape[0]
     baselines = check_baselines(baselines, inputs.detach())
     alphas = torch.tensor(uniform_nodes(n_steps), dtype=inputs.dtype, device=inputs.device)  # first node 2**-60
-    node, example = step_major(n_steps + 1, n, inputs.device)
+    node, example = step_major(n, 0, (n_steps + 1) * n, inputs.device)
     rows = interpolate(baselines, inputs - baselines, alphas, node, example)
     with frozen_parameters(model), capture(model, [layer], leaf=True) as cap, torch.enable_grad():
         output = model(rows, *expand_args(as_args(additional_forward_args), example, n))

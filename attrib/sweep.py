@@ -166,8 +166,7 @@ def sweep(
     with frozen_parameters(model), capture(model, names, on=on, leaf=True) as cap:
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
-            index = torch.arange(start, stop, device=inputs.device)
-            node, example = index // n, index % n
+            node, example = step_major(n, start, stop, inputs.device)
             with torch.enable_grad():
                 points = interpolate(baselines, diff, alphas, node, example)
             args = expand_args(additional_forward_args, example, n)
@@ -211,9 +210,10 @@ def interpolate(baselines: Tensor, difference: Tensor, alphas: Tensor, node: Ten
     return baselines[example] + alphas[node].view(shape) * difference[example]
 
 
-def step_major(n_nodes: int, n_examples: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """``(node, example)`` of every row of the step-major batch: row ``r`` is node ``r // B`` of example ``r % B``."""
-    index = torch.arange(n_nodes * n_examples, device=device)
+def step_major(n_examples: int, start: int, stop: int, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """``(node, example)`` of rows ``start:stop`` of the step-major batch: row ``r`` is node ``r // B`` of
+    example ``r % B`` (``B = n_examples``)."""
+    index = torch.arange(start, stop, device=device)
     return index // n_examples, index % n_examples
 
 
