@@ -56,10 +56,10 @@ def check_inputs(model: nn.Module, inputs: Tensor) -> Tensor:
 
 def check_baselines(baselines: Baselines, inputs: Tensor) -> Tensor:
     """``None`` (zeros), a number, a tensor shaped like ``inputs`` or like one example ``(1, ...)``."""
-    if baselines is None:
-        return torch.zeros_like(inputs)
+    if baselines is None:  # one element seen at every position (read-only, like the other returns)
+        return inputs.new_zeros(()).expand_as(inputs)
     if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
-        return torch.full_like(inputs, float(baselines))
+        return inputs.new_full((), float(baselines)).expand_as(inputs)
     if not isinstance(baselines, Tensor):
         raise InputTypeError(f"baselines must be None, a number or a tensor, got {type(baselines).__name__}")
     if baselines.shape != inputs.shape and baselines.shape != (1,) + inputs.shape[1:]:
