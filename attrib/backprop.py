@@ -72,9 +72,9 @@ class _ReLUMethod:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def attribute(self, inputs: Tensor, target: TargetType = None, additional_forward_args: Any = None) -> Attribution:
-        grads, scores = input_gradients(self.model, inputs, target, additional_forward_args, mode=ReLURule(self.rule))
-        return Attribution(attributions=grads, outputs=scores, method=self.name, evaluations=1)
+    def attribute(self, inputs: Inputs, target: TargetType = None, additional_forward_args: Any = None) -> Attribution:
+        found = input_gradients(self.model, inputs, target, additional_forward_args, mode=ReLURule(self.rule))
+        return Attribution(attributions=found.given(found.grads), outputs=found.scores, method=self.name, evaluations=1)
 
 
 class GuidedBackprop(_ReLUMethod):

@@ -1,6 +1,7 @@
 """Grad-CAM (Selvaraju et al., 2017) and guided Grad-CAM."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from .errors import InputError
 from .hooks import resolve_layers
 from .result import Attribution
 from .sweep import StraightPath
-from .types import LayerSpec, TargetType
+from .types import Inputs, LayerSpec, TargetType
 
 _MODES = ("nearest", "bilinear", "bicubic", "area", "linear", "trilinear", "nearest-exact")
 _LINEAR = {1: "linear", 2: "bilinear", 3: "trilinear"}
@@ -35,7 +36,8 @@ class GradCAM:
     averaged over its spatial positions; resized to the input's spatial size.
 
     ``relu_attributions=False`` keeps negative evidence; ``interpolate_mode=None`` returns the map at
-    the layer's resolution. With both set so, the numbers are Captum's ``LayerGradCam``'s. ``info``
+    the layer's resolution. With several inputs the map is resized to the first input's spatial size.
+    With both set so, the numbers are Captum's ``LayerGradCam``'s. ``info``
     holds the channel weights ``(B, C)`` and the layer-resolution map.
 
     >>> GradCAM(model, "features.28").attribute(x, target=3).attributions  # (B, 1, H, W)
@@ -47,15 +49,14 @@ class GradCAM:
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: TargetType = None,
         relu_attributions: bool = True,
         interpolate_mode: str | None = "bilinear",
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
     ) -> Attribution:
-        path = StraightPath(self.model, inputs, None, target, additional_forward_args)
-        inputs = path.inputs
+        path = StraightPath(self.model, inputs, None, target, additional_forward_args, differentiable=False)
         chunk = path.at_inputs(layers=[self.layer], attribute_to_layer_input=attribute_to_layer_input)
         activation, grads = chunk.values[self.layer], chunk.grads[self.layer]
         if activation.dim() < 3:
@@ -70,7 +71,7 @@ class GradCAM:
             cam = cam.clamp(min=0)
         layer_map = cam
         if interpolate_mode is not None and spatial:
-            cam = upsample(cam, tuple(inputs.shape[2:]), interpolate_mode)
+            cam = upsample(cam, tuple(path.inputs[0].shape[2:]), interpolate_mode)
         return Attribution(
             attributions=cam, outputs=chunk.scores, method="gradcam", evaluations=1,
             info={"layer": self.layer, "weights": weights, "layer_map": layer_map},
@@ -90,20 +91,33 @@ class GuidedGradCAM:
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: TargetType = None,
         interpolate_mode: str = "nearest",
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
     ) -> Attribution:
         cam = self.gradcam.attribute(
-            inputs, target, relu_attributions=True, interpolate_mode=interpolate_mode,
+            inputs, target, relu_attributions=True, interpolate_mode=None,
             attribute_to_layer_input=attribute_to_layer_input, additional_forward_args=additional_forward_args,
         )
-        if cam.tensor.shape[2:] != inputs.shape[2:]:
+        layer_map = cam.tensor
+        if layer_map.dim() < 3:
             raise InputError(f"layer: {self.gradcam.layer!r} has no spatial dimensions to map onto the input")
         guided = self.guided.attribute(inputs, target, additional_forward_args)
+        single = isinstance(guided.attributions, Tensor)
+        maps: list[Tensor] = []
+        for i, grads in enumerate([guided.attributions] if single else guided.attributions):
+            if grads.dim() != layer_map.dim():
+                if single:
+                    raise InputError(f"inputs: shape {tuple(grads.shape)} has no spatial dimensions like layer "
+                                     f"{self.gradcam.layer!r}'s map {tuple(layer_map.shape)}")
+                warnings.warn(f"GuidedGradCAM: inputs[{i}] of shape {tuple(grads.shape)} has not the layer map's "
+                              f"{layer_map.dim() - 2} spatial dimensions; its attribution is an empty tensor")
+                maps.append(grads.new_empty(0))
+                continue
+            maps.append(grads * upsample(layer_map, tuple(grads.shape[2:]), interpolate_mode))
         return Attribution(
-            attributions=guided.tensor * cam.tensor, outputs=guided.outputs, method="guided_gradcam",
-            evaluations=2, info={"gradcam": cam.tensor, "guided_backprop": guided.tensor},
+            attributions=maps[0] if single else tuple(maps), outputs=guided.outputs, method="guided_gradcam",
+            evaluations=2, info={"gradcam": layer_map, "guided_backprop": guided.attributions},
         )

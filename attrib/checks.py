@@ -34,47 +34,102 @@ def check_model(model: nn.Module) -> None:
 
 
 
-def check_inputs(model: nn.Module, inputs: Tensor) -> Tensor:
+INTEGER_INPUTS = (
+    "integer and boolean inputs (token ids, masks) cannot be interpolated or differentiated; pass them "
+    "through additional_forward_args, or attribute at the layer that embeds them"
+)
+
+
+def _check_one(model: nn.Module, inputs: object, name: str, differentiable: bool) -> Tensor:
+    are, contain = ("are", "contain") if name == "inputs" else ("is", "contains")
     if not isinstance(inputs, Tensor):
-        raise InputTypeError(f"inputs must be a tensor, got {type(inputs).__name__}")
+        raise InputTypeError(f"{name} must be a tensor, got {type(inputs).__name__}")
     if inputs.dim() == 0:
-        raise InputError("inputs must have a batch dimension")
+        raise InputError(f"{name} must have a batch dimension")
     if inputs.shape[0] == 0:
-        raise InputError(f"inputs: the batch is empty (shape {tuple(inputs.shape)}); give at least one example")
-    if not inputs.is_floating_point():
-        raise InputTypeError(f"inputs must be floating point to be interpolated, got {inputs.dtype}")
+        raise InputError(f"{name}: the batch is empty (shape {tuple(inputs.shape)}); give at least one example")
     device, dtype = model_device_dtype(model)
     if device is not None and inputs.device != device:
-        raise InputError(f"inputs are on {inputs.device} but the model is on {device}; move one of them")
+        raise InputError(f"{name} {are} on {inputs.device} but the model is on {device}; move one of them")
+    if not inputs.is_floating_point():
+        if differentiable:
+            raise InputTypeError(f"{name} {are} {inputs.dtype}: {INTEGER_INPUTS}")
+        return inputs.detach()
     if dtype is not None and inputs.dtype != dtype:
-        raise InputTypeError(f"inputs are {inputs.dtype} but the model's parameters are {dtype}")
+        raise InputTypeError(f"{name} {are} {inputs.dtype} but the model's parameters are {dtype}")
     if not torch.isfinite(inputs).all():
-        raise InputError("inputs contain NaN or infinite values")
+        raise InputError(f"{name} {contain} NaN or infinite values")
     return inputs.detach()
 
 
+def check_inputs(model: nn.Module, inputs: Tensor, differentiable: bool = True) -> Tensor:
+    """One input tensor, for the methods that take one (a tuple is refused by name)."""
+    if isinstance(inputs, (tuple, list)):
+        raise InputTypeError(f"inputs must be one tensor for this method, got a {type(inputs).__name__} of {len(inputs)}")
+    return _check_one(model, inputs, "inputs", differentiable)
 
-def check_baselines(baselines: Baselines, inputs: Tensor) -> Tensor:
+
+def check_input_tuple(model: nn.Module, inputs: object, differentiable: bool = True) -> tuple[tuple[Tensor, ...], bool]:
+    """A tensor or a tuple of tensors with one batch size -> ``(tuple of checked tensors, single)``;
+    ``single`` is True when one tensor was given (results then come back as a tensor, not a tuple).
+    ``differentiable=False`` lets integer and bool tensors through (methods that neither
+    interpolate nor differentiate the inputs)."""
+    if isinstance(inputs, Tensor):
+        return (_check_one(model, inputs, "inputs", differentiable),), True
+    if isinstance(inputs, list):
+        raise InputTypeError("inputs: give several inputs as a tuple of tensors, not a list (Captum's convention)")
+    if not isinstance(inputs, tuple):
+        raise InputTypeError(f"inputs must be a tensor or a tuple of tensors, got {type(inputs).__name__}")
+    if not inputs:
+        raise InputError("inputs: the tuple is empty")
+    checked = tuple(_check_one(model, x, f"inputs[{i}]", differentiable) for i, x in enumerate(inputs))
+    batches = [x.shape[0] for x in checked]
+    if len(set(batches)) > 1:
+        raise InputError(f"inputs: every input needs the same batch size (first dimension); got {batches}")
+    return checked, False
+
+
+def check_baselines(baselines: Baselines, inputs: Tensor, name: str = "baselines") -> Tensor:
     """``None`` (zeros), a number, a tensor shaped like ``inputs`` or like one example ``(1, ...)``."""
     if baselines is None:  # one element seen at every position (read-only, like the other returns)
         return inputs.new_zeros(()).expand_as(inputs)
     if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
         return inputs.new_full((), float(baselines)).expand_as(inputs)
     if not isinstance(baselines, Tensor):
-        raise InputTypeError(f"baselines must be None, a number or a tensor, got {type(baselines).__name__}")
+        raise InputTypeError(f"{name} must be None, a number or a tensor, got {type(baselines).__name__}")
     if baselines.shape != inputs.shape and baselines.shape != (1,) + inputs.shape[1:]:
+        what = "inputs" if name == "baselines" else name.replace("baselines", "inputs")
         raise InputError(
-            f"baselines of shape {tuple(baselines.shape)} do not match inputs of shape {tuple(inputs.shape)}; "
+            f"{name} of shape {tuple(baselines.shape)} do not match {what} of shape {tuple(inputs.shape)}; "
             f"give shape {tuple(inputs.shape)} or {(1,) + tuple(inputs.shape[1:])}"
         )
     if baselines.device != inputs.device:
-        raise InputError(f"baselines are on {baselines.device} but inputs are on {inputs.device}")
+        raise InputError(f"{name} are on {baselines.device} but inputs are on {inputs.device}")
     if baselines.dtype != inputs.dtype:
-        raise InputTypeError(f"baselines are {baselines.dtype} but inputs are {inputs.dtype}")
+        raise InputTypeError(f"{name} are {baselines.dtype} but inputs are {inputs.dtype}")
     if not torch.isfinite(baselines).all():
-        raise InputError("baselines contain NaN or infinite values")
+        raise InputError(f"{name} contain NaN or infinite values")
     return baselines.detach().expand_as(inputs)
 
+
+def check_baseline_tuple(baselines: object, inputs: tuple[Tensor, ...], single: bool) -> tuple[Tensor, ...]:
+    """Baselines matching ``inputs``: for one input as :func:`check_baselines`; for a tuple of inputs a
+    tuple of the same length whose items are each None, a number or a tensor (``None`` or one number
+    alone applies to every input)."""
+    if single and not isinstance(baselines, tuple):
+        return (check_baselines(baselines, inputs[0]),)  # type: ignore[arg-type]
+    if baselines is None or (isinstance(baselines, (int, float)) and not isinstance(baselines, bool)):
+        return tuple(check_baselines(baselines, x) for x in inputs)
+    if not isinstance(baselines, tuple):
+        raise InputTypeError(
+            f"baselines: with {len(inputs)} inputs give a tuple of {len(inputs)} baselines (each None, a number or a "
+            f"tensor), got {type(baselines).__name__}"
+        )
+    if len(baselines) != len(inputs):
+        raise InputError(f"baselines: {len(baselines)} given for {len(inputs)} inputs; give one per input")
+    if single:
+        return (check_baselines(baselines[0], inputs[0]),)
+    return tuple(check_baselines(b, x, f"baselines[{i}]") for i, (b, x) in enumerate(zip(baselines, inputs)))
 
 
 def check_count(name: str, value: object, minimum: int = 1) -> int:

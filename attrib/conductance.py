@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +28,7 @@ from .result import Attribution
 from .sums import StieltjesSum, WeightedSum, step_terms
 from .sweep import Chunk, Differentiate, StraightPath
 from .targets import selector_weights
-from .types import INPUT, Baselines, LayerSpec, NeuronSelector, TargetType
+from .types import Baselines, Inputs, LayerSpec, NeuronSelector, TargetType
 
 
 class LayerConductance(LayerMethod):
@@ -47,7 +47,7 @@ class LayerConductance(LayerMethod):
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: TargetType = None,
         baselines: Baselines = None,
         n_steps: int = 50,
@@ -185,7 +185,7 @@ class NeuronConductance:
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         neuron_selector: NeuronSelector | list[NeuronSelector],
         target: TargetType = None,
         baselines: Baselines = None,
@@ -201,51 +201,57 @@ class NeuronConductance:
         if not selectors:
             raise InputError("neuron_selector: the list is empty")
         alphas, weights = weighted_rule(method, n_steps)
-        layer, keys = self.layer, [f"<selector {i}>" for i in range(len(selectors))]
+        layer = self.layer
+        keys = [[f"<selector {i}> {key}" for key in path.keys] for i in range(len(selectors))]
         integral = WeightedSum(weights, path.batch)
         layer_sum = StieltjesSum("trapezoid", alphas.shape[0], path.batch)
 
         def add(chunk: Chunk) -> None:
-            integral.add(chunk, {key: chunk.grads[key] for key in keys})
+            integral.add(chunk, {key: chunk.grads[key] for row in keys for key in row})
             if method == STIELTJES:
                 layer_sum.add(chunk, [layer])
 
         path.evaluate(
             alphas, add, layers=[layer], attribute_to_layer_input=attribute_to_neuron_input, input_grad=True,
-            internal_batch_size=internal_batch_size, differentiate=_through_selectors(layer, selectors, keys),
+            internal_batch_size=internal_batch_size, differentiate=_through_selectors(layer, selectors, path.keys, keys),
         )
-        diff = path.inputs - path.baselines
-        maps = torch.stack([integral.total[key] * diff for key in keys])
+        per_input = [torch.stack([integral.total[row[j]] * d for row in keys]) for j, d in enumerate(path.differences)]
         delta = None
         if method == STIELTJES and not any(callable(s) for s in selectors):
             conductance = layer_sum.total[layer]
             delta = torch.stack([
-                maps[i].reshape(maps.shape[1], -1).sum(1)
+                sum(maps[i].reshape(path.batch, -1).sum(1) for maps in per_input)
                 - (conductance * selector_weights(s, conductance)).reshape(conductance.shape[0], -1).sum(1)
                 for i, s in enumerate(selectors)
             ])
+        maps = path.as_given(per_input)
         if not isinstance(neuron_selector, list):
-            maps, delta = maps[0], None if delta is None else delta[0]
+            maps = maps[0] if path.single else tuple(m[0] for m in maps)
+            delta = None if delta is None else delta[0]
         return Attribution(
             attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs,
             method=method, n_steps=n_steps, evaluations=alphas.shape[0],
         )
 
 
-def _through_selectors(layer: str, selectors: list, keys: list[str]) -> Differentiate:
-    """dF/d(layer), and under each selector's key dF/dx through that selection of the layer's units
-    only: one backward pass to the layer, then one per selector from the layer to the input."""
+def _through_selectors(layer: str, selectors: list, inputs: Sequence[str], keys: list[list[str]]) -> Differentiate:
+    """dF/d(layer), and under ``keys[i][j]`` dF/d(input j) through selector i's units of the layer
+    only: one backward pass to the layer, then one per selector from the layer to the inputs."""
     def differentiate(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        value, interpolated = tensors[layer], tensors[INPUT]
+        value = tensors[layer]
+        interpolated = [tensors[key] for key in inputs]
         grads = {layer: torch.zeros_like(value)}
-        grads.update({key: torch.zeros_like(interpolated) for key in keys})
+        grads.update({key: torch.zeros_like(x) for row in keys for key, x in zip(row, interpolated)})
         if not (scores.requires_grad and value.requires_grad):
             return grads
         grads[layer], = torch.autograd.grad(scores.sum(), value, retain_graph=True)
-        for i, (selector, key) in enumerate(zip(selectors, keys)):
+        wanted = [x for x in interpolated if x.requires_grad]
+        for i, (selector, row) in enumerate(zip(selectors, keys)):
             outgoing = grads[layer] * selector_weights(selector, value)
-            found, = torch.autograd.grad(value, interpolated, outgoing, retain_graph=i < len(selectors) - 1, allow_unused=True)
-            if found is not None:
-                grads[key] = found
+            found = iter(torch.autograd.grad(value, wanted, outgoing, retain_graph=i < len(selectors) - 1, allow_unused=True))
+            for key, x in zip(row, interpolated):
+                g = next(found) if x.requires_grad else None
+                if g is not None:
+                    grads[key] = g
         return grads
     return differentiate

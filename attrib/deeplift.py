@@ -32,7 +32,7 @@ from .hooks import frozen_parameters
 from .result import Attribution
 from .sweep import StraightPath
 from .targets import target_scores
-from .types import Baselines, TargetType
+from .types import Baselines, Inputs, TargetType
 
 ELEMENTWISE: set[Callable] = {
     F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu_, F.relu6, F.leaky_relu, F.elu, F.selu,
@@ -168,28 +168,28 @@ class DeepLift:
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: TargetType = None,
         baselines: Baselines = None,
         additional_forward_args: Any = None,
     ) -> Attribution:
         path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
-        inputs, baselines, target, n = path.inputs, path.baselines, path.target, path.batch
-        example = torch.arange(n, device=inputs.device).repeat(2)
+        target, n = path.target, path.batch
+        example = torch.arange(n, device=path.inputs[0].device).repeat(2)
         args = expand_args(path.args, example, n)
         with frozen_parameters(self.model), torch.enable_grad():
-            probe = torch.cat([inputs, baselines]).requires_grad_(True)
+            probes = [torch.cat([x, b]).requires_grad_(True) for x, b in zip(path.inputs, path.baselines)]
             with RescaleRule(pools=self.maxpool == "rescale"):
-                output = self.model(probe, *args)
+                output = self.model(*probes, *args)
             scores = target_scores(output, target, example)
             if not scores.requires_grad:
                 raise InputError("inputs: the explained output does not depend on the inputs")
             outputs, baseline_outputs = _halves(scores.detach())
-            multipliers = _halves(torch.autograd.grad(scores[:n].sum(), probe)[0])[0]
-        difference = inputs - baselines
-        attributions = difference * multipliers
-        delta = (difference * multipliers).reshape(n, -1).sum(1) - (outputs - baseline_outputs)
+            found = torch.autograd.grad(scores[:n].sum(), probes, allow_unused=True)
+        multipliers = [torch.zeros_like(x) if g is None else _halves(g)[0] for x, g in zip(path.inputs, found)]
+        attributions = [d * m for d, m in zip(path.differences, multipliers)]
+        delta = path.total(attributions) - (outputs - baseline_outputs)
         return Attribution(
-            attributions=attributions if self.multiply_by_inputs else multipliers, delta=delta, outputs=outputs,
+            attributions=path.as_given(attributions if self.multiply_by_inputs else multipliers), delta=delta, outputs=outputs,
             baseline_outputs=baseline_outputs, method="deeplift", evaluations=2,
         )

@@ -3,7 +3,8 @@ input x gradient and SmoothGrad."""
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -12,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 from .checks import (
     as_args,
     check_count,
+    check_input_tuple,
     check_inputs,
     check_internal_batch_size,
     check_model,
@@ -24,7 +26,7 @@ from .result import Attribution
 from .sums import WeightedSum
 from .sweep import StraightPath
 from .targets import normalize_target, target_scores
-from .types import INPUT, Baselines, TargetType
+from .types import Baselines, Inputs, TargetType
 
 
 class IntegratedGradients:
@@ -42,7 +44,7 @@ class IntegratedGradients:
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: TargetType = None,
         baselines: Baselines = None,
         n_steps: int = 50,
@@ -54,38 +56,59 @@ class IntegratedGradients:
         alphas, weights = weighted_rule(method, n_steps)
         integral = WeightedSum(weights, path.batch)
         path.evaluate(alphas, integral.add, input_grad=True, internal_batch_size=internal_batch_size)
-        attributions = integral.total[INPUT] * (path.inputs - path.baselines)
+        attributions = [integral.total[key] * d for key, d in zip(path.keys, path.differences)]
         return Attribution(
-            attributions=attributions, delta=attributions.reshape(path.batch, -1).sum(1) - path.change,
+            attributions=path.as_given(attributions), delta=path.total(attributions) - path.change,
             outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps,
             evaluations=alphas.shape[0],
         )
 
 
+@dataclass
+class InputGradients:
+    """dF/dx for every input (a tuple, one per input), F(x), and how the inputs were given.
+
+    >>> found = input_gradients(model, (image, metadata), target=3)
+    >>> found.given([g.abs() for g in found.grads])   # a tuple again, as the inputs were
+    """
+
+    inputs: tuple[Tensor, ...]
+    grads: tuple[Tensor, ...]
+    scores: Tensor
+    single: bool
+
+    def given(self, maps: Sequence[Tensor]) -> Any:
+        """One map per input, returned as the inputs were given: a tensor, or a tuple."""
+        return maps[0] if self.single else tuple(maps)
+
+
 def input_gradients(
-    model: nn.Module, inputs: Tensor, target: TargetType, additional_forward_args: Any = None,
+    model: nn.Module, inputs: Inputs, target: TargetType, additional_forward_args: Any = None,
     mode: TorchFunctionMode | None = None,
-) -> tuple[Tensor, Tensor]:
-    """``(dF/dx, F(x))`` for every example from one forward and one backward pass.
+) -> InputGradients:
+    """``dF/dx`` for every input and example, and ``F(x)``, from one forward and one backward pass.
 
     Parameters are frozen for the pass (restored afterwards), so no parameter gradient is built or
     accumulated. ``mode`` (a ``TorchFunctionMode``) is active during the forward pass: the backprop
-    methods use it to give ReLU another backward rule.
+    methods use it to give ReLU another backward rule. An input the score does not depend on gets
+    zeros; if it depends on none of them, :class:`InputError`.
     """
     check_model(model)
-    inputs = check_inputs(model, inputs)
-    target = normalize_target(target, inputs.shape[0])
-    example = torch.arange(inputs.shape[0], device=inputs.device)
-    args = expand_args(as_args(additional_forward_args), example, inputs.shape[0])
+    checked, single = check_input_tuple(model, inputs)
+    n = checked[0].shape[0]
+    target = normalize_target(target, n)
+    example = torch.arange(n, device=checked[0].device)
+    args = expand_args(as_args(additional_forward_args), example, n)
     with frozen_parameters(model), torch.enable_grad():
-        probe = inputs.clone().requires_grad_(True)
+        probes = [x.clone().requires_grad_(True) for x in checked]
         with mode if mode is not None else nullcontext():
-            output = model(probe.clone(), *args)  # a model may change its input in place
+            output = model(*[p.clone() for p in probes], *args)  # a model may change its input in place
         scores = target_scores(output, target, example)
-        (grads,) = torch.autograd.grad(scores.sum(), probe, allow_unused=True)
-    if grads is None:
+        found = torch.autograd.grad(scores.sum(), probes, allow_unused=True) if scores.requires_grad else [None] * len(probes)
+    if all(g is None for g in found):
         raise InputError("inputs: the explained output does not depend on the inputs")
-    return grads, scores.detach()
+    grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(checked, found))
+    return InputGradients(checked, grads, scores.detach(), single)
 
 
 class Saliency:
@@ -97,10 +120,11 @@ class Saliency:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def attribute(self, inputs: Tensor, target: TargetType = None, abs: bool = True,
+    def attribute(self, inputs: Inputs, target: TargetType = None, abs: bool = True,
                   additional_forward_args: Any = None) -> Attribution:
-        grads, scores = input_gradients(self.model, inputs, target, additional_forward_args)
-        return Attribution(attributions=grads.abs() if abs else grads, outputs=scores, method="saliency", evaluations=1)
+        found = input_gradients(self.model, inputs, target, additional_forward_args)
+        maps = [g.abs() if abs else g for g in found.grads]
+        return Attribution(attributions=found.given(maps), outputs=found.scores, method="saliency", evaluations=1)
 
 
 class InputXGradient:
@@ -112,9 +136,10 @@ class InputXGradient:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def attribute(self, inputs: Tensor, target: TargetType = None, additional_forward_args: Any = None) -> Attribution:
-        grads, scores = input_gradients(self.model, inputs, target, additional_forward_args)
-        return Attribution(attributions=inputs.detach() * grads, outputs=scores, method="input_x_gradient", evaluations=1)
+    def attribute(self, inputs: Inputs, target: TargetType = None, additional_forward_args: Any = None) -> Attribution:
+        found = input_gradients(self.model, inputs, target, additional_forward_args)
+        maps = [x * g for x, g in zip(found.inputs, found.grads)]
+        return Attribution(attributions=found.given(maps), outputs=found.scores, method="input_x_gradient", evaluations=1)
 
 
 class SmoothGrad:
@@ -169,10 +194,10 @@ class SmoothGrad:
         for start in range(0, rows, chunk_rows):
             example = torch.arange(start, min(start + chunk_rows, rows), device=inputs.device) % n
             rows_target = [target[e] for e in example.tolist()] if isinstance(target, list) else target
-            grads, _ = input_gradients(
+            (grads,) = input_gradients(
                 self.model, inputs[example] + noise[start:start + chunk_rows], rows_target,
                 expand_args(args, example, n),
-            )
+            ).grads
             if square:
                 grads = grads.square_()
             elif abs:

@@ -14,7 +14,7 @@ from .result import Attribution
 from .sums import WeightedSum
 from .sweep import StraightPath
 from .targets import target_scores
-from .types import Baselines, LayerSpec, TargetType
+from .types import Baselines, Inputs, LayerSpec, TargetType
 
 
 class LayerMethod:
@@ -40,7 +40,7 @@ class InternalInfluence(LayerMethod):
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: TargetType = None,
         baselines: Baselines = None,
         n_steps: int = 50,
@@ -71,12 +71,12 @@ class LayerGradientXActivation(LayerMethod):
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: TargetType = None,
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
     ) -> Attribution:
-        path = StraightPath(self.model, inputs, None, target, additional_forward_args)
+        path = StraightPath(self.model, inputs, None, target, additional_forward_args, differentiable=False)
         chunk = path.at_inputs(layers=self.layers, attribute_to_layer_input=attribute_to_layer_input)
         return Attribution(
             attributions={name: chunk.values[name] * chunk.grads[name] for name in self.layers},
@@ -92,17 +92,17 @@ class LayerActivation(LayerMethod):
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: TargetType = None,
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
     ) -> Attribution:
-        path = StraightPath(self.model, inputs, None, target, additional_forward_args)
-        inputs, target = path.inputs, path.target
-        example = torch.arange(path.batch, device=inputs.device)
+        path = StraightPath(self.model, inputs, None, target, additional_forward_args, differentiable=False)
+        target = path.target
+        example = torch.arange(path.batch, device=path.inputs[0].device)
         on = "input" if attribute_to_layer_input else "output"
         with capture(self.model, self.layers, on=on) as cap, torch.no_grad():
-            output = self.model(inputs, *expand_args(path.args, example, path.batch))
+            output = self.model(*path.inputs, *expand_args(path.args, example, path.batch))
             activations = {name: cap[name] for name in self.layers}
         outputs = None
         if target is not None:

@@ -18,11 +18,18 @@ from typing import Any, Callable, Generator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .checks import as_args, check_baselines, check_inputs, check_internal_batch_size, check_model, expand_args
+from .checks import (
+    as_args,
+    check_baseline_tuple,
+    check_input_tuple,
+    check_internal_batch_size,
+    check_model,
+    expand_args,
+)
 from .errors import InputError
 from .hooks import capture, frozen_parameters, resolve_layers
 from .targets import normalize_target, target_scores
-from .types import INPUT, Baselines, LayerSpec, TargetType
+from .types import Baselines, Inputs, LayerSpec, TargetType, input_keys
 
 
 @dataclass
@@ -120,21 +127,23 @@ def _streamed_gradients(
 
 
 def endpoint_scores(
-    model: nn.Module, inputs: Tensor, baselines: Tensor, target: TargetType, additional_forward_args: Sequence[Any] = ()
+    model: nn.Module, inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], target: TargetType,
+    additional_forward_args: Sequence[Any] = (),
 ) -> tuple[Tensor, Tensor]:
     """F(x) and F(x') from one forward pass without a graph; also validates the target early."""
-    n = inputs.shape[0]
-    example = torch.arange(n, device=inputs.device).repeat(2)
+    n = inputs[0].shape[0]
+    example = torch.arange(n, device=inputs[0].device).repeat(2)
     with torch.no_grad():
-        output = model(torch.cat([inputs, baselines]), *expand_args(additional_forward_args, example, n))
+        stacked = [torch.cat([x, b]) for x, b in zip(inputs, baselines)]
+        output = model(*stacked, *expand_args(additional_forward_args, example, n))
         scores = target_scores(output, target, example)
     return scores[:n].detach(), scores[n:].detach()
 
 
 def sweep(
     model: nn.Module,
-    inputs: Tensor,
-    baselines: Tensor,
+    inputs: tuple[Tensor, ...],
+    baselines: Sequence[Tensor | None],
     alphas: Tensor,
     *,
     target: TargetType,
@@ -148,27 +157,34 @@ def sweep(
 ) -> Generator[Chunk, None, None]:
     """Evaluate the path in chunks; yields a :class:`Chunk` per forward+backward pass.
 
-    ``differentiate(scores, tensors)`` replaces the default backward (dF/d every captured tensor);
-    ``tensors`` holds the captured layers and, when ``input_grad``, the interpolated input as INPUT.
+    Every input is interpolated with the same alpha per row (a baseline ``None`` leaves that input
+    as it is: evaluation at the inputs). ``differentiate(scores, tensors)`` replaces the default
+    backward (dF/d every captured tensor); ``tensors`` holds the captured layers and, when
+    ``input_grad``, the interpolated inputs under :func:`~attrib.types.input_keys`.
     ``consume(chunk, name, value, grad)`` instead receives each captured layer during the backward
     pass, as soon as its gradient is complete; those layers are then left out of the yielded chunk,
     and no layer's activations and gradients are all held at once.
     """
     if consume is not None and differentiate is not None:
         raise InputError("sweep: give differentiate or consume, not both")
-    n = inputs.shape[0]
+    n = inputs[0].shape[0]
+    device = inputs[0].device
     rows = alphas.shape[0] * n
     chunk_rows = check_internal_batch_size(internal_batch_size, rows)
     names = [name for name, _ in resolve_layers(model, layers)] if layers else []
-    diff = inputs - baselines
-    alphas = alphas.to(device=inputs.device, dtype=inputs.dtype)
+    diffs = [None if b is None else x - b for x, b in zip(inputs, baselines)]
+    alphas = alphas.to(device=device, dtype=next((x.dtype for x in inputs if x.is_floating_point()), torch.float64))
     on = "input" if attribute_to_layer_input else "output"
+    keys = input_keys(len(inputs))
     with frozen_parameters(model), capture(model, names, on=on, leaf=True) as cap:
         for start in range(0, rows, chunk_rows):
             stop = min(start + chunk_rows, rows)
-            node, example = step_major(n, start, stop, inputs.device)
+            node, example = step_major(n, start, stop, device)
             with torch.enable_grad():
-                points = interpolate(baselines, diff, alphas, node, example)
+                points = {
+                    key: x[example] if d is None else interpolate(b, d, alphas.to(x.dtype), node, example)
+                    for key, x, b, d in zip(keys, inputs, baselines, diffs)
+                }
             args = expand_args(additional_forward_args, example, n)
             chunk = _evaluate(model, cap, names, points, (start, stop, node, example), target, input_grad, args,
                               differentiate, consume)
@@ -177,22 +193,25 @@ def sweep(
             del chunk
 
 
-def _evaluate(model: nn.Module, cap: capture, names: list[str], points: Tensor, rows: tuple[int, int, Tensor, Tensor],
-              target: TargetType,
+def _evaluate(model: nn.Module, cap: capture, names: list[str], points: dict[str, Tensor],
+              rows: tuple[int, int, Tensor, Tensor], target: TargetType,
               input_grad: bool, args: tuple, differentiate: Differentiate | None, consume: Consume | None) -> Chunk:
     """One forward and one backward pass at the chunk's ``points`` (rows ``start, stop, node, example``
-    of the step-major batch); the returned chunk holds detached scores, values and gradients."""
+    of the step-major batch, one tensor per input); the returned chunk holds detached scores, values
+    and gradients."""
     with torch.enable_grad():
-        points.requires_grad_(input_grad)
-        fed = points.clone() if input_grad else points  # a model may change its input in place
-        output = model(fed, *args)
+        for point in points.values():
+            point.requires_grad_(input_grad and point.is_floating_point())
+        fed = [point.clone() if point.requires_grad else point for point in points.values()]  # a model may write its input
+        output = model(*fed, *args)
+        del fed
         start, stop, node, example = rows
         scores = target_scores(output, target, example)
         tensors = {name: cap.captured[name] for name in names}
         cap.captured.clear()
         chunk = Chunk(start, stop, node, example, scores.detach(), {}, {})
         if input_grad:
-            tensors[INPUT] = points
+            tensors.update(points)
         if consume is not None:
             grads = _streamed_gradients(  # no reference to the streamed layers stays here
                 scores, {name: tensors.pop(name) for name in names}, tensors, functools.partial(consume, chunk),
@@ -222,24 +241,42 @@ class StraightPath:
     once, and the target score at both ends (one forward pass without a graph, taken before the first
     sweep, so that a bad target fails before the long part).
 
+    ``inputs`` and ``baselines`` are held as tuples (one entry per input, see
+    :func:`~attrib.checks.check_input_tuple`); :meth:`as_given` gives a per-input result back as the
+    caller passed the inputs (a tensor for one tensor, else a tuple).
+
     >>> path = StraightPath(model, x, baselines=0.0, target=3)
     >>> path.evaluate(torch.tensor([0.5, 1.0]), print, layers=["features.28"])   # each Chunk
     >>> path.change                                                              # F(x) - F(x') per example
     """
 
-    def __init__(self, model: nn.Module, inputs: Tensor, baselines: Baselines, target: TargetType,
-                 additional_forward_args: Any = None) -> None:
+    def __init__(self, model: nn.Module, inputs: Inputs, baselines: Baselines, target: TargetType,
+                 additional_forward_args: Any = None, differentiable: bool = True) -> None:
         check_model(model)
         self.model = model
-        self.inputs = check_inputs(model, inputs)
-        self.baselines = check_baselines(baselines, self.inputs)
-        self.target = normalize_target(target, self.inputs.shape[0])
+        self.inputs, self.single = check_input_tuple(model, inputs, differentiable)
+        self.baselines = check_baseline_tuple(baselines, self.inputs, self.single) if differentiable else self.inputs
+        self.keys = input_keys(len(self.inputs))
+        self.target = normalize_target(target, self.batch)
         self.args = as_args(additional_forward_args)
         self._ends: tuple[Tensor, Tensor] | None = None
 
     @property
     def batch(self) -> int:
-        return self.inputs.shape[0]
+        return self.inputs[0].shape[0]
+
+    @property
+    def differences(self) -> tuple[Tensor, ...]:
+        """``x - x'`` per input."""
+        return tuple(x - b for x, b in zip(self.inputs, self.baselines))
+
+    def as_given(self, per_input: Sequence[Tensor]) -> Any:
+        """One tensor per input, returned as the inputs were given: a tensor, or a tuple."""
+        return per_input[0] if self.single else tuple(per_input)
+
+    def total(self, per_input: Sequence[Tensor]) -> Tensor:
+        """The per-example sum over every input's map, (B,)."""
+        return sum((t.reshape(self.batch, -1).sum(1) for t in per_input), start=self.inputs[0].new_zeros(()))
 
     def _scores_at_ends(self) -> tuple[Tensor, Tensor]:
         if self._ends is None:
@@ -273,8 +310,8 @@ class StraightPath:
 
     def at_inputs(self, **options: Any) -> Chunk:
         """One chunk at the inputs themselves (alpha = 1, no other point and no endpoint pass)."""
-        chunks = sweep(self.model, self.inputs, self.inputs, torch.ones(1, dtype=torch.float64), target=self.target,
-                       additional_forward_args=self.args, **options)
+        chunks = sweep(self.model, self.inputs, [None] * len(self.inputs), torch.ones(1, dtype=torch.float64),
+                       target=self.target, additional_forward_args=self.args, **options)
         with closing(chunks):
             (chunk,) = list(chunks)
         return chunk

@@ -45,7 +45,7 @@ def test_non_finite_inputs_and_wrong_dtype(model):
     bad[0, 0, 0, 0] = float("inf")
     check(model, ValueError, r"inputs contain NaN or infinite", lambda: attrib.LayerConductance(model, "0").attribute(bad, target=0))
     check(model, TypeError, r"inputs are torch.float32 but the model", lambda: attrib.LayerConductance(model, "0").attribute(X.float(), target=0))
-    check(model, TypeError, r"inputs must be floating point", lambda: attrib.LayerConductance(model, "0").attribute(X.long(), target=0))
+    check(model, TypeError, r"inputs are torch.int64: integer and boolean inputs \(token ids, masks\) cannot be interpolated", lambda: attrib.LayerConductance(model, "0").attribute(X.long(), target=0))
 
 
 def test_bad_steps_method_and_chunk(model):

@@ -117,7 +117,7 @@ def test_graph_starts_at_the_lowest_layer():
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     from attrib.sweep import sweep
 
-    chunks = sweep(model, x, torch.zeros_like(x), torch.tensor([0.5, 1.0], dtype=torch.float64), target=0, layers=["3"])
+    chunks = sweep(model, (x,), (torch.zeros_like(x),), torch.tensor([0.5, 1.0], dtype=torch.float64), target=0, layers=["3"])
     seen = []
     import attrib.sweep as engine
 
