@@ -9,14 +9,15 @@ from torch import Tensor
 
 from .errors import InputError
 
-Attributions = Union[Tensor, dict[str, Tensor]]
+Attributions = Union[Tensor, tuple[Tensor, ...], dict[str, Tensor]]
 
 
 @dataclass
 class Attribution:
     """Attributions with what is needed to check them.
 
-    ``attributions`` is a tensor (input methods) or a dict keyed by layer name (layer methods).
+    ``attributions`` is a tensor (input methods; a tuple of tensors, one per input, when the inputs
+    were a tuple) or a dict keyed by layer name (layer methods).
     ``delta`` is the signed completeness error ``attributions.sum() - (outputs - baseline_outputs)``
     per example, (B,) — a dict per layer for layer methods — or ``None`` where no axiom applies.
     ``evaluations`` counts model evaluations per example (interpolation nodes). ``info`` holds
@@ -46,6 +47,9 @@ class Attribution:
         """
         if isinstance(self.attributions, dict):
             raise InputError(f"attributions: this result holds layers {list(self.attributions)}; read one with result[name]")
+        if isinstance(self.attributions, tuple):
+            raise InputError(f"attributions: this result holds {len(self.attributions)} input maps (the inputs were a "
+                             "tuple); read one with result.attributions[i]")
         return self.attributions
 
     def __getitem__(self, layer: str) -> Tensor:
