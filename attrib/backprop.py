@@ -20,7 +20,7 @@ from torch.overrides import TorchFunctionMode
 
 from .gradients import input_gradients
 from .result import Attribution
-from .types import TargetType
+from .types import Inputs, TargetType
 
 RELUS = {F.relu, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_, F.relu_}
 
@@ -72,8 +72,10 @@ class _ReLUMethod:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def attribute(self, inputs: Inputs, target: TargetType = None, additional_forward_args: Any = None) -> Attribution:
-        found = input_gradients(self.model, inputs, target, additional_forward_args, mode=ReLURule(self.rule))
+    def attribute(self, inputs: Inputs, target: TargetType = None, additional_forward_args: Any = None,
+                  internal_batch_size: int | str | None = "auto", memory_budget: int | None = None) -> Attribution:
+        found = input_gradients(self.model, inputs, target, additional_forward_args, mode=ReLURule(self.rule),
+                                internal_batch_size=internal_batch_size, memory_budget=memory_budget)
         return Attribution(attributions=found.given(found.grads), outputs=found.scores, method=self.name, evaluations=1)
 
 

@@ -52,7 +52,8 @@ class LayerConductance(LayerMethod):
         baselines: Baselines = None,
         n_steps: int = 50,
         method: str = STIELTJES,
-        internal_batch_size: int | None = None,
+        internal_batch_size: int | str | None = "auto",
+        memory_budget: int | None = None,
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
         tolerance: float | None = None,
@@ -61,7 +62,8 @@ class LayerConductance(LayerMethod):
     ) -> Attribution:
         path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
         alphas, form = stieltjes_rule(method, n_steps)
-        options = dict(layers=self.layers, attribute_to_layer_input=attribute_to_layer_input, internal_batch_size=internal_batch_size)
+        options = dict(layers=self.layers, attribute_to_layer_input=attribute_to_layer_input,
+                       internal_batch_size=internal_batch_size, memory_budget=memory_budget)
         if tolerance is not None:
             return self._refine(path, options, method, n_steps, tolerance, refine, max_steps)
         sums = StieltjesSum(form, alphas.shape[0], path.batch)
@@ -191,7 +193,8 @@ class NeuronConductance:
         baselines: Baselines = None,
         n_steps: int = 50,
         method: str = STIELTJES,
-        internal_batch_size: int | None = None,
+        internal_batch_size: int | str | None = "auto",
+        memory_budget: int | None = None,
         attribute_to_neuron_input: bool = False,
         additional_forward_args: Any = None,
     ) -> Attribution:
@@ -213,7 +216,8 @@ class NeuronConductance:
 
         path.evaluate(
             alphas, add, layers=[layer], attribute_to_layer_input=attribute_to_neuron_input, input_grad=True,
-            internal_batch_size=internal_batch_size, differentiate=_through_selectors(layer, selectors, path.keys, keys),
+            internal_batch_size=internal_batch_size, memory_budget=memory_budget,
+            differentiate=_through_selectors(layer, selectors, path.keys, keys),
         )
         per_input = [torch.stack([integral.total[row[j]] * d for row in keys]) for j, d in enumerate(path.differences)]
         delta = None

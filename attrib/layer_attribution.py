@@ -45,7 +45,8 @@ class InternalInfluence(LayerMethod):
         baselines: Baselines = None,
         n_steps: int = 50,
         method: str = "gausslegendre",
-        internal_batch_size: int | None = None,
+        internal_batch_size: int | str | None = "auto",
+        memory_budget: int | None = None,
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
     ) -> Attribution:
@@ -54,7 +55,7 @@ class InternalInfluence(LayerMethod):
         integral = WeightedSum(weights, path.batch)
         path.evaluate(
             alphas, lambda chunk: None, layers=self.layers, attribute_to_layer_input=attribute_to_layer_input,
-            internal_batch_size=internal_batch_size,
+            internal_batch_size=internal_batch_size, memory_budget=memory_budget,
             consume=lambda chunk, name, value, grad: integral.add_layer(chunk, name, grad),
         )
         return Attribution(

@@ -11,23 +11,25 @@ backward.
 from __future__ import annotations
 
 import functools
-from contextlib import closing
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Callable, Generator, Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .checks import (
     as_args,
     check_baseline_tuple,
     check_input_tuple,
-    check_internal_batch_size,
     check_model,
     expand_args,
 )
 from .errors import InputError
 from .hooks import capture, frozen_parameters, resolve_layers
+from .memory import AUTO, ChunkPlan, Footprint
 from .targets import normalize_target, target_scores
 from .types import Baselines, Inputs, LayerSpec, TargetType, input_keys
 
@@ -150,10 +152,12 @@ def sweep(
     layers: Sequence[LayerSpec] = (),
     attribute_to_layer_input: bool = False,
     input_grad: bool = False,
-    internal_batch_size: int | None = None,
+    internal_batch_size: int | str | None = AUTO,
+    memory_budget: int | None = None,
     additional_forward_args: Sequence[Any] = (),
     differentiate: Differentiate | None = None,
     consume: Consume | None = None,
+    mode: TorchFunctionMode | None = None,
 ) -> Generator[Chunk, None, None]:
     """Evaluate the path in chunks; yields a :class:`Chunk` per forward+backward pass.
 
@@ -163,32 +167,40 @@ def sweep(
     ``input_grad``, the interpolated inputs under :func:`~attrib.types.input_keys`.
     ``consume(chunk, name, value, grad)`` instead receives each captured layer during the backward
     pass, as soon as its gradient is complete; those layers are then left out of the yielded chunk,
-    and no layer's activations and gradients are all held at once.
+    and no layer's activations and gradients are all held at once. ``mode``, a ``TorchFunctionMode``,
+    is active during each forward pass (the backprop methods give ReLU another backward rule with
+    it). ``internal_batch_size``: rows per
+    forward pass, ``"auto"`` (sized to ``memory_budget`` bytes or the free memory: see
+    :mod:`attrib.memory`) or ``None`` (all rows at once).
     """
     if consume is not None and differentiate is not None:
         raise InputError("sweep: give differentiate or consume, not both")
     n = inputs[0].shape[0]
     device = inputs[0].device
-    rows = alphas.shape[0] * n
-    chunk_rows = check_internal_batch_size(internal_batch_size, rows)
+    plan = ChunkPlan(internal_batch_size, alphas.shape[0] * n, device, memory_budget)
     names = [name for name, _ in resolve_layers(model, layers)] if layers else []
     diffs = [None if b is None else x - b for x, b in zip(inputs, baselines)]
     alphas = alphas.to(device=device, dtype=next((x.dtype for x in inputs if x.is_floating_point()), torch.float64))
     on = "input" if attribute_to_layer_input else "output"
     keys = input_keys(len(inputs))
     with frozen_parameters(model), capture(model, names, on=on, leaf=True) as cap:
-        for start in range(0, rows, chunk_rows):
-            stop = min(start + chunk_rows, rows)
+        for start, stop in plan:
             node, example = step_major(n, start, stop, device)
-            with torch.enable_grad():
-                points = {
-                    key: x[example] if d is None else interpolate(b, d, alphas.to(x.dtype), node, example)
-                    for key, x, b, d in zip(keys, inputs, baselines, diffs)
-                }
-            args = expand_args(additional_forward_args, example, n)
-            chunk = _evaluate(model, cap, names, points, (start, stop, node, example), target, input_grad, args,
-                              differentiate, consume)
-            del points  # nothing of this chunk's graph outlives it
+            footprint = Footprint(model, device) if plan.probing else nullcontext()
+            with footprint:
+                with torch.enable_grad():
+                    points = {
+                        key: x[example] if d is None else interpolate(b, d, alphas.to(x.dtype), node, example)
+                        for key, x, b, d in zip(keys, inputs, baselines, diffs)
+                    }
+                args = expand_args(additional_forward_args, example, n)
+                with mode if mode is not None else nullcontext():
+                    chunk = _evaluate(model, cap, names, points, (start, stop, node, example), target, input_grad,
+                                      args, differentiate, consume)
+                del points  # nothing of this chunk's graph outlives it
+            if isinstance(footprint, Footprint):
+                footprint.add(chain(chunk.values.values(), chunk.grads.values()))
+                plan.measured(footprint.peak, stop - start)
             yield chunk
             del chunk
 
@@ -309,9 +321,17 @@ class StraightPath:
                 each(chunk)
 
     def at_inputs(self, **options: Any) -> Chunk:
-        """One chunk at the inputs themselves (alpha = 1, no other point and no endpoint pass)."""
+        """The inputs themselves (alpha = 1, no other point and no endpoint pass), evaluated in chunks
+        as :func:`sweep` and returned as one chunk of all rows."""
         chunks = sweep(self.model, self.inputs, [None] * len(self.inputs), torch.ones(1, dtype=torch.float64),
                        target=self.target, additional_forward_args=self.args, **options)
         with closing(chunks):
-            (chunk,) = list(chunks)
-        return chunk
+            pieces = list(chunks)
+        if len(pieces) == 1:
+            return pieces[0]
+        first = pieces[0]
+        return Chunk(
+            0, self.batch, torch.cat([c.node for c in pieces]), torch.cat([c.example for c in pieces]),
+            torch.cat([c.scores for c in pieces]), {k: torch.cat([c.values[k] for c in pieces]) for k in first.values},
+            {k: torch.cat([c.grads[k] for c in pieces]) for k in first.grads},
+        )
