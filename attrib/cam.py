@@ -45,7 +45,7 @@ class GradCAM:
 
     def __init__(self, model: nn.Module, layer: LayerSpec) -> None:
         self.model = model
-        ((self.layer, _),) = resolve_layers(model, layer)
+        ((self.layer, _),) = resolve_layers(model, layer, elements=True)
 
     def attribute(
         self,
@@ -58,6 +58,8 @@ class GradCAM:
     ) -> Attribution:
         path = StraightPath(self.model, inputs, None, target, additional_forward_args, differentiable=False)
         chunk = path.at_inputs(layers=[self.layer], attribute_to_layer_input=attribute_to_layer_input)
+        if self.layer in chunk.parts:
+            raise InputError(f"layer: {self.layer!r} is called with several inputs; select one, e.g. '{self.layer}[0]'")
         activation, grads = chunk.values[self.layer], chunk.grads[self.layer]
         if activation.dim() < 3:
             raise InputError(

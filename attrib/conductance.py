@@ -68,12 +68,14 @@ class LayerConductance(LayerMethod):
             return self._refine(path, options, method, n_steps, tolerance, refine, max_steps)
         sums = StieltjesSum(form, alphas.shape[0], path.batch)
         path.evaluate(alphas, sums.add_scores, consume=sums.add_layer, **options)
-        totals, residuals = sums.total, sums.residuals()
+        totals = sums.total
+        maps = path.gather(self.layers, totals)
+        steps = path.gather(self.layers, sums.step_sums)
         return Attribution(
-            attributions={name: totals[name] for name in self.layers},
-            delta={name: totals[name].reshape(path.batch, -1).sum(1) - path.change for name in self.layers},
+            attributions=maps, delta={name: path.layer_total(maps[name]) - path.change for name in self.layers},
             outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps,
-            evaluations=alphas.shape[0], info={"step_residuals": {name: residuals[name] for name in self.layers}},
+            evaluations=alphas.shape[0],
+            info={"step_residuals": {name: _summed(steps[name]) - sums.step_score_change for name in self.layers}},
         )
 
     def _refine(self, path: StraightPath, options: dict, method: str, n_steps: int, tolerance: float, refine: str,
@@ -88,7 +90,7 @@ class LayerConductance(LayerMethod):
         nodes.evaluate(uniform_nodes(n_steps))
         change = path.change
         while True:
-            sums, residuals = nodes.step_sums()
+            sums, residuals = nodes.step_sums(self.layers)
             delta = {name: s.sum(0) - change for name, s in sums.items()}
             worst = max(float(d.abs().max()) for d in delta.values())
             steps = len(nodes.alphas) - 1
@@ -107,10 +109,15 @@ class LayerConductance(LayerMethod):
         if not converged:
             warnings.warn(f"tolerance {tolerance} not reached with {steps} steps (max_steps); worst |delta| {worst:.3g}")
         return Attribution(
-            attributions=nodes.totals(), delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs,
+            attributions=path.gather(self.layers, nodes.totals()), delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs,
             method=method, n_steps=steps, evaluations=len(nodes.alphas),
             info={"step_residuals": residuals, "alphas": list(nodes.alphas), "converged": converged, "refine": refine},
         )
+
+
+def _summed(value: Any) -> Tensor:
+    """A layer's tensor, or the sum of its parts' (n_steps, B) tensors."""
+    return sum(value[1:], start=value[0]) if isinstance(value, tuple) else value
 
 
 class _NodeStore:
@@ -148,11 +155,12 @@ class _NodeStore:
             self._steps[key] = (sums, f1 - f0)
         return self._steps[key]
 
-    def step_sums(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    def step_sums(self, layers: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per layer, (steps, B): each step's Stieltjes sum, and that minus the score change."""
         steps = [self._step(k) for k in range(len(self.alphas) - 1)]
         change = torch.stack([c for _, c in steps])
         stacked = {name: torch.stack([s[name] for s, _ in steps]) for name in steps[0][0]}
+        stacked = {name: _summed(value) for name, value in self.path.gather(layers, stacked).items()}
         return stacked, {name: s - change for name, s in stacked.items()}
 
     def totals(self) -> dict[str, Tensor]:
@@ -183,7 +191,7 @@ class NeuronConductance:
 
     def __init__(self, model: nn.Module, layer: LayerSpec) -> None:
         self.model = model
-        (self.layer, _), = resolve_layers(model, [layer])
+        (self.layer, _), = resolve_layers(model, [layer], elements=True)
 
     def attribute(
         self,
@@ -242,6 +250,8 @@ def _through_selectors(layer: str, selectors: list, inputs: Sequence[str], keys:
     """dF/d(layer), and under ``keys[i][j]`` dF/d(input j) through selector i's units of the layer
     only: one backward pass to the layer, then one per selector from the layer to the inputs."""
     def differentiate(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        if layer not in tensors:
+            raise InputError(f"layer: {layer!r} is called with several inputs; select one, e.g. '{layer}[0]'")
         value = tensors[layer]
         interpolated = [tensors[key] for key in inputs]
         grads = {layer: torch.zeros_like(value)}

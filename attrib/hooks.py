@@ -11,6 +11,7 @@ the forward pass raises.
 from __future__ import annotations
 
 import difflib
+import re
 from contextlib import AbstractContextManager, contextmanager
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -30,10 +31,24 @@ class LayerReuseError(InputError):
     """
 
 
-def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> list[tuple[str, nn.Module]]:
+_ELEMENT = re.compile(r"^(?P<name>.*?)\[(?P<key>[^\[\]]+)\]$")
+
+
+def split_element(layer: str) -> tuple[str, int | str | None]:
+    """``"lstm[0]"`` -> ``("lstm", 0)``, ``"heads[logits]"`` -> ``("heads", "logits")``, ``"fc"`` -> ``("fc", None)``."""
+    found = _ELEMENT.match(layer)
+    if found is None:
+        return layer, None
+    key = found.group("key").strip()
+    return found.group("name"), int(key) if key.lstrip("-").isdigit() else key
+
+
+def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], elements: bool = False) -> list[tuple[str, nn.Module]]:
     """Map layer names or module objects to ``(dotted name, module)`` pairs of ``model``.
 
     An unknown name raises ``ValueError`` listing the closest names from ``model.named_modules()``.
+    With ``elements``, a name may pick one element of the module's output (or, for inputs, one
+    positional input): ``"lstm[0]"``, ``"heads[logits]"``; the name returned is the name as given.
     """
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
@@ -44,11 +59,15 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) ->
     resolved: list[tuple[str, nn.Module]] = []
     for layer in layers:
         if isinstance(layer, str):
-            if layer not in by_name or layer == "":
-                close = difflib.get_close_matches(layer, [n for n in by_name if n], n=5, cutoff=0.5)
+            name, element = split_element(layer) if layer not in by_name else (layer, None)
+            if element is not None and not elements:
+                raise InputError(f"layers: {layer!r} picks an element of a layer's output, which this method does not "
+                                 f"take; give the module {name!r}")
+            if name not in by_name or name == "":
+                close = difflib.get_close_matches(name, [n for n in by_name if n], n=5, cutoff=0.5)
                 hint = f"; closest names: {', '.join(close)}" if close else ""
-                raise InputError(f"layers: {layer!r} is not a submodule of the model{hint}")
-            resolved.append((layer, by_name[layer]))
+                raise InputError(f"layers: {name!r} is not a submodule of the model{hint}")
+            resolved.append((layer, by_name[name]))
         elif isinstance(layer, nn.Module):
             if id(layer) not in by_module or by_module[id(layer)] == "":
                 raise InputError(f"layers: the {type(layer).__name__} module given is not a submodule of the model")
@@ -137,7 +156,7 @@ class capture:
         if on not in ("output", "input"):
             raise InputError(f"on must be 'output' or 'input', got {on!r}")
         self.model = model
-        self.layers = resolve_layers(model, layers)
+        self.layers = resolve_layers(model, layers, elements=True)
         self.on = on
         self.edit = dict(edit or {})
         unknown = set(self.edit) - {name for name, _ in self.layers}
@@ -145,6 +164,9 @@ class capture:
             raise InputError(f"edit: {sorted(unknown)} are not among the captured layers")
         self.leaf = leaf
         self.captured: dict[str, Tensor] = {}
+        self.parts: dict[str, list[str]] = {}  # a layer captured as several tensors (its positional inputs)
+        self._elements = {name: split_element(name)[1] if name not in dict(model.named_modules()) else None
+                          for name, _ in self.layers}
         self._calls: dict[str, int] = {}
         self._handles: list = []
         self._guard: AbstractContextManager[None] | None = None
@@ -161,22 +183,37 @@ class capture:
                 f"layers: module {name!r} runs {self._calls[name]} times in one forward pass (it is reused), "
                 "so its output is ambiguous; choose a module that runs once per forward pass"
             )
-        if self.leaf and not tensor.requires_grad and torch.is_grad_enabled():
+        if self.leaf and not tensor.requires_grad and torch.is_grad_enabled() and tensor.is_floating_point():
             tensor = tensor.detach().requires_grad_(True)
         self.captured[name] = tensor
         flowing = self.edit[name](tensor) if name in self.edit else tensor
         return flowing.clone() if flowing is tensor else flowing
 
     def _output_hook(self, name: str):
+        element = self._elements[name]
+
         def hook(module, args, output):
-            return self._take(name, output)
+            if element is None:
+                if not isinstance(output, Tensor):
+                    raise InputTypeError(f"layer {name!r} output is {_describe(output)}, not a tensor; choose one "
+                                         f"element, e.g. {name + '[0]' if isinstance(output, (tuple, list)) else name + '[key]'!r}")
+                return self._take(name, output)
+            return _replace(output, element, lambda value: self._take(name, value), name)
         return hook
 
     def _input_hook(self, name: str):
+        element = self._elements[name]
+
         def hook(module, args):
             if len(args) == 0:
                 raise InputTypeError(f"layer {name!r} was called without a positional input to capture")
-            return (self._take(name, args[0]),) + tuple(args[1:])
+            if element is not None:
+                return _replace(tuple(args), element, lambda value: self._take(name, value), name)
+            tensors = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
+            if len(tensors) < 2:
+                return (self._take(name, args[0]),) + tuple(args[1:])
+            self.parts[name] = [f"{name}[{i}]" for i in tensors]  # several inputs: one capture each, a tuple in results
+            return tuple(self._take(f"{name}[{i}]", a) if i in tensors else a for i, a in enumerate(args))
         return hook
 
     def _reset(self, module, args) -> None:
@@ -206,6 +243,32 @@ class capture:
             guard, self._guard = self._guard, None
             if guard is not None:
                 guard.__exit__(None, None, None)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(type(v).__name__ for v in value)})"
+    if isinstance(value, dict):
+        return f"a dict with keys {list(value)}"
+    return f"a {type(value).__name__}"
+
+
+def _replace(container: object, element: int | str, take: Callable[[object], Tensor], name: str) -> object:
+    """``container`` with ``element`` replaced by ``take(container[element])`` (tuples, named tuples,
+    lists and dicts; the others refused by name)."""
+    if isinstance(container, dict):
+        if element not in container:
+            raise InputError(f"layers: {name!r}: the output has no key {element!r}; its keys are {list(container)}")
+        return {**container, element: take(container[element])}
+    if not isinstance(container, (tuple, list)) or not isinstance(element, int):
+        raise InputError(f"layers: {name!r} picks element {element!r}, but this is {_describe(container)}")
+    if not -len(container) <= element < len(container):
+        raise InputError(f"layers: {name!r}: element {element} is out of range for {_describe(container)}")
+    items = list(container)
+    items[element] = take(items[element])
+    if isinstance(container, list):
+        return items
+    return type(container)(*items) if hasattr(container, "_fields") else tuple(items)
 
 
 def mask(weights: Tensor) -> Edit:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .checks import expand_args
 from .errors import InputError
@@ -25,7 +25,7 @@ class LayerMethod:
 
     def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec]) -> None:
         self.model = model
-        self.layers = [name for name, _ in resolve_layers(model, layers)]
+        self.layers = [name for name, _ in resolve_layers(model, layers, elements=True)]
         if not self.layers:
             raise InputError("layers: give at least one layer")
 
@@ -59,7 +59,7 @@ class InternalInfluence(LayerMethod):
             consume=lambda chunk, name, value, grad: integral.add_layer(chunk, name, grad),
         )
         return Attribution(
-            attributions={name: integral.total[name] for name in self.layers}, outputs=path.outputs,
+            attributions=path.gather(self.layers, integral.total), outputs=path.outputs,
             baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps, evaluations=alphas.shape[0],
         )
 
@@ -80,7 +80,7 @@ class LayerGradientXActivation(LayerMethod):
         path = StraightPath(self.model, inputs, None, target, additional_forward_args, differentiable=False)
         chunk = path.at_inputs(layers=self.layers, attribute_to_layer_input=attribute_to_layer_input)
         return Attribution(
-            attributions={name: chunk.values[name] * chunk.grads[name] for name in self.layers},
+            attributions=path.gather(self.layers, {key: chunk.values[key] * chunk.grads[key] for key in chunk.grads}),
             outputs=chunk.scores, evaluations=1,
         )
 
@@ -104,7 +104,8 @@ class LayerActivation(LayerMethod):
         on = "input" if attribute_to_layer_input else "output"
         with capture(self.model, self.layers, on=on) as cap, torch.no_grad():
             output = self.model(*path.inputs, *expand_args(path.args, example, path.batch))
-            activations = {name: cap[name] for name in self.layers}
+            activations = {name: tuple(cap[p] for p in cap.parts[name]) if name in cap.parts else cap[name]
+                           for name in self.layers}
         outputs = None
         if target is not None:
             outputs = target_scores(output, target, example)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 from contextlib import closing, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Generator, Sequence
 
@@ -48,6 +48,7 @@ class Chunk:
     scores: Tensor  # (rows,) target scores, detached
     values: dict[str, Tensor]  # captured layer tensors (and INPUT), detached
     grads: dict[str, Tensor]  # dF/d(value), detached
+    parts: dict[str, list[str]] = field(default_factory=dict)  # a layer captured as several tensors: their keys
 
 
 Differentiate = Callable[[Tensor, dict[str, Tensor]], dict[str, Tensor]]
@@ -178,7 +179,7 @@ def sweep(
     n = inputs[0].shape[0]
     device = inputs[0].device
     plan = ChunkPlan(internal_batch_size, alphas.shape[0] * n, device, memory_budget)
-    names = [name for name, _ in resolve_layers(model, layers)] if layers else []
+    names = [name for name, _ in resolve_layers(model, layers, elements=True)] if layers else []
     diffs = [None if b is None else x - b for x, b in zip(inputs, baselines)]
     alphas = alphas.to(device=device, dtype=next((x.dtype for x in inputs if x.is_floating_point()), torch.float64))
     on = "input" if attribute_to_layer_input else "output"
@@ -219,9 +220,10 @@ def _evaluate(model: nn.Module, cap: capture, names: list[str], points: dict[str
         del fed
         start, stop, node, example = rows
         scores = target_scores(output, target, example)
+        names = [part for name in names for part in cap.parts.get(name, [name])]
         tensors = {name: cap.captured[name] for name in names}
         cap.captured.clear()
-        chunk = Chunk(start, stop, node, example, scores.detach(), {}, {})
+        chunk = Chunk(start, stop, node, example, scores.detach(), {}, {}, dict(cap.parts))
         if input_grad:
             tensors.update(points)
         if consume is not None:
@@ -271,6 +273,7 @@ class StraightPath:
         self.keys = input_keys(len(self.inputs))
         self.target = normalize_target(target, self.batch)
         self.args = as_args(additional_forward_args)
+        self.parts: dict[str, list[str]] = {}  # layers seen as several tensors (a module's positional inputs)
         self._ends: tuple[Tensor, Tensor] | None = None
 
     @property
@@ -318,7 +321,17 @@ class StraightPath:
                        additional_forward_args=self.args, **options)
         with closing(chunks):
             for chunk in chunks:
+                self.parts.update(chunk.parts)
                 each(chunk)
+
+    def gather(self, names: Sequence[str], per_key: dict[str, Tensor]) -> dict[str, Any]:
+        """Per layer name, its tensor, or the tuple of its parts' tensors where it was captured as several."""
+        return {name: tuple(per_key[p] for p in self.parts[name]) if name in self.parts else per_key[name] for name in names}
+
+    def layer_total(self, value: Any) -> Tensor:
+        """The per-example sum of a layer's map (over all its parts), (B,)."""
+        parts = value if isinstance(value, tuple) else (value,)
+        return sum((t.reshape(self.batch, -1).sum(1) for t in parts), start=self.inputs[0].new_zeros(()))
 
     def at_inputs(self, **options: Any) -> Chunk:
         """The inputs themselves (alpha = 1, no other point and no endpoint pass), evaluated in chunks
@@ -327,11 +340,13 @@ class StraightPath:
                        target=self.target, additional_forward_args=self.args, **options)
         with closing(chunks):
             pieces = list(chunks)
+        for piece in pieces:
+            self.parts.update(piece.parts)
         if len(pieces) == 1:
             return pieces[0]
         first = pieces[0]
         return Chunk(
             0, self.batch, torch.cat([c.node for c in pieces]), torch.cat([c.example for c in pieces]),
             torch.cat([c.scores for c in pieces]), {k: torch.cat([c.values[k] for c in pieces]) for k in first.values},
-            {k: torch.cat([c.grads[k] for c in pieces]) for k in first.grads},
+            {k: torch.cat([c.grads[k] for c in pieces]) for k in first.grads}, first.parts,
         )
