@@ -1,20 +1,28 @@
-"""DeepLIFT with the rescale rule (Shrikumar et al., 2017).
+"""DeepLIFT with the rescale rule (Shrikumar et al., 2017), and DeepLIFT-SHAP over a baseline distribution.
 
 The inputs and baselines go through the model as one batch ``[x; x']``. A ``TorchFunctionMode``
-catches every elementwise nonlinearity and max pooling the forward pass calls (modules, reused
-modules, in-place and functional forms alike) and gives it the multiplier of its own pair of rows:
+catches every elementwise nonlinearity, max pooling and softmax the forward pass calls (modules,
+reused modules, in-place and functional forms alike) and gives it the multiplier of its own pair of rows:
 
 - elementwise ``f``: ``m = (f(x) - f(x')) / (x - x')``, or ``f'(x)`` where ``|x - x'|`` is below
   ``sqrt(machine eps) * max(|x|, |x'|)`` (Captum: below 1e-10, absolute);
-- max pooling: in each window the output change ``y - y'`` is split between x's winner, which
+- max pooling (adaptive too): in each window the output change ``y - y'`` is split between x's winner, which
   takes ``max(y, y') - y'``, and x''s winner, which takes ``y - max(y, y')``; each input's
   multiplier is its share over ``x - x'`` (the gradient where ``x - x'`` is that small, which only
-  happens where its share is 0).
+  happens where its share is 0);
+- softmax along a dimension (Sec. 3.5.3 of the paper attributes to the logits): with
+  ``L = logsumexp(x)`` and ``s(a, b) = (e^a - e^b) / (a - b)`` (``e^a`` at ``a = b``), the weights
+  ``w_i = s(x_i, x'_i) / s(L, L')`` give ``L - L' = sum_i w_i (x_i - x'_i)`` exactly (the sums of
+  ``e^x`` and ``e^x'`` are ``e^L`` and ``e^L'``), so ``log_softmax`` changes by ``(I - 1 w^T)(x - x')``;
+  ``softmax = exp(log_softmax)`` then rescales elementwise by ``rho_i = s(z_i, z'_i)`` on the
+  log-probabilities ``z``. Multiplier matrices ``M = I - 1 w^T`` and ``diag(rho) M``: exact
+  (``M (x - x') = y - y'``), symmetric in x and x', bounded (``0 <= w_i <= 1``, ``0 < rho_i <= 1``),
+  and the Jacobian where ``x = x'`` (``w = rho = softmax(x)``).
 
 Linear layers keep their gradient, so the multipliers compose by the chain rule and
 ``sum((x - x') * m) = F(x) - F(x')`` holds exactly for networks built from linear maps and the
 caught operations; ``delta`` reports the gap (nonzero where an uncaught nonlinearity, such as a
-softmax, is linearised by its gradient).
+layer norm or a product of two activations, is linearised by its gradient).
 """
 from __future__ import annotations
 
@@ -26,8 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .checks import expand_args
-from .errors import InputError
+from .checks import check_baselines, check_internal_batch_size, expand_args
+from .errors import InputError, InputTypeError
 from .hooks import frozen_parameters
 from .result import Attribution
 from .sweep import StraightPath
@@ -39,8 +47,16 @@ ELEMENTWISE: set[Callable] = {
     F.celu, F.gelu, F.silu, F.softplus, F.hardtanh, F.sigmoid, torch.sigmoid, Tensor.sigmoid, F.tanh, torch.tanh,
     Tensor.tanh,
 }
-MAX_POOL_FUNCTIONS = {  # caught function -> the form with a signature that returns the winners
+MAX_POOL_FUNCTIONS: dict[Callable, Callable] = {  # caught function -> the form with a signature that returns the winners
     F.max_pool1d: F.max_pool1d_with_indices, F.max_pool2d: F.max_pool2d_with_indices, F.max_pool3d: F.max_pool3d_with_indices,
+    F.adaptive_max_pool1d: F.adaptive_max_pool1d_with_indices, F.adaptive_max_pool2d: F.adaptive_max_pool2d_with_indices,
+    F.adaptive_max_pool3d: F.adaptive_max_pool3d_with_indices,
+}
+
+SOFTMAX_FUNCTIONS: dict[Callable, str] = {
+    F.softmax: "softmax", torch.softmax: "softmax", Tensor.softmax: "softmax", torch.special.softmax: "softmax",
+    F.log_softmax: "log_softmax", torch.log_softmax: "log_softmax", Tensor.log_softmax: "log_softmax",
+    torch.special.log_softmax: "log_softmax", F.softmin: "softmin",
 }
 
 
@@ -105,6 +121,37 @@ class _MaxPoolRescale(torch.autograd.Function):
         return torch.cat([multiplier, torch.zeros_like(multiplier)]), None
 
 
+def _exp_slope(a: Tensor, b: Tensor) -> Tensor:
+    """``(e^a - e^b) / (a - b)``, ``e^a`` where ``a = b``: as ``e^max(a, b) * (1 - e^-gap) / gap``, accurate
+    for every gap and free of overflow once ``a, b <= 0``."""
+    gap = (a - b).abs()
+    ratio = torch.where(gap > 0, -torch.expm1(-gap) / gap.clamp_min(torch.finfo(gap.dtype).tiny), torch.ones_like(gap))
+    return torch.maximum(a, b).exp() * ratio
+
+
+class _SoftmaxRescale(torch.autograd.Function):
+    """``softmax(x)`` (``log_softmax`` if ``log``) along ``dim`` on ``[x; x']``; backward applies the
+    pair's exact multiplier matrix (module docstring) transposed: ``g -> h - w * sum(h)``, ``h = rho * g``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, log: bool) -> Tensor:
+        ctx.dim, ctx.log = dim, log
+        ctx.save_for_backward(x)
+        return torch.log_softmax(x, dim) if log else torch.softmax(x, dim)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,), dim = ctx.saved_tensors, ctx.dim
+        (x_in, x_ref), (grad_in, _) = _halves(x), _halves(grad)
+        total_in, total_ref = x_in.logsumexp(dim, keepdim=True), x_ref.logsumexp(dim, keepdim=True)
+        top = torch.maximum(total_in, total_ref)  # a common shift: every exponent <= 0
+        weights = _exp_slope(x_in - top, x_ref - top) / _exp_slope(total_in - top, total_ref - top)
+        if not ctx.log:
+            grad_in = grad_in * _exp_slope(x_in - total_in, x_ref - total_ref)
+        multiplier = grad_in - weights * grad_in.sum(dim, keepdim=True)
+        return torch.cat([multiplier, torch.zeros_like(multiplier)]), None, None
+
+
 def _out_of_place(func: Callable, args: tuple, kwargs: dict, **force) -> Callable[[Tensor], Tensor]:
     """``t -> func(t, *args[1:], **kwargs)`` with ``inplace`` off (and ``force`` applied)."""
     func = {torch.relu_: torch.relu, Tensor.relu_: torch.relu, F.relu_: torch.relu}.get(func, func)
@@ -121,9 +168,24 @@ def _out_of_place(func: Callable, args: tuple, kwargs: dict, **force) -> Callabl
     return lambda t: func(t, **arguments)
 
 
+def _softmax(func: Callable, args: tuple, kwargs: dict) -> Tensor | None:
+    """A caught softmax, log-softmax or softmin through :class:`_SoftmaxRescale`; None where it is not
+    taken per example (no ``dim``, or along the batch dimension): it then keeps its gradient."""
+    try:
+        arguments = dict(inspect.signature(func).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):  # builtins without a signature: (input, dim, dtype)
+        arguments = dict(zip(("input", "dim", "dtype"), args), **kwargs)
+    x, dim, dtype = args[0], arguments.get("dim"), arguments.get("dtype")
+    if not isinstance(dim, int) or x.dim() < 2 or dim % x.dim() == 0:
+        return None
+    x = x if dtype is None else x.to(dtype)
+    kind = SOFTMAX_FUNCTIONS[func]
+    return _SoftmaxRescale.apply(-x if kind == "softmin" else x, dim, kind == "log_softmax")
+
+
 class RescaleRule(TorchFunctionMode):
-    """While active, caught nonlinearities back-propagate DeepLIFT multipliers for ``[x; x']`` batches
-    (max pooling too, unless ``pools=False``: then it keeps its gradient).
+    """While active, caught nonlinearities and softmaxes back-propagate DeepLIFT multipliers for
+    ``[x; x']`` batches (max pooling too, unless ``pools=False``: then it keeps its gradient).
 
     >>> with RescaleRule(pools=True):   # on a batch [inputs; baselines]
     ...     output = model(torch.cat([x, x_ref]).requires_grad_())
@@ -142,21 +204,85 @@ class RescaleRule(TorchFunctionMode):
                 with_indices = MAX_POOL_FUNCTIONS[func]
                 if not inspect.signature(with_indices).bind(*args, **kwargs).arguments.get("return_indices", False):
                     return _MaxPoolRescale.apply(args[0], _out_of_place(with_indices, args, kwargs, return_indices=True))
+            if func in SOFTMAX_FUNCTIONS:
+                caught = _softmax(func, args, kwargs)
+                if caught is not None:
+                    return caught
         return func(*args, **kwargs)
+
+
+def _pair_multipliers(path: StraightPath, inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], example: Tensor,
+                      pools: bool) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The multipliers of each row of ``inputs`` against the same row of ``baselines`` (``example[r]`` is
+    row r's example, for the target and the extra arguments), from one forward and one backward pass
+    over ``[x; x']``; and the target scores at both, (rows,) each."""
+    rows, model = example.repeat(2), path.model
+    with frozen_parameters(model), torch.enable_grad():
+        probes = [torch.cat([x, b]).requires_grad_(True) for x, b in zip(inputs, baselines)]
+        with RescaleRule(pools=pools):
+            output = model(*probes, *expand_args(path.args, rows, path.batch))
+        scores = target_scores(output, path.target, rows)
+        if not scores.requires_grad:
+            raise InputError("inputs: the explained output does not depend on the inputs")
+        found = torch.autograd.grad(scores[:example.shape[0]].sum(), probes, allow_unused=True)
+    multipliers = [torch.zeros_like(x) if g is None else _halves(g)[0] for x, g in zip(inputs, found)]
+    outputs, baseline_outputs = _halves(scores.detach())
+    return multipliers, outputs, baseline_outputs
+
+
+def _call_custom(func: Callable[..., Any], multipliers: list[Tensor], inputs: tuple[Tensor, ...],
+                 baselines: tuple[Tensor, ...]) -> list[Tensor]:
+    """Captum's ``custom_attribution_func``: called with ``(multipliers,)``, ``(multipliers, inputs)`` or
+    ``(multipliers, inputs, baselines)``, tuples with one tensor per input, by how many parameters it
+    has; it returns a tuple with one map per input."""
+    try:
+        count = len(inspect.signature(func).parameters)
+    except (TypeError, ValueError) as error:
+        raise InputTypeError(f"custom_attribution_func must be a function, got {type(func).__name__}") from error
+    if not 1 <= count <= 3:
+        raise InputError(f"custom_attribution_func must take 1 to 3 arguments (multipliers, inputs, baselines), it takes {count}")
+    maps = func(*(tuple(multipliers), inputs, baselines)[:count])
+    if not (isinstance(maps, (tuple, list)) and len(maps) == len(inputs)
+            and all(isinstance(m, Tensor) and m.shape == x.shape for m, x in zip(maps, inputs))):
+        raise InputError(
+            f"custom_attribution_func must return a tuple of {len(inputs)} tensor(s) shaped like the inputs "
+            f"{[tuple(x.shape) for x in inputs]}, got {_describe(maps)}"
+        )
+    return list(maps)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {[tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in value]}"
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+
+def _maps(multipliers: list[Tensor], inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], multiply_by_inputs: bool,
+          custom: Callable[..., Any] | None) -> tuple[list[Tensor], list[Tensor]]:
+    """(the maps returned, the maps whose sum ``delta`` checks): the custom function's for both if
+    given; else ``(x - x') * m``, with the multipliers ``m`` returned instead if not ``multiply_by_inputs``."""
+    if custom is not None:
+        maps = _call_custom(custom, multipliers, inputs, baselines)
+        return maps, maps
+    products = [(x - b) * m for x, b, m in zip(inputs, baselines, multipliers)]
+    return (products if multiply_by_inputs else multipliers), products
 
 
 class DeepLift:
     """DeepLIFT, rescale rule: ``attributions = (x - x') * m`` with ``m`` the multipliers above;
     ``delta`` (B,) is ``attributions.sum() - (F(x) - F(x'))``.
 
-    Works on models as shipped: reused and in-place ReLUs, functional ReLUs and max pooling are
-    caught per call. ``multiply_by_inputs=False`` returns the multipliers ``m``. ``maxpool="gradient"``
-    keeps max pooling's gradient (the DeepLIFT authors' default); completeness then holds only where
-    x and x' pick the same winners. Captum 0.9 effectively does this wherever a ReLU module feeds the
-    pooling (its pooling rule is lost there), so ``"gradient"`` reproduces its numbers on such models.
+    Works on models as shipped: reused and in-place ReLUs, functional ReLUs, max pooling and softmax
+    are caught per call. ``multiply_by_inputs=False`` returns the multipliers ``m`` (``delta`` still
+    checks ``(x - x') * m``); ``custom_attribution_func`` as in Captum (see :func:`_call_custom`; ``delta``
+    then checks its maps). ``maxpool="gradient"`` keeps max pooling's gradient (the DeepLIFT authors'
+    default); completeness then holds only where x and x' pick the same winners. Captum 0.9 effectively
+    does this wherever a ReLU module feeds the pooling (its pooling rule is lost there), so
+    ``"gradient"`` reproduces its numbers on such models (not through a softmax: Captum's rule there is
+    the rescale rule minus its mean, not exact).
 
     >>> res = DeepLift(model).attribute(x, target=3, baselines=0.0)
-    >>> res.delta  # ~0 for ReLU / max-pool networks
+    >>> res.delta  # ~0 for ReLU / max-pool / softmax networks
     """
 
     def __init__(self, model: nn.Module, multiply_by_inputs: bool = True, maxpool: str = "rescale") -> None:
@@ -172,24 +298,88 @@ class DeepLift:
         target: TargetType = None,
         baselines: Baselines = None,
         additional_forward_args: Any = None,
+        custom_attribution_func: Callable[..., Any] | None = None,
     ) -> Attribution:
         path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
-        target, n = path.target, path.batch
-        example = torch.arange(n, device=path.inputs[0].device).repeat(2)
-        args = expand_args(path.args, example, n)
-        with frozen_parameters(self.model), torch.enable_grad():
-            probes = [torch.cat([x, b]).requires_grad_(True) for x, b in zip(path.inputs, path.baselines)]
-            with RescaleRule(pools=self.maxpool == "rescale"):
-                output = self.model(*probes, *args)
-            scores = target_scores(output, target, example)
-            if not scores.requires_grad:
-                raise InputError("inputs: the explained output does not depend on the inputs")
-            outputs, baseline_outputs = _halves(scores.detach())
-            found = torch.autograd.grad(scores[:n].sum(), probes, allow_unused=True)
-        multipliers = [torch.zeros_like(x) if g is None else _halves(g)[0] for x, g in zip(path.inputs, found)]
-        attributions = [d * m for d, m in zip(path.differences, multipliers)]
-        delta = path.total(attributions) - (outputs - baseline_outputs)
+        example = torch.arange(path.batch, device=path.inputs[0].device)
+        multipliers, outputs, baseline_outputs = _pair_multipliers(
+            path, path.inputs, path.baselines, example, self.maxpool == "rescale")
+        maps, checked = _maps(multipliers, path.inputs, path.baselines, self.multiply_by_inputs, custom_attribution_func)
         return Attribution(
-            attributions=path.as_given(attributions if self.multiply_by_inputs else multipliers), delta=delta, outputs=outputs,
+            attributions=path.as_given(maps), delta=path.total(checked) - (outputs - baseline_outputs), outputs=outputs,
             baseline_outputs=baseline_outputs, method="deeplift", evaluations=2,
+        )
+
+
+def _references(baselines: object, path: StraightPath) -> tuple[Tensor, ...]:
+    """The baseline distribution: per input one tensor of N >= 1 reference examples, (N, ...) with the
+    input's per-example shape, the same N for every input."""
+    given = (baselines,) if isinstance(baselines, Tensor) else baselines
+    if not isinstance(given, tuple) or not all(isinstance(b, Tensor) for b in given):
+        raise InputTypeError(
+            "baselines: DeepLiftShap needs reference examples, a tensor (N, ...) per input (a tuple of them for "
+            f"several inputs), got {_describe(baselines)}; for one baseline (None or a number) use DeepLift"
+        )
+    if len(given) != len(path.inputs):
+        raise InputError(f"baselines: {len(given)} given for {len(path.inputs)} inputs; give one tensor of reference "
+                         "examples per input")
+    for i, (references, x) in enumerate(zip(given, path.inputs)):
+        name = "baselines" if path.single else f"baselines[{i}]"
+        if references.dim() != x.dim() or references.shape[1:] != x.shape[1:]:
+            raise InputError(f"{name} of shape {tuple(references.shape)}: give reference examples shaped "
+                             f"{('N',) + tuple(x.shape[1:])} like one example of the inputs")
+        if references.shape[0] < 1:
+            raise InputError(f"{name}: no reference examples (shape {tuple(references.shape)}); give N >= 1")
+        check_baselines(references, x[:1].expand(references.shape), name)  # device, dtype, finite values
+    counts = [b.shape[0] for b in given]
+    if len(set(counts)) > 1:
+        raise InputError(f"baselines: every input needs the same number of reference examples, got {counts}")
+    return tuple(b.detach() for b in given)
+
+
+class DeepLiftShap:
+    """DeepLIFT-SHAP (Lundberg & Lee, 2017): DeepLIFT of every example against each of N reference
+    examples, averaged over them, ``mean_j (x - x'_j) * m_j`` (Captum's ``DeepLiftShap``). ``delta``
+    (B,) is that map's sum minus ``F(x) - mean_j F(x'_j)``: the mean of the per-reference gaps in
+    ``info["deltas"]`` (B, N); ``baseline_outputs`` is ``mean_j F(x'_j)``. The B x N pairs run as
+    ``[x; x']`` batches of ``internal_batch_size`` pairs (None: all at once). ``multiply_by_inputs``,
+    ``maxpool`` and ``custom_attribution_func`` as in :class:`DeepLift`.
+
+    >>> res = DeepLiftShap(model).attribute(x, baselines=references, target=3)   # references: (N, ...)
+    >>> res.info["deltas"].shape   # (B, N), each ~0 for ReLU / max-pool / softmax networks
+    """
+
+    def __init__(self, model: nn.Module, multiply_by_inputs: bool = True, maxpool: str = "rescale") -> None:
+        self.deeplift = DeepLift(model, multiply_by_inputs, maxpool)
+
+    def attribute(
+        self,
+        inputs: Inputs,
+        baselines: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        custom_attribution_func: Callable[..., Any] | None = None,
+        internal_batch_size: int | None = None,
+    ) -> Attribution:
+        path = StraightPath(self.deeplift.model, inputs, None, target, additional_forward_args)
+        references = _references(baselines, path)
+        count, pairs = references[0].shape[0], path.batch * references[0].shape[0]
+        totals = [torch.zeros_like(x) for x in path.inputs]
+        sums, outputs, baseline_outputs = (path.inputs[0].new_zeros(pairs) for _ in range(3))
+        step = check_internal_batch_size(internal_batch_size, pairs)
+        for start in range(0, pairs, step):  # pair p: example p // N against reference p % N
+            pair = torch.arange(start, min(start + step, pairs), device=path.inputs[0].device)
+            example = pair // count
+            xs, bs = tuple(x[example] for x in path.inputs), tuple(b[pair % count] for b in references)
+            multipliers, outputs[pair], baseline_outputs[pair] = _pair_multipliers(
+                path, xs, bs, example, self.deeplift.maxpool == "rescale")
+            maps, checked = _maps(multipliers, xs, bs, self.deeplift.multiply_by_inputs, custom_attribution_func)
+            for total, one in zip(totals, maps):
+                total.index_add_(0, example, one)
+            sums[pair] = torch.stack([c.reshape(len(pair), -1).sum(1) for c in checked]).sum(0)
+        deltas = (sums - (outputs - baseline_outputs)).view(path.batch, count)
+        return Attribution(
+            attributions=path.as_given([total / count for total in totals]), delta=deltas.mean(1),
+            outputs=outputs.view(path.batch, count).mean(1), baseline_outputs=baseline_outputs.view(path.batch, count).mean(1),
+            method="deeplift_shap", evaluations=2 * count, info={"deltas": deltas},
         )
