@@ -36,7 +36,8 @@ class GradCAM:
     averaged over its spatial positions; resized to the input's spatial size.
 
     ``relu_attributions=False`` keeps negative evidence; ``interpolate_mode=None`` returns the map at
-    the layer's resolution. With several inputs the map is resized to the first input's spatial size.
+    the layer's resolution; ``attr_dim_summation=False`` keeps one map per channel, (B, C, ...), unsummed.
+    With several inputs the map is resized to the first input's spatial size.
     With both set so, the numbers are Captum's ``LayerGradCam``'s. ``info``
     holds the channel weights ``(B, C)`` and the layer-resolution map.
 
@@ -55,6 +56,7 @@ class GradCAM:
         interpolate_mode: str | None = "bilinear",
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
+        attr_dim_summation: bool = True,
     ) -> Attribution:
         path = StraightPath(self.model, inputs, None, target, additional_forward_args, differentiable=False)
         chunk = path.at_inputs(layers=[self.layer], attribute_to_layer_input=attribute_to_layer_input)
@@ -68,7 +70,9 @@ class GradCAM:
             )
         spatial = tuple(range(2, grads.dim()))
         weights = grads.mean(spatial) if spatial else grads
-        cam = (weights.view(weights.shape + (1,) * len(spatial)) * activation).sum(1, keepdim=True)
+        cam = weights.view(weights.shape + (1,) * len(spatial)) * activation
+        if attr_dim_summation:
+            cam = cam.sum(1, keepdim=True)
         if relu_attributions:
             cam = cam.clamp(min=0)
         layer_map = cam

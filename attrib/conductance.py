@@ -26,12 +26,12 @@ from .quadrature import (
 )
 from .result import Attribution
 from .sums import StieltjesSum, WeightedSum, step_terms
-from .sweep import Chunk, Differentiate, StraightPath
+from .sweep import Chunk, ConvergenceDelta, Differentiate, StraightPath
 from .targets import selector_weights
 from .types import Baselines, Inputs, LayerSpec, NeuronSelector, TargetType
 
 
-class LayerConductance(LayerMethod):
+class LayerConductance(LayerMethod, ConvergenceDelta):
     """Conductance of every unit of one or more layers, all from one batched forward+backward pass.
 
     >>> res = LayerConductance(model, ["features.26", "features.28"]).attribute(x, target=3)
@@ -182,6 +182,7 @@ class NeuronConductance:
 
     With ``stieltjes_trapezoid`` (default), ``delta`` is sum over inputs minus the selection's layer
     conductance (same nodes), per selector and example; None for Captum's methods and callables.
+    ``multiply_by_inputs=False`` leaves out the factor ``x - x'`` (``delta`` stays that of the full maps).
     Note: for a slice selector Captum multiplies the summed gradient by the gradient of the summed
     neurons, which is not the sum of the neurons' conductances; single neurons agree.
 
@@ -189,9 +190,10 @@ class NeuronConductance:
     >>> res.attributions.shape   # (2, *x.shape): one input map per selection
     """
 
-    def __init__(self, model: nn.Module, layer: LayerSpec) -> None:
+    def __init__(self, model: nn.Module, layer: LayerSpec, multiply_by_inputs: bool = True) -> None:
         self.model = model
         (self.layer, _), = resolve_layers(model, [layer], elements=True)
+        self.multiply_by_inputs = multiply_by_inputs
 
     def attribute(
         self,
@@ -228,6 +230,7 @@ class NeuronConductance:
             differentiate=_through_selectors(layer, selectors, path.keys, keys),
         )
         per_input = [torch.stack([integral.total[row[j]] * d for row in keys]) for j, d in enumerate(path.differences)]
+        local = [torch.stack([integral.total[row[j]] for row in keys]) for j in range(len(path.keys))]
         delta = None
         if method == STIELTJES and not any(callable(s) for s in selectors):
             conductance = layer_sum.total[layer]
@@ -236,7 +239,7 @@ class NeuronConductance:
                 - (conductance * selector_weights(s, conductance)).reshape(conductance.shape[0], -1).sum(1)
                 for i, s in enumerate(selectors)
             ])
-        maps = path.as_given(per_input)
+        maps = path.as_given(per_input if self.multiply_by_inputs else local)
         if not isinstance(neuron_selector, list):
             maps = maps[0] if path.single else tuple(m[0] for m in maps)
             delta = None if delta is None else delta[0]

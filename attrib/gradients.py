@@ -18,22 +18,25 @@ from .noise import NoiseTunnel, draw_noise, noise_scale
 from .quadrature import weighted_rule
 from .result import Attribution
 from .sums import WeightedSum
-from .sweep import StraightPath
+from .sweep import ConvergenceDelta, StraightPath
 from .types import Baselines, Inputs, TargetType
 
 
-class IntegratedGradients:
+class IntegratedGradients(ConvergenceDelta):
     """``IG_i = (x_i - x'_i) integral dF/dx_i (x' + alpha (x - x')) dalpha``, with ``delta`` per example.
 
     >>> res = IntegratedGradients(model).attribute(x, target=3, n_steps=50)
     >>> res.attributions.sum((1, 2, 3)) - (res.outputs - res.baseline_outputs)  # == res.delta
 
+    ``multiply_by_inputs=False`` returns the path-averaged gradient alone (Captum's "local" IG); ``delta``
+    stays the completeness error of the full (multiplied) attributions.
     ``method`` defaults to Captum's ``"gausslegendre"`` so numbers agree with Captum's default;
     ``"stieltjes_trapezoid"`` is the trapezoid rule over 0..1 (see :mod:`attrib.paths`).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, multiply_by_inputs: bool = True) -> None:
         self.model = model
+        self.multiply_by_inputs = multiply_by_inputs
 
     def attribute(
         self,
@@ -52,8 +55,9 @@ class IntegratedGradients:
         path.evaluate(alphas, integral.add, input_grad=True, internal_batch_size=internal_batch_size,
                       memory_budget=memory_budget)
         attributions = [integral.total[key] * d for key, d in zip(path.keys, path.differences)]
+        maps = attributions if self.multiply_by_inputs else [integral.total[key] for key in path.keys]
         return Attribution(
-            attributions=path.as_given(attributions), delta=path.total(attributions) - path.change,
+            attributions=path.as_given(maps), delta=path.total(attributions) - path.change,
             outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps,
             evaluations=alphas.shape[0],
         )

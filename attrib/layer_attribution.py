@@ -65,10 +65,15 @@ class InternalInfluence(LayerMethod):
 
 
 class LayerGradientXActivation(LayerMethod):
-    """``y_j dF/dy_j`` at the input itself (one forward and one backward pass for all layers).
+    """``y_j dF/dy_j`` at the input itself (one forward and one backward pass for all layers);
+    ``multiply_by_inputs=False`` gives the layer gradient ``dF/dy_j`` alone.
 
     >>> LayerGradientXActivation(model, 'features.28').attribute(x, target=3)['features.28']
     """
+
+    def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], multiply_by_inputs: bool = True) -> None:
+        super().__init__(model, layers)
+        self.multiply_by_inputs = multiply_by_inputs
 
     def attribute(
         self,
@@ -80,7 +85,8 @@ class LayerGradientXActivation(LayerMethod):
         path = StraightPath(self.model, inputs, None, target, additional_forward_args, differentiable=False)
         chunk = path.at_inputs(layers=self.layers, attribute_to_layer_input=attribute_to_layer_input)
         return Attribution(
-            attributions=path.gather(self.layers, {key: chunk.values[key] * chunk.grads[key] for key in chunk.grads}),
+            attributions=path.gather(self.layers, {key: chunk.values[key] * chunk.grads[key] if self.multiply_by_inputs
+                                                   else chunk.grads[key] for key in chunk.grads}),
             outputs=chunk.scores, evaluations=1,
         )
 

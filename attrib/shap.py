@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .gradients import input_gradients
 from .noise import NoiseTunnel
 from .result import Attribution
-from .sweep import StraightPath
+from .sweep import ConvergenceDelta, StraightPath
 from .types import Baselines, Inputs, TargetType
 
 
@@ -39,7 +39,7 @@ class _RandomPoint:
                            info={"alphas": u})
 
 
-class GradientShap:
+class GradientShap(ConvergenceDelta):
     """SHAP values approximated by expected gradients: for each of ``n_samples`` samples per example, a
     baseline drawn uniformly from ``baselines`` (a tensor of N reference examples, or one per input),
     a point drawn uniformly between it and the noisy input ``x + N(0, stdevs^2)``, and the gradient

@@ -27,7 +27,7 @@ from .checks import (
     check_model,
     expand_args,
 )
-from .errors import InputError
+from .errors import InputError, InputTypeError
 from .hooks import capture, frozen_parameters, resolve_layers
 from .memory import AUTO, ChunkPlan, Footprint
 from .targets import normalize_target, target_scores
@@ -350,3 +350,34 @@ class StraightPath:
             torch.cat([c.scores for c in pieces]), {k: torch.cat([c.values[k] for c in pieces]) for k in first.values},
             {k: torch.cat([c.grads[k] for c in pieces]) for k in first.grads}, first.parts,
         )
+
+
+def convergence_delta(model: nn.Module, attributions: Any, start_point: Baselines, end_point: Inputs,
+                      target: TargetType = None, additional_forward_args: Any = None) -> Tensor:
+    """``sum(attributions) - (F(end_point) - F(start_point))`` per example (Captum's
+    ``compute_convergence_delta``): the completeness error of any attributions of these two points.
+    ``attributions`` is a tensor or a tuple (one per input, or a layer's parts); their per-example
+    sums are added."""
+    path = StraightPath(model, end_point, start_point, target, additional_forward_args)
+    parts = attributions if isinstance(attributions, tuple) else (attributions,)
+    for i, part in enumerate(parts):
+        if not isinstance(part, Tensor):
+            raise InputTypeError(f"attributions must be a tensor or a tuple of tensors, got {type(part).__name__}")
+        if part.dim() == 0 or part.shape[0] != path.batch:
+            raise InputError(f"attributions{'' if len(parts) == 1 else f'[{i}]'} has shape {tuple(part.shape)}; it needs "
+                             f"{path.batch} rows, one per example of end_point")
+    return path.layer_total(tuple(p.to(path.inputs[0].dtype) for p in parts)) - path.change
+
+
+class ConvergenceDelta:
+    """``compute_convergence_delta`` for methods whose maps should add up to the score change.
+
+    >>> ig = IntegratedGradients(model)
+    >>> ig.compute_convergence_delta(ig.attribute(x, target=3).attributions, 0.0, x, target=3)
+    """
+
+    model: nn.Module
+
+    def compute_convergence_delta(self, attributions: Any, start_point: Baselines, end_point: Inputs,
+                                  target: TargetType = None, additional_forward_args: Any = None) -> Tensor:
+        return convergence_delta(self.model, attributions, start_point, end_point, target, additional_forward_args)

@@ -86,7 +86,10 @@ def target_scores(output: object, target: TargetType, example: Tensor) -> Tensor
             "to one score per example"
         )
     if output.dim() == 0 or output.shape[0] != rows:
-        raise InputError(f"model output has shape {tuple(output.shape)}; expected {rows} rows (one per input row)")
+        raise InputError(
+            f"model output has shape {tuple(output.shape)} for a batch of {rows} input rows; attribution needs one "
+            "output row per input row (a model that pools or reshapes across the batch mixes the examples)"
+        )
     per_example = output.shape[1:]
     if target is None:
         if per_example.numel() != 1:

@@ -1,0 +1,176 @@
+"""The gradient family of one hidden neuron, filter or any selection of a layer's units: gradient,
+guided backprop, deconvnet and integrated gradients of the selected units' value with respect to the
+inputs (Captum's NeuronGradient, NeuronGuidedBackprop, NeuronDeconvolution, NeuronIntegratedGradients).
+
+``neuron_selector`` is read as in :class:`attrib.NeuronConductance`: an index tuple, a tuple with
+slices (the selected units are summed: ``(c, slice(None), slice(None))`` is filter c), a callable on
+the layer's output giving one value per example, or a list of these — then the maps get a leading
+dimension, one per selector, all from one forward pass per chunk (one backward pass per selector
+from the layer to the inputs).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from .backprop import ReLURule, _DeconvReLU, _GuidedReLU
+from .checks import expand_args
+from .errors import InputError
+from .hooks import capture, resolve_layers
+from .quadrature import weighted_rule
+from .result import Attribution
+from .sums import WeightedSum
+from .sweep import Differentiate, StraightPath
+from .targets import selector_weights
+from .types import Baselines, Inputs, LayerSpec, NeuronSelector
+
+
+def no_score(output: Any) -> Tensor:
+    """The target of the neuron methods: they explain a hidden unit, not an output score."""
+    parts = [output] if isinstance(output, Tensor) else list(output.values() if isinstance(output, dict) else output)
+    first = next(p for p in parts if isinstance(p, Tensor))
+    return first.new_zeros(first.shape[0])
+
+
+def _selectors(neuron_selector: Any) -> list:
+    selectors = neuron_selector if isinstance(neuron_selector, list) else [neuron_selector]
+    if not selectors:
+        raise InputError("neuron_selector: the list is empty")
+    return selectors
+
+
+def _to_inputs(layer: str, selectors: list, inputs: Sequence[str], keys: list[list[str]]) -> Differentiate:
+    """Under ``keys[i][j]``: d(selector i's value of the layer)/d(input j), one backward pass per selector."""
+    def differentiate(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+        if layer not in tensors:
+            raise InputError(f"layer: {layer!r} is called with several inputs; select one, e.g. '{layer}[0]'")
+        value, interpolated = tensors[layer], [tensors[key] for key in inputs]
+        grads = {key: torch.zeros_like(x) for row in keys for key, x in zip(row, interpolated)}
+        wanted = [x for x in interpolated if x.requires_grad]
+        if not value.requires_grad or not wanted:
+            return grads
+        for i, (selector, row) in enumerate(zip(selectors, keys)):
+            weights = selector_weights(selector, value).expand_as(value)
+            found = iter(torch.autograd.grad(value, wanted, weights, retain_graph=i < len(selectors) - 1, allow_unused=True))
+            for key, x in zip(row, interpolated):
+                g = next(found) if x.requires_grad else None
+                if g is not None:
+                    grads[key] = g
+        return grads
+    return differentiate
+
+
+class _NeuronMethod:
+    mode: type[torch.autograd.Function] | None = None
+    name = "neuron_gradient"
+
+    def __init__(self, model: nn.Module, layer: LayerSpec) -> None:
+        self.model = model
+        ((self.layer, _),) = resolve_layers(model, layer, elements=True)
+
+    def _mode(self) -> TorchFunctionMode | None:
+        return ReLURule(self.mode) if self.mode is not None else None
+
+    @staticmethod
+    def _keys(path: StraightPath, selectors: list) -> list[list[str]]:
+        return [[f"<selector {i}> {key}" for key in path.keys] for i in range(len(selectors))]
+
+    @staticmethod
+    def _shape(path: StraightPath, per_selector: list[list[Tensor]], neuron_selector: Any) -> Any:
+        """[selector][input] maps -> per input, stacked over selectors (or the one selector's map)."""
+        per_input = [torch.stack([row[j] for row in per_selector]) for j in range(len(path.keys))]
+        if not isinstance(neuron_selector, list):
+            per_input = [m[0] for m in per_input]
+        return path.as_given(per_input)
+
+    def attribute(self, inputs: Inputs, neuron_selector: NeuronSelector | list[NeuronSelector],
+                  additional_forward_args: Any = None, attribute_to_neuron_input: bool = False,
+                  internal_batch_size: int | str | None = "auto", memory_budget: int | None = None) -> Attribution:
+        path = StraightPath(self.model, inputs, None, no_score, additional_forward_args)
+        selectors = _selectors(neuron_selector)
+        keys = self._keys(path, selectors)
+        chunk = path.at_inputs(layers=[self.layer], attribute_to_layer_input=attribute_to_neuron_input, input_grad=True,
+                               mode=self._mode(), internal_batch_size=internal_batch_size, memory_budget=memory_budget,
+                               differentiate=_to_inputs(self.layer, selectors, path.keys, keys))
+        maps = [[chunk.grads[key] for key in row] for row in keys]
+        return Attribution(attributions=self._shape(path, maps, neuron_selector), method=self.name, evaluations=1,
+                           info={"layer": self.layer})
+
+
+class NeuronGradient(_NeuronMethod):
+    """d(selected units of a layer)/d(inputs) at the inputs.
+
+    >>> NeuronGradient(model, "features.28").attribute(x, (5, slice(None), slice(None))).attributions   # filter 5
+    """
+
+
+class NeuronGuidedBackprop(_NeuronMethod):
+    """Guided backprop of the selected units: every ReLU between them and the inputs passes only
+    positive signal at positive inputs.
+
+    >>> NeuronGuidedBackprop(model, "features.28").attribute(x, (5, 3, 3)).attributions
+    """
+
+    mode, name = _GuidedReLU, "neuron_guided_backprop"
+
+
+class NeuronDeconvolution(_NeuronMethod):
+    """The deconvnet of the selected units: every ReLU passes ``relu(signal)`` whatever its input was.
+
+    >>> NeuronDeconvolution(model, "features.28").attribute(x, (5, 3, 3)).attributions
+    """
+
+    mode, name = _DeconvReLU, "neuron_deconvolution"
+
+
+class NeuronIntegratedGradients(_NeuronMethod):
+    """Integrated gradients of the selected units' value: ``(x - x') integral d n / dx dalpha``.
+
+    ``delta`` is the completeness error against the units' own change, ``sum(maps) - (n(x) - n(x'))``
+    per selector and example (None for callables that are not linear in the layer).
+    ``multiply_by_inputs=False`` leaves out ``x - x'``.
+
+    >>> res = NeuronIntegratedGradients(model, "features.28").attribute(x, [(5, 3, 3), (7, 0, 0)], n_steps=50)
+    >>> res.attributions.shape   # (2, *x.shape)
+    """
+
+    name = "neuron_integrated_gradients"
+
+    def __init__(self, model: nn.Module, layer: LayerSpec, multiply_by_inputs: bool = True) -> None:
+        super().__init__(model, layer)
+        self.multiply_by_inputs = multiply_by_inputs
+
+    def attribute(self, inputs: Inputs, neuron_selector: NeuronSelector | list[NeuronSelector],  # type: ignore[override]
+                  baselines: Baselines = None, n_steps: int = 50, method: str = "gausslegendre",
+                  additional_forward_args: Any = None, attribute_to_neuron_input: bool = False,
+                  internal_batch_size: int | str | None = "auto", memory_budget: int | None = None) -> Attribution:
+        path = StraightPath(self.model, inputs, baselines, no_score, additional_forward_args)
+        selectors = _selectors(neuron_selector)
+        alphas, weights = weighted_rule(method, n_steps)
+        integral = WeightedSum(weights, path.batch)
+        keys = self._keys(path, selectors)
+        path.evaluate(alphas, lambda chunk: integral.add(chunk, {key: chunk.grads[key] for row in keys for key in row}),
+                      layers=[self.layer], attribute_to_layer_input=attribute_to_neuron_input, input_grad=True,
+                      mode=self._mode(), internal_batch_size=internal_batch_size, memory_budget=memory_budget,
+                      differentiate=_to_inputs(self.layer, selectors, path.keys, keys))
+        full = [[integral.total[key] * d for key, d in zip(row, path.differences)] for row in keys]
+        maps = full if self.multiply_by_inputs else [[integral.total[key] for key in row] for row in keys]
+        delta = self._delta(path, selectors, full, attribute_to_neuron_input)
+        if delta is not None and not isinstance(neuron_selector, list):
+            delta = delta[0]
+        return Attribution(attributions=self._shape(path, maps, neuron_selector), delta=delta, method=method,
+                           n_steps=n_steps, evaluations=alphas.shape[0] + 1, info={"layer": self.layer})
+
+    def _delta(self, path: StraightPath, selectors: list, full: list[list[Tensor]], to_input: bool) -> Tensor | None:
+        if any(callable(s) for s in selectors):
+            return None
+        n = path.batch
+        example = torch.arange(n, device=path.inputs[0].device).repeat(2)
+        with capture(self.model, [self.layer], on="input" if to_input else "output") as cap, torch.no_grad():
+            self.model(*[torch.cat([x, b]) for x, b in zip(path.inputs, path.baselines)], *expand_args(path.args, example, n))
+        value = cap[self.layer]
+        change = [(value * selector_weights(s, value)).reshape(2 * n, -1).sum(1) for s in selectors]
+        return torch.stack([path.total(row) - (c[:n] - c[n:]) for row, c in zip(full, change)])
