@@ -27,6 +27,7 @@ layer norm or a product of two activations, is linearised by its gradient).
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -34,11 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .checks import check_baselines, check_internal_batch_size, expand_args
+from .checks import check_baselines, expand_args
 from .errors import InputError, InputTypeError
 from .hooks import frozen_parameters
 from .result import Attribution
-from .sweep import StraightPath
+from .memory import ChunkPlan, Footprint
+from .sweep import ConvergenceDelta, StraightPath
 from .targets import target_scores
 from .types import Baselines, Inputs, TargetType
 
@@ -268,7 +270,7 @@ def _maps(multipliers: list[Tensor], inputs: tuple[Tensor, ...], baselines: tupl
     return (products if multiply_by_inputs else multipliers), products
 
 
-class DeepLift:
+class DeepLift(ConvergenceDelta):
     """DeepLIFT, rescale rule: ``attributions = (x - x') * m`` with ``m`` the multipliers above;
     ``delta`` (B,) is ``attributions.sum() - (F(x) - F(x'))``.
 
@@ -299,16 +301,41 @@ class DeepLift:
         baselines: Baselines = None,
         additional_forward_args: Any = None,
         custom_attribution_func: Callable[..., Any] | None = None,
+        internal_batch_size: int | str | None = "auto",
+        memory_budget: int | None = None,
     ) -> Attribution:
         path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
-        example = torch.arange(path.batch, device=path.inputs[0].device)
-        multipliers, outputs, baseline_outputs = _pair_multipliers(
-            path, path.inputs, path.baselines, example, self.maxpool == "rescale")
-        maps, checked = _maps(multipliers, path.inputs, path.baselines, self.multiply_by_inputs, custom_attribution_func)
+        found = self._pairs(path, path.batch, lambda pair: (pair, tuple(x[pair] for x in path.inputs),
+                                                            tuple(b[pair] for b in path.baselines)),
+                            custom_attribution_func, ChunkPlan(internal_batch_size, path.batch, path.inputs[0].device,
+                                                               memory_budget))
+        totals, sums, outputs, baseline_outputs = found
         return Attribution(
-            attributions=path.as_given(maps), delta=path.total(checked) - (outputs - baseline_outputs), outputs=outputs,
+            attributions=path.as_given(totals), delta=sums - (outputs - baseline_outputs), outputs=outputs,
             baseline_outputs=baseline_outputs, method="deeplift", evaluations=2,
         )
+
+    def _pairs(self, path: StraightPath, pairs: int, pick: Callable[[Tensor], tuple[Tensor, tuple, tuple]],
+               custom: Callable[..., Any] | None, plan: ChunkPlan) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+        """DeepLIFT of ``pairs`` (example, reference) pairs, ``pick(pair) -> (example, xs, references)``,
+        in chunks of the plan: the maps summed per example, and per pair the sum ``delta`` checks and
+        the scores at both ends."""
+        totals = [torch.zeros_like(x) for x in path.inputs]
+        sums, outputs, baseline_outputs = (path.inputs[0].new_zeros(pairs) for _ in range(3))
+        for start, stop in plan:
+            pair = torch.arange(start, stop, device=path.inputs[0].device)
+            example, xs, bs = pick(pair)
+            footprint = Footprint(self.model, path.inputs[0].device) if plan.probing else nullcontext()
+            with footprint:
+                multipliers, outputs[pair], baseline_outputs[pair] = _pair_multipliers(
+                    path, xs, bs, example, self.maxpool == "rescale")
+            if isinstance(footprint, Footprint):
+                plan.measured(footprint.peak, stop - start)
+            maps, checked = _maps(multipliers, xs, bs, self.multiply_by_inputs, custom)
+            for total, one in zip(totals, maps):
+                total.index_add_(0, example, one)
+            sums[pair] = torch.stack([c.reshape(len(pair), -1).sum(1) for c in checked]).sum(0)
+        return totals, sums, outputs, baseline_outputs
 
 
 def _references(baselines: object, path: StraightPath) -> tuple[Tensor, ...]:
@@ -342,7 +369,8 @@ class DeepLiftShap:
     examples, averaged over them, ``mean_j (x - x'_j) * m_j`` (Captum's ``DeepLiftShap``). ``delta``
     (B,) is that map's sum minus ``F(x) - mean_j F(x'_j)``: the mean of the per-reference gaps in
     ``info["deltas"]`` (B, N); ``baseline_outputs`` is ``mean_j F(x'_j)``. The B x N pairs run as
-    ``[x; x']`` batches of ``internal_batch_size`` pairs (None: all at once). ``multiply_by_inputs``,
+    ``[x; x']`` batches of ``internal_batch_size`` pairs (``"auto"``: sized to the memory budget, as
+    every batched method; None: all at once). ``multiply_by_inputs``,
     ``maxpool`` and ``custom_attribution_func`` as in :class:`DeepLift`.
 
     >>> res = DeepLiftShap(model).attribute(x, baselines=references, target=3)   # references: (N, ...)
@@ -359,24 +387,17 @@ class DeepLiftShap:
         target: TargetType = None,
         additional_forward_args: Any = None,
         custom_attribution_func: Callable[..., Any] | None = None,
-        internal_batch_size: int | None = None,
+        internal_batch_size: int | str | None = "auto",
+        memory_budget: int | None = None,
     ) -> Attribution:
         path = StraightPath(self.deeplift.model, inputs, None, target, additional_forward_args)
         references = _references(baselines, path)
         count, pairs = references[0].shape[0], path.batch * references[0].shape[0]
-        totals = [torch.zeros_like(x) for x in path.inputs]
-        sums, outputs, baseline_outputs = (path.inputs[0].new_zeros(pairs) for _ in range(3))
-        step = check_internal_batch_size(internal_batch_size, pairs)
-        for start in range(0, pairs, step):  # pair p: example p // N against reference p % N
-            pair = torch.arange(start, min(start + step, pairs), device=path.inputs[0].device)
-            example = pair // count
-            xs, bs = tuple(x[example] for x in path.inputs), tuple(b[pair % count] for b in references)
-            multipliers, outputs[pair], baseline_outputs[pair] = _pair_multipliers(
-                path, xs, bs, example, self.deeplift.maxpool == "rescale")
-            maps, checked = _maps(multipliers, xs, bs, self.deeplift.multiply_by_inputs, custom_attribution_func)
-            for total, one in zip(totals, maps):
-                total.index_add_(0, example, one)
-            sums[pair] = torch.stack([c.reshape(len(pair), -1).sum(1) for c in checked]).sum(0)
+        plan = ChunkPlan(internal_batch_size, pairs, path.inputs[0].device, memory_budget)
+        totals, sums, outputs, baseline_outputs = self.deeplift._pairs(  # pair p: example p // N against reference p % N
+            path, pairs, lambda pair: (pair // count, tuple(x[pair // count] for x in path.inputs),
+                                       tuple(b[pair % count] for b in references)),
+            custom_attribution_func, plan)
         deltas = (sums - (outputs - baseline_outputs)).view(path.batch, count)
         return Attribution(
             attributions=path.as_given([total / count for total in totals]), delta=deltas.mean(1),
