@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from .checks import (
     as_args,
-    check_baselines,
+    check_baseline_tuple,
     check_count,
-    check_inputs,
+    check_input_tuple,
     check_model,
     expand_args,
 )
@@ -30,7 +30,7 @@ from .quadrature import uniform_nodes
 from .sums import trapezoid_sum
 from .sweep import interpolate, step_major
 from .targets import normalize_target, target_scores
-from .types import Baselines, LayerSpec, TargetType
+from .types import Baselines, Inputs, LayerSpec, TargetType
 
 Bounds = Union[str, tuple, None]
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}
@@ -45,20 +45,22 @@ def last_conv(model: nn.Module) -> str:
 
 
 def conductance_map(
-    model: nn.Module, inputs: Tensor, layer: str, target: TargetType, n_steps: int = 20,
+    model: nn.Module, inputs: Inputs, layer: str, target: TargetType, n_steps: int = 20,
     baselines: Baselines = None, create_graph: bool = False, additional_forward_args: Any = None,
 ) -> Tensor:
     """Layer conductance ``(B, C, ...)`` of ``layer``'s output, differentiable w.r.t. ``inputs`` when
     ``create_graph``: ``sum_k (g_k + g_{k+1}) / 2 * (y_{k+1} - y_k)`` over nodes ``k / n_steps`` (the
-    first at ``2**-60``, as :mod:`attrib.quadrature` explains): LayerConductance's ``stieltjes_trapezoid``."""
+    first at ``2**-60``, as :mod:`attrib.quadrature` explains): LayerConductance's ``stieltjes_trapezoid``.
+    With several inputs (a tuple) every one is interpolated with the same alpha per row."""
     check_count("n_steps", n_steps)
-    n = inputs.shape[0]
-    baselines = check_baselines(baselines, inputs.detach())
-    alphas = torch.tensor(uniform_nodes(n_steps), dtype=inputs.dtype, device=inputs.device)  # first node 2**-60
-    node, example = step_major(n, 0, (n_steps + 1) * n, inputs.device)
-    rows = interpolate(baselines, inputs - baselines, alphas, node, example)
+    given = inputs if isinstance(inputs, tuple) else (inputs,)
+    n, device = given[0].shape[0], given[0].device
+    starts = check_baseline_tuple(baselines, tuple(x.detach() for x in given), not isinstance(inputs, tuple))
+    alphas = torch.tensor(uniform_nodes(n_steps), dtype=given[0].dtype, device=device)  # first node 2**-60
+    node, example = step_major(n, 0, (n_steps + 1) * n, device)
+    rows = [interpolate(b, x - b, alphas, node, example) for x, b in zip(given, starts)]
     with frozen_parameters(model), capture(model, [layer], leaf=True) as cap, torch.enable_grad():
-        output = model(rows, *expand_args(as_args(additional_forward_args), example, n))
+        output = model(*rows, *expand_args(as_args(additional_forward_args), example, n))
         values = cap[layer]
         scores = target_scores(output, target, example)
         (grads,) = torch.autograd.grad(scores.sum(), values, create_graph=create_graph)
@@ -68,7 +70,7 @@ def conductance_map(
 
 
 def aggregated_conductance(
-    model: nn.Module, inputs: Tensor, layer: LayerSpec, target: TargetType, n_steps: int = 20,
+    model: nn.Module, inputs: Inputs, layer: LayerSpec, target: TargetType, n_steps: int = 20,
     baselines: Baselines = None, create_graph: bool = False, additional_forward_args: Any = None,
 ) -> Tensor:
     """Per filter ``(B, C)``: the maximum over positions of the layer conductance (differentiable)."""
@@ -123,7 +125,7 @@ class AscentResult:
 
 def conductance_ascent(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     layer: LayerSpec | None = None,
     target: TargetType = None,
     filter: int | Sequence[int] | None = None,
@@ -134,40 +136,48 @@ def conductance_ascent(
     baselines: Baselines = None,
     bounds: Bounds = "imagenet",
     additional_forward_args: Any = None,
+    ascend: int = 0,
 ) -> AscentResult:
     """Maximise one filter's aggregated conductance at ``layer`` (default: the last convolution) by
     gradient ascent on the input. ``filter=None`` takes each example's top filter. ``bounds``: the
     valid range in the model's input space, ``"imagenet"`` (``(0 - mean) / std`` to ``(1 - mean) / std``
     per channel), ``(low, high)`` numbers or per-channel sequences, or ``None``; the image is clamped
-    to it after every step.
+    to it after every step. With several inputs (a tuple), ``ascend`` picks the one that is optimised
+    (the conductance still interpolates all of them); ``image`` and ``gradient_effect`` are that input's.
 
     >>> out = conductance_ascent(vgg, x, target=3, steps=50, lr=0.1)
     >>> out.objective[-1] > out.objective[0]
     """
     check_model(model)
-    inputs = check_inputs(model, inputs)
-    target = normalize_target(target, inputs.shape[0])
+    given, single = check_input_tuple(model, inputs)
+    if isinstance(ascend, bool) or not isinstance(ascend, int) or not 0 <= ascend < len(given):
+        raise InputError(f"ascend: the index of the input to optimise, an int in [0, {len(given) - 1}], got {ascend!r}")
+    target = normalize_target(target, given[0].shape[0])
     name = last_conv(model) if layer is None else resolve_layers(model, layer)[0][0]
     check_count("steps", steps, minimum=0)
     if not (isinstance(lr, (int, float)) and lr > 0):
         raise InputError(f"lr must be a positive number, got {lr!r}")
-    limits = _bounds(bounds, inputs)
+    limits = _bounds(bounds, given[ascend])
     make = OPTIMIZERS.get(optimizer) if isinstance(optimizer, str) else optimizer
     if make is None:
         raise InputError(f"optimizer must be one of {sorted(OPTIMIZERS)} or a callable(params, lr=...), got {optimizer!r}")
 
+    def placed(image: Tensor) -> Inputs:
+        return image if single else given[:ascend] + (image,) + given[ascend + 1:]
+
     def objective_of(image: Tensor, create_graph: bool) -> Tensor:
-        return aggregated_conductance(model, image, name, target, n_steps, baselines, create_graph, additional_forward_args)
+        return aggregated_conductance(model, placed(image), name, target, n_steps, baselines, create_graph,
+                                      additional_forward_args)
 
     with preserved(model):
-        image = inputs.clone().requires_grad_(True)
+        image = given[ascend].clone().requires_grad_(True)
         # the conductance at the input chooses the filter and is the first iteration's objective (one pass for both)
-        conductance = conductance_map(model, image, name, target, n_steps, baselines, steps > 0, additional_forward_args)
+        conductance = conductance_map(model, placed(image), name, target, n_steps, baselines, steps > 0, additional_forward_args)
         if conductance.dim() < 3:
             raise InputError(f"layer: {name!r} gives shape {tuple(conductance.shape)}, without spatial dimensions; the "
                              "ascent maximises a filter's largest conductance over positions: choose a convolutional layer")
         scores, chosen, picked, neuron = _choose(conductance.detach(), filter, name)
-        effect = _neuron_gradient(model, inputs, name, chosen, picked, additional_forward_args)
+        effect = _neuron_gradient(model, given, ascend, name, chosen, picked, additional_forward_args)
 
         history = _ascend(image, conductance, chosen, make([image], lr=lr), steps, limits, objective_of)
     return AscentResult(
@@ -215,12 +225,14 @@ def _choose(conductance: Tensor, filter: int | Sequence[int] | None, name: str) 
     return scores, chosen, picked, neuron
 
 
-def _neuron_gradient(model: nn.Module, inputs: Tensor, layer: str, channel: Tensor, position: Tensor, args: Any) -> Tensor:
-    """d y[b, channel_b, position_b] / d x for each example."""
-    example = torch.arange(inputs.shape[0], device=inputs.device)
+def _neuron_gradient(model: nn.Module, inputs: tuple[Tensor, ...], ascend: int, layer: str, channel: Tensor,
+                     position: Tensor, args: Any) -> Tensor:
+    """d y[b, channel_b, position_b] / d x for each example (x: the input at position ``ascend``)."""
+    n = inputs[0].shape[0]
+    example = torch.arange(n, device=inputs[0].device)
     with frozen_parameters(model), capture(model, [layer]) as cap, torch.enable_grad():
-        probe = inputs.clone().requires_grad_(True)
-        model(probe, *expand_args(as_args(args), example, inputs.shape[0]))
+        probe = inputs[ascend].clone().requires_grad_(True)
+        model(*inputs[:ascend], probe, *inputs[ascend + 1:], *expand_args(as_args(args), example, n))
         values = cap[layer]
         picked = values[example, channel].flatten(1).gather(1, position.view(-1, 1))
         return torch.autograd.grad(picked.sum(), probe)[0]

@@ -271,3 +271,40 @@ def test_bad_several_inputs_are_refused_by_name(case):
         ig.attribute((inputs[0], inputs[1], inputs[2] * float("nan")), target=0)
     with pytest.raises(TypeError, match="as a tuple of tensors, not a list"):
         ig.attribute(list(inputs), target=0)
+
+
+def test_conductance_ascent_of_one_chosen_input():
+    """Ascending input 0 of (a, b) is the ascent of cat(a, b) through a model that detaches b's channels:
+    the same conductance (both inputs interpolated) and the same gradient w.r.t. a, so Adam moves a identically."""
+    torch.manual_seed(3)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 3, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(5 * 36, 3)).double().eval()
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = conv
+
+        def forward(self, a, b):
+            return self.net(torch.cat([a, b], 1))
+
+    class Joined(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = conv
+
+        def forward(self, x):
+            return self.net(torch.cat([x[:, :2], x[:, 2:].detach()], 1))
+
+    a, b = torch.rand(2, 2, 6, 6, dtype=torch.float64), torch.rand(2, 1, 6, 6, dtype=torch.float64)
+    options = dict(layer="net.2", target=[0, 2], steps=4, lr=0.05, n_steps=6, bounds=None)
+    two = attrib.conductance_ascent(Two(), (a, b), ascend=0, **options)
+    joined = attrib.conductance_ascent(Joined(), torch.cat([a, b], 1), **options)
+    assert torch.equal(two.filter, joined.filter)
+    assert relative(two.objective, joined.objective) <= 1e-12
+    assert relative(two.image, joined.image[:, :2]) <= 1e-12
+    assert torch.equal(joined.image[:, 2:], b)  # b's channels got no gradient: Adam leaves them
+    assert relative(two.gradient_effect, joined.gradient_effect[:, :2]) <= 1e-12
+    assert two.objective[-1].sum() > two.objective[0].sum()
+    with pytest.raises(ValueError, match=r"ascend: the index of the input to optimise, an int in \[0, 1\], got 2"):
+        attrib.conductance_ascent(Two(), (a, b), ascend=2, **options)
