@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from .checks import check_inputs
+from .checks import check_input_tuple
 from .conductance import LayerConductance
 from .errors import InputError
 from .hooks import capture, resolve_layers
@@ -30,7 +30,7 @@ from .layer_attribution import (
     LayerGradientXActivation,
 )
 from .targets import normalize_target, target_scores
-from .types import Baselines, TargetType
+from .types import Baselines, Inputs, TargetType
 
 COMPARED_METHODS = ("activation", "gradient_x_activation", "internal_influence", "conductance")
 
@@ -43,22 +43,30 @@ def _suppressor(mode: str) -> Callable[[Tensor, Tensor], Tensor]:
     raise InputError(f"mode must be 'zero' or 'suppress', got {mode!r}")
 
 
-def _ablated_output(model: nn.Module, inputs: Tensor, layer: str, keep: Tensor, mode: str) -> Tensor:
+def _tuple(inputs: Inputs) -> tuple[Tensor, ...]:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _rows(inputs: Inputs, index: slice) -> Inputs:
+    """The same rows of every input."""
+    return tuple(x[index] for x in inputs) if isinstance(inputs, tuple) else inputs[index]
+
+
+def _ablated_output(model: nn.Module, inputs: Inputs, layer: str, keep: Tensor, mode: str) -> Tensor:
     """The model output, no graph, with the layer's channels multiplied by ``keep`` ``(rows, C)``
-    (0 = ablated, by ``mode``); ``inputs`` has one row per ablation, or one row, repeated."""
+    (0 = ablated, by ``mode``); ``inputs`` (a tensor or a tuple) has one row per ablation, or one row, repeated."""
     rows = keep.shape[0]
-    if inputs.shape[0] == 1:
-        inputs = inputs.expand((rows,) + tuple(inputs.shape[1:]))
+    given = tuple(x.expand((rows,) + tuple(x.shape[1:])) if x.shape[0] == 1 else x for x in _tuple(inputs))
     suppress = _suppressor(mode)
 
     def edit(tensor: Tensor) -> Tensor:
         return suppress(tensor, keep.to(tensor.dtype).reshape(keep.shape + (1,) * (tensor.dim() - 2)))
 
     with torch.no_grad(), capture(model, [layer], edit={layer: edit}):
-        return model(inputs)
+        return model(*given)
 
 
-def ablate(model: nn.Module, inputs: Tensor, layer: str, keep: Tensor, target: TargetType, mode: str = "zero") -> Tensor:
+def ablate(model: nn.Module, inputs: Inputs, layer: str, keep: Tensor, target: TargetType, mode: str = "zero") -> Tensor:
     """Target scores ``(rows,)`` with the layer's channels multiplied by ``keep`` ``(rows, C)`` (0 =
     ablated); ``inputs`` has one row per ablation (or one row, repeated)."""
     rows = keep.shape[0]
@@ -66,30 +74,34 @@ def ablate(model: nn.Module, inputs: Tensor, layer: str, keep: Tensor, target: T
     return target_scores(output, normalize_target(target, rows), torch.arange(rows, device=output.device))
 
 
-def _channels(model: nn.Module, inputs: Tensor, layer: str) -> int:
-    return LayerActivation(model, layer).attribute(inputs[:1])[layer].shape[1]
+def _channels(model: nn.Module, inputs: Inputs, layer: str) -> int:
+    return LayerActivation(model, layer).attribute(_rows(inputs, slice(0, 1)))[layer].shape[1]
 
 
-def ablation_scores(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, mode: str = "zero",
+def ablation_scores(model: nn.Module, inputs: Inputs, layer: str, target: TargetType, mode: str = "zero",
                     batch_size: int = 256) -> Tensor:
-    """``(B, C)``: score(x) - score(x with filter c ablated), every filter of ``layer``."""
-    inputs = check_inputs(model, inputs)
+    """``(B, C)``: score(x) - score(x with filter c ablated), every filter of ``layer`` (``inputs``: a
+    tensor or a tuple of tensors)."""
+    given, single = check_input_tuple(model, inputs, differentiable=False)
+    inputs = given[0] if single else given
     ((layer, _),) = resolve_layers(model, layer)
-    targets = normalize_target(target, inputs.shape[0])
+    n, device = given[0].shape[0], given[0].device
+    targets = normalize_target(target, n)
     channels = _channels(model, inputs, layer)
     with torch.no_grad():
-        full = target_scores(model(inputs), targets, torch.arange(inputs.shape[0], device=inputs.device))
-    out = torch.empty(inputs.shape[0], channels, dtype=full.dtype, device=full.device)
-    eye = 1 - torch.eye(channels, dtype=inputs.dtype, device=inputs.device)
-    for b in range(inputs.shape[0]):
+        full = target_scores(model(*given), targets, torch.arange(n, device=device))
+    out = torch.empty(n, channels, dtype=full.dtype, device=full.device)
+    eye = 1 - torch.eye(channels, dtype=full.dtype, device=device)
+    for b in range(n):
         target_b = targets[b] if isinstance(targets, list) else targets
         for start in range(0, channels, batch_size):
             keep = eye[start:start + batch_size]
-            out[b, start:start + keep.shape[0]] = full[b] - ablate(model, inputs[b:b + 1], layer, keep, target_b, mode)
+            out[b, start:start + keep.shape[0]] = full[b] - ablate(model, _rows(inputs, slice(b, b + 1)), layer, keep,
+                                                                   target_b, mode)
     return out
 
 
-def layer_attribution(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, method: str,
+def layer_attribution(model: nn.Module, inputs: Inputs, layer: str, target: TargetType, method: str,
                       n_steps: int = 50, baselines: Baselines = None) -> Tensor:
     """The method's attribution at ``layer``'s output, shaped like it ``(B, C, ...)``."""
     ((layer, _),) = resolve_layers(model, layer)
@@ -104,7 +116,7 @@ def layer_attribution(model: nn.Module, inputs: Tensor, layer: str, target: Targ
     raise InputError(f"method must be one of {COMPARED_METHODS}, got {method!r}")
 
 
-def filter_importance(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, method: str,
+def filter_importance(model: nn.Module, inputs: Inputs, layer: str, target: TargetType, method: str,
                       n_steps: int = 50, baselines: Baselines = None) -> Tensor:
     """``(B, C)``: the method's attribution at ``layer`` summed over each filter's positions."""
     value = layer_attribution(model, inputs, layer, target, method, n_steps, baselines)
@@ -139,34 +151,35 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     return pearson(ranks(a), ranks(b))
 
 
-def flip_counts(model: nn.Module, inputs: Tensor, layer: str, importance: Tensor, max_filters: int | None = None,
+def flip_counts(model: nn.Module, inputs: Inputs, layer: str, importance: Tensor, max_filters: int | None = None,
                 mode: str = "zero") -> list[int | None]:
     """Per example: how many of its top filters (by ``importance`` ``(B, C)``) must be ablated, in
     rank order, before the predicted label changes (``None`` if it never does within ``max_filters``)."""
-    inputs = check_inputs(model, inputs)
+    given, single = check_input_tuple(model, inputs, differentiable=False)
+    inputs = given[0] if single else given
     ((layer, _),) = resolve_layers(model, layer)
     with torch.no_grad():
-        predicted = model(inputs).argmax(1)
+        predicted = model(*given).argmax(1)
     channels = importance.shape[1]
     limit = channels if max_filters is None else min(max_filters, channels)
     counts: list[int | None] = []
     _suppressor(mode)  # a bad mode fails before any work
-    for b in range(inputs.shape[0]):
+    for b in range(given[0].shape[0]):
         order = importance[b].argsort(descending=True)[:limit]
-        keep = torch.ones(limit, channels, dtype=inputs.dtype, device=inputs.device)
+        keep = torch.ones(limit, channels, dtype=importance.dtype, device=importance.device)
         for k in range(limit):  # row k ablates the top k + 1 filters
             keep[k:, order[k]] = 0
-        labels = _ablated_output(model, inputs[b:b + 1], layer, keep, mode).argmax(1)
+        labels = _ablated_output(model, _rows(inputs, slice(b, b + 1)), layer, keep, mode).argmax(1)
         changed = torch.nonzero(labels != predicted[b])
         counts.append(int(changed[0, 0]) + 1 if changed.numel() else None)
     return counts
 
 
-def pooled_activations(model: nn.Module, inputs: Tensor, layer: str, batch_size: int = 512) -> Tensor:
+def pooled_activations(model: nn.Module, inputs: Inputs, layer: str, batch_size: int = 512) -> Tensor:
     """``(B, C)``: each filter's output averaged over its positions."""
     parts = []
-    for start in range(0, inputs.shape[0], batch_size):
-        value = LayerActivation(model, layer).attribute(inputs[start:start + batch_size])[layer]
+    for start in range(0, _tuple(inputs)[0].shape[0], batch_size):
+        value = LayerActivation(model, layer).attribute(_rows(inputs, slice(start, start + batch_size)))[layer]
         parts.append(value.reshape(value.shape[0], value.shape[1], -1).mean(-1))
     return torch.cat(parts)
 
@@ -201,7 +214,7 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
         return float(((test_x @ weight + bias).argmax(1) == test_y).double().mean())
 
 
-def randomised_copies(model: nn.Module, seed: int = 0, inputs: Tensor | None = None) -> Iterator[tuple[str, nn.Module]]:
+def randomised_copies(model: nn.Module, seed: int = 0, inputs: Inputs | None = None) -> Iterator[tuple[str, nn.Module]]:
     """Cascading randomisation (Adebayo et al.): copies with the top 1, 2, ... parameterised layers
     re-initialised (``reset_parameters``), from the output down: in the order they run on
     ``inputs`` when given (else registration order). The caller's random state is left as it was;
@@ -216,7 +229,7 @@ def randomised_copies(model: nn.Module, seed: int = 0, inputs: Tensor | None = N
         handles = [modules[n].register_forward_hook(lambda m, a, o, n=n: ran.append(n) if n not in ran else None) for n in names]
         try:
             with torch.no_grad():
-                model(inputs[:1])
+                model(*_tuple(_rows(inputs, slice(0, 1))))
         finally:
             for handle in handles:
                 handle.remove()
@@ -230,7 +243,7 @@ def randomised_copies(model: nn.Module, seed: int = 0, inputs: Tensor | None = N
         current = copy.deepcopy(current)
 
 
-def sanity_check(model: nn.Module, inputs: Tensor, layer: str, target: TargetType, methods: Sequence[str] = COMPARED_METHODS,
+def sanity_check(model: nn.Module, inputs: Inputs, layer: str, target: TargetType, methods: Sequence[str] = COMPARED_METHODS,
                  n_steps: int = 32, seed: int = 0) -> dict[str, list[tuple[str, float]]]:
     """Per method: ``(top layer randomised down to, mean Spearman correlation with the original
     per-unit attribution at ``layer``)`` for each step of the cascade."""

@@ -308,3 +308,40 @@ def test_conductance_ascent_of_one_chosen_input():
     assert two.objective[-1].sum() > two.objective[0].sum()
     with pytest.raises(ValueError, match=r"ascend: the index of the input to optimise, an int in \[0, 1\], got 2"):
         attrib.conductance_ascent(Two(), (a, b), ascend=2, **options)
+
+
+def test_evaluation_tools_take_several_inputs():
+    """Each tool on (a, b) equals the same tool on cat(a, b) through the same network."""
+    from attrib import evaluate
+
+    torch.manual_seed(4)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 3)).double().eval()
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = conv
+
+        def forward(self, a, b):
+            return self.net(torch.cat([a, b], 1))
+
+    class Joined(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = conv
+
+        def forward(self, x):
+            return self.net(x)
+
+    a, b = torch.rand(3, 2, 5, 5, dtype=torch.float64), torch.rand(3, 1, 5, 5, dtype=torch.float64)
+    two, joined, x = Two(), Joined(), torch.cat([a, b], 1)
+    assert torch.equal(evaluate.ablation_scores(two, (a, b), "net.1", [0, 1, 2]),
+                       evaluate.ablation_scores(joined, x, "net.1", [0, 1, 2]))
+    importance = evaluate.filter_importance(two, (a, b), "net.1", [0, 1, 2], "conductance", n_steps=8)
+    assert relative(importance, evaluate.filter_importance(joined, x, "net.1", [0, 1, 2], "conductance", n_steps=8)) <= 1e-12
+    assert evaluate.flip_counts(two, (a, b), "net.1", importance) == evaluate.flip_counts(joined, x, "net.1", importance)
+    assert torch.equal(evaluate.pooled_activations(two, (a, b), "net.1", batch_size=2),
+                       evaluate.pooled_activations(joined, x, "net.1"))
+    ours = evaluate.sanity_check(two, (a, b), "net.1", [0, 1, 2], methods=["gradient_x_activation"], n_steps=4)
+    theirs = evaluate.sanity_check(joined, x, "net.1", [0, 1, 2], methods=["gradient_x_activation"], n_steps=4)
+    assert ours == theirs and len(ours["gradient_x_activation"]) == 2
