@@ -71,6 +71,7 @@ class LayerConductance(LayerMethod, ConvergenceDelta):
         totals = sums.total
         maps = path.gather(self.layers, totals)
         steps = path.gather(self.layers, sums.step_sums)
+        assert sums.step_score_change is not None, "the sweep ran (n_steps >= 1)"
         return Attribution(
             attributions=maps, delta={name: path.layer_total(maps[name]) - path.change for name in self.layers},
             outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps,
@@ -117,7 +118,7 @@ class LayerConductance(LayerMethod, ConvergenceDelta):
 
 def _summed(value: Any) -> Tensor:
     """A layer's tensor, or the sum of its parts' (n_steps, B) tensors."""
-    return sum(value[1:], start=value[0]) if isinstance(value, tuple) else value
+    return torch.stack(value).sum(0) if isinstance(value, tuple) else value
 
 
 class _NodeStore:

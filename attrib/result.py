@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .errors import InputError
 
-Attributions = Union[Tensor, tuple[Tensor, ...], dict[str, Tensor]]
+Attributions = Union[Tensor, tuple[Tensor, ...], dict[str, Union[Tensor, tuple[Tensor, ...]]]]
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Attribution:
                              "tuple); read one with result.attributions[i]")
         return self.attributions
 
-    def __getitem__(self, layer: str) -> Tensor:
+    def __getitem__(self, layer: str) -> Any:
         if isinstance(self.attributions, dict):
             return self.attributions[layer]
         if layer in self.layers:
@@ -66,8 +66,12 @@ class Attribution:
                 if len(self.attributions) != 1:
                     raise InputError(f"layer: name one of {list(self.attributions)}")
                 layer = next(iter(self.attributions))
-            return filter_scores(self[layer], reduce)
-        return filter_scores(self.attributions, reduce)
+            value = self[layer]
+            if isinstance(value, tuple):
+                raise InputError(f"layer: {layer!r} holds {len(value)} maps (one per layer input); score one of them "
+                                 "with attrib.filter_scores(result[layer][i])")
+            return filter_scores(value, reduce)
+        return filter_scores(self.tensor, reduce)
 
 
 def filter_scores(attributions: Tensor, reduce: str = "sum") -> Tensor:

@@ -191,7 +191,7 @@ def sweep(
             with footprint:
                 with torch.enable_grad():
                     points = {
-                        key: x[example] if d is None else interpolate(b, d, alphas.to(x.dtype), node, example)
+                        key: x[example] if b is None or d is None else interpolate(b, d, alphas.to(x.dtype), node, example)
                         for key, x, b, d in zip(keys, inputs, baselines, diffs)
                     }
                 args = expand_args(additional_forward_args, example, n)
