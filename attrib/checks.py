@@ -143,11 +143,6 @@ def check_count(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
-def check_internal_batch_size(internal_batch_size: int | None, rows: int) -> int:
-    """Rows per forward pass: ``None`` means all ``rows`` at once."""
-    return rows if internal_batch_size is None else check_count("internal_batch_size", internal_batch_size)
-
-
 def expand_args(args: Sequence[Any], example: Tensor, n_examples: int) -> tuple:
     """Repeat per-example tensors among ``additional_forward_args`` for each row; pass others as is."""
     return tuple(
@@ -158,6 +153,7 @@ def expand_args(args: Sequence[Any], example: Tensor, n_examples: int) -> tuple:
 
 
 def as_args(additional_forward_args: Any) -> tuple:
+    """Captum's meaning: None is no argument, a tuple is several, anything else (a list too) is one."""
     if additional_forward_args is None:
         return ()
-    return tuple(additional_forward_args) if isinstance(additional_forward_args, (tuple, list)) else (additional_forward_args,)
+    return additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)

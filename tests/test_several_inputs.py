@@ -345,3 +345,23 @@ def test_evaluation_tools_take_several_inputs():
     ours = evaluate.sanity_check(two, (a, b), "net.1", [0, 1, 2], methods=["gradient_x_activation"], n_steps=4)
     theirs = evaluate.sanity_check(joined, x, "net.1", [0, 1, 2], methods=["gradient_x_activation"], n_steps=4)
     assert ours == theirs and len(ours["gradient_x_activation"]) == 2
+
+
+def test_a_list_in_additional_forward_args_is_one_argument_as_in_captum(case):
+    model, inputs, baselines, target, scale = case
+
+    class Listed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, image, vector, mask, factors):
+            return self.inner(image, vector, mask, factors[0] * factors[1])
+
+    listed = Listed()
+    factors = [torch.tensor(2.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)]  # one argument, not two
+    ours = attrib.IntegratedGradients(listed).attribute(inputs, target=target, baselines=baselines, n_steps=5,
+                                                        additional_forward_args=factors)
+    theirs = captum.IntegratedGradients(listed).attribute(inputs, target=target, baselines=baselines, n_steps=5,
+                                                          additional_forward_args=factors)
+    close(ours.attributions, theirs)
