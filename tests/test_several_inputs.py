@@ -359,7 +359,7 @@ def test_a_list_in_additional_forward_args_is_one_argument_as_in_captum(case):
             return self.inner(image, vector, mask, factors[0] * factors[1])
 
     listed = Listed()
-    factors = [torch.tensor(2.0, dtype=torch.float64), torch.tensor(3.0, dtype=torch.float64)]  # one argument, not two
+    factors = [torch.tensor([2.0], dtype=torch.float64), torch.tensor([3.0], dtype=torch.float64)]  # one argument, not two
     ours = attrib.IntegratedGradients(listed).attribute(inputs, target=target, baselines=baselines, n_steps=5,
                                                         additional_forward_args=factors)
     theirs = captum.IntegratedGradients(listed).attribute(inputs, target=target, baselines=baselines, n_steps=5,
