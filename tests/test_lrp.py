@@ -16,6 +16,7 @@ from conftest import (
 from torch import nn
 
 import attrib
+from attrib.errors import InputError
 from attrib.lrp import (
     COMPOSITES,
     LRP,
@@ -24,6 +25,7 @@ from attrib.lrp import (
     Epsilon,
     Flat,
     Gamma,
+    Gradient,
     Norm,
     Pass,
     ZBox,
@@ -177,6 +179,167 @@ def test_residual_addition_splits_instead_of_copying():
     assert float(result.attributions) == pytest.approx(5.0)
     copied = LRP(block, Composite(types=[(nn.Linear, LRP0())], split_additions=False)).attribute(x, target=0)
     assert float(copied.attributions) == pytest.approx(10.0)  # what the plain gradient does: both get all 5
+
+
+def test_residual_addition_around_the_input_itself_splits():
+    """``head(x + lin(x))``: the model's input is an operand too (the run feeds the model a copy of
+    it, a computed tensor). x = 1, lin = 3, head = 1: the input gets 1 directly and 3 through lin,
+    not 4 + 4 as the copying gradient would give."""
+    class AroundInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.head = nn.Linear(1, 1, bias=False), nn.Linear(1, 1, bias=False)
+
+        def forward(self, x):
+            return self.head(x + self.lin(x))
+
+    model = AroundInput().double().eval()
+    with torch.no_grad():
+        model.lin.weight.fill_(3.0)
+        model.head.weight.fill_(1.0)
+    x = torch.tensor([[1.0]], dtype=torch.float64)
+    result = LRP(model, Composite(types=[(nn.Linear, LRP0())], addition_rule=Norm(0))).attribute(x, target=0, layers=["lin"])
+    assert float(result.layers["lin"]) == pytest.approx(3.0, abs=1e-14)
+    assert float(result.attributions) == pytest.approx(4.0, abs=1e-14) and float(result.delta.abs()) < 1e-14
+
+
+class Addition(nn.Module):
+    def forward(self, a, b):
+        return a + b
+
+
+class InPlaceAddition(nn.Module):
+    def forward(self, a, b):
+        a += b
+        return a
+
+
+class Sum3(nn.Module):
+    def forward(self, a, b, c):
+        return c + b + a  # another order of addition than the functional a + b + c: equal up to rounding
+
+
+class Product(nn.Module):
+    def forward(self, a, b):
+        return a * b
+
+
+class Concatenation(nn.Module):
+    def forward(self, a, b):
+        return torch.cat([a, b], 1)
+
+
+class Joined(nn.Module):
+    """Two Linear branches joined by ``join`` (a module; ``None``: the functional ``a + b``), then
+    ReLU and a head; with ``third``, a one-unit branch added too (broadcast, passed by keyword)."""
+
+    def __init__(self, join: nn.Module | None = None, third: bool = False, width: int = 3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fa, self.fb, self.fc = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 1) if third else None
+        self.join, self.relu, self.head = join, nn.ReLU(), nn.Linear(width, 2)
+        self.double().eval()
+
+    def forward(self, x):
+        a, b = self.fa(x), self.fb(x)
+        if self.fc is not None:
+            return self.head(self.relu(a + b + self.fc(x) if self.join is None else self.join(a, b, c=self.fc(x))))
+        return self.head(self.relu(a + b if self.join is None else self.join(a, b)))
+
+
+def test_module_that_sums_its_inputs_shares_relevance_under_norm():
+    """A leaf module ``forward(a, b): return a + b`` mapped to Norm shares as the functional ``a + b``
+    does: by hand (a = 2x, b = 3x: 2/5 and 3/5 of the relevance), and against the same network
+    written with ``a + b``, also in place, with three inputs, broadcasting and a keyword argument."""
+    hand = Joined(Addition(), width=3)
+    with torch.no_grad():
+        for layer, value in ((hand.fa, 2.0), (hand.fb, 3.0), (hand.head, 1.0)):
+            layer.weight.fill_(value)
+            layer.bias.zero_()
+    exact = Composite(types=[(nn.Linear, LRP0())], names={"join": Norm(0)})
+    x = torch.full((1, 4), 0.25, dtype=torch.float64)
+    result = LRP(hand, exact).attribute(x, target=0, layers=["fa", "fb", "join"])
+    assert torch.allclose(result.layers["fa"], torch.full((1, 3), 2.0, dtype=torch.float64), rtol=0, atol=1e-14)
+    assert torch.allclose(result.layers["fb"], torch.full((1, 3), 3.0, dtype=torch.float64), rtol=0, atol=1e-14)
+    assert torch.allclose(result.layers["join"], torch.full((1, 3), 5.0, dtype=torch.float64), rtol=0, atol=1e-14)
+    assert float(result.attributions.sum()) == pytest.approx(15.0, abs=1e-13)
+    rows = {row.name: row for row in result.info["conservation"].rows}
+    assert rows["join"].rule == "Norm(epsilon=0)" and float(rows["join"].difference.abs()) < 1e-13
+    x = torch.rand(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) - 0.5
+    for third, joins in ((False, (Addition(), InPlaceAddition())), (True, (Sum3(),))):
+        functional = LRP(Joined(None, third), Composite(types=[(nn.Linear, Epsilon())], first=Flat(), addition_rule=Norm(1e-6)))
+        expected = functional.attribute(x, target=[0, 1, 1], layers=["fa", "fb"])
+        for join in joins:
+            mapped = Composite(types=[(nn.Linear, Epsilon())], first=Flat(), names={"join": Norm(1e-6)})
+            got = LRP(Joined(join, third), mapped).attribute(x, target=[0, 1, 1], layers=["fa", "fb"])
+            assert relative(got.attributions, expected.attributions) < 1e-12, type(join).__name__
+            assert all(relative(got.layers[n], expected.layers[n]) < 1e-12 for n in ("fa", "fb"))
+            assert relative(got.delta, expected.delta) < 1e-12
+
+
+def test_module_with_several_inputs_under_another_rule_is_refused():
+    """Before, the rule read only the first argument and all relevance went down it, silently (the
+    report still balanced). Now: an error naming the module and what to do, and nothing left behind."""
+    x = torch.rand(2, 4, dtype=torch.float64)
+    linear = [(nn.Linear, Epsilon())]
+    cases = [
+        (Joined(Addition()), {"join": Pass()}, r"'join' \(Addition\) takes arguments 0, 1 from the inputs' graph, but its rule Pass\(\)"),
+        (Joined(Addition()), {}, r"'join' \(Addition\) takes arguments 0, 1 .* it has no rule.*map it to Norm"),
+        (Joined(Product()), {"join": Norm()}, r"'join' \(Product\) is mapped to Norm .* not their elementwise sum"),
+        (Joined(Product()), {"join": Pass()}, r"'join' \(Product\) takes arguments 0, 1"),
+        (Joined(Concatenation(), width=6), {}, r"'join' \(Concatenation\) takes arguments 0, 1 .* no rule"),
+        (Joined(Concatenation(), width=6), {"join": Norm()}, "not their elementwise sum"),
+        (Joined(Sum3(), third=True), {"join": Gamma()}, r"takes arguments 0, 1, 'c' from the inputs' graph"),
+    ]
+    for model, names, message in cases:
+        before = model_state(model)
+        with pytest.raises(InputError, match=message):
+            LRP(model, Composite(types=linear, names=names)).attribute(x, target=0)
+        assert_unchanged(model, before)
+
+    class Scaled(nn.Module):
+        def forward(self, factor, x):
+            return factor * x
+
+    class ScalesItsInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.scale = nn.Linear(4, 2).double(), Scaled()
+
+        def forward(self, x):
+            return self.scale(torch.tensor(2.0, dtype=x.dtype), self.fc(x))
+
+    with pytest.raises(InputError, match=r"'scale' \(Scaled\) takes argument 1 from the inputs' graph"):
+        LRP(ScalesItsInput().eval(), Composite(types=linear, names={"scale": Pass()})).attribute(x, target=0)
+    with pytest.raises(InputError, match="'join' has 2 inputs; record its output"):
+        LRP(Joined(Addition()), Composite(types=linear, names={"join": Norm()})).attribute(
+            x, target=0, layers=["join"], attribute_to_layer_input=True)
+
+
+def test_module_rule_sees_the_calls_other_arguments():
+    """A custom module ``forward(x, factor=1.0)`` called with ``factor=2.0`` under the Gradient rule:
+    the vector-Jacobian product is of ``2 x`` (before, the view called ``forward(x)``, so of ``x``).
+    fc = [1, 3], x = [1, 1]: score 8, relevance 16 at fc's output, LRP-0 at fc: [4, 12]."""
+    class Scale(nn.Module):
+        def forward(self, x, factor=1.0):
+            return x * factor
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.scale = nn.Linear(2, 1, bias=False), Scale()
+
+        def forward(self, x):
+            return self.scale(self.fc(x), factor=2.0)
+
+    model = Scaled().double().eval()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.tensor([[1.0, 3.0]]))
+    x = torch.ones(1, 2, dtype=torch.float64)
+    result = LRP(model, Composite(types=[(nn.Linear, LRP0())], names={"scale": Gradient()})).attribute(x, target=0)
+    assert torch.equal(result.attributions, torch.tensor([[4.0, 12.0]], dtype=torch.float64))
+    normed = LRP(model, Composite(types=[(nn.Linear, LRP0())], names={"scale": Norm(0)})).attribute(x, target=0)
+    assert torch.equal(normed.attributions, torch.tensor([[2.0, 6.0]], dtype=torch.float64))  # conserves the score 8
 
 
 def test_inplace_relu_gives_the_same_as_out_of_place():

@@ -7,8 +7,11 @@
 - **Residual additions** (``Composite.split_additions``): while the model's forward runs, a
   ``TorchFunctionMode`` catches ``a + b``, ``torch.add`` and ``a += b`` between two computed
   tensors (both on the input's graph) outside any leaf module, e.g. torchvision ResNet's
-  ``out += identity``; relevance is then shared in proportion, ``R_a = a R / stab(a + b)``, instead of
-  being copied to both branches as the gradient would. Functional average pooling
+  ``out += identity``, or two of the model's inputs; relevance is then shared in proportion,
+  ``R_a = a R / stab(a + b)``, instead of being copied to both branches as the gradient would. A leaf
+  module that sums several inputs (``forward(a, b): return a + b``) is shared the same way when the
+  composite maps it to ``Norm``; a leaf called with several tensors from the inputs' graph under any
+  other rule is refused when it runs (:meth:`attrib.lrp.run.Run.pre_hook`). Functional average pooling
   (``F.adaptive_avg_pool2d`` in DenseNet and MobileNetV2) gets the ``Norm`` rule the same way.
   Concatenation needs nothing: its gradient already hands each branch its own share.
 """
@@ -30,8 +33,9 @@ FUNCTIONAL_POOLS = {  # and the module type whose rule they take
 }
 
 
-def _computed(value: object) -> bool:
-    """A tensor produced on the input's graph (not a parameter, buffer or constant)."""
+def on_graph(value: object) -> bool:
+    """A tensor computed from the inputs (not a parameter, buffer or constant): the run feeds the
+    model copies of its inputs, so the inputs themselves count too."""
     return isinstance(value, Tensor) and value.requires_grad and value.grad_fn is not None
 
 
@@ -66,9 +70,9 @@ class FunctionalOps(TorchFunctionMode):
         if self.run.depth == 0 and torch.is_grad_enabled():
             if (
                 self.additions and (func in ADDITIONS or func in INPLACE_ADDITIONS) and len(args) == 2
-                and not kwargs and _computed(args[0]) and _computed(args[1])
+                and not kwargs and on_graph(args[0]) and on_graph(args[1])
             ):
                 return self.run.addition(args[0], args[1], inplace=func in INPLACE_ADDITIONS)
-            if func in FUNCTIONAL_POOLS and args and _computed(args[0]):
+            if func in FUNCTIONAL_POOLS and args and on_graph(args[0]):
                 return self.run.functional(func, args, kwargs)
         return func(*args, **kwargs)

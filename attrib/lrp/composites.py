@@ -11,7 +11,9 @@ average pooling, as the LRP tutorial does), BatchNorm taken on its own ``Epsilon
 right after a Linear/Conv are folded into it (``merge_batchnorm``) and that layer's rule applies to
 the folded layer; residual additions of two computed tensors share relevance in proportion to
 each branch's contribution (``split_additions``, with ``addition_rule``, ``Norm(1e-6)`` by default;
-see :mod:`attrib.lrp.canonizers`).
+see :mod:`attrib.lrp.canonizers`). A leaf module called with several tensors from the inputs' graph
+(``forward(a, b): return a + b``) needs ``Norm`` by name or type, which shares its output, checked to
+be the sum of those inputs, in proportion like an addition; under any other rule it is refused when it runs.
 """
 from __future__ import annotations
 

@@ -9,12 +9,12 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..checks import as_args, check_inputs, check_model
+from ..checks import as_args, check_input_tuple, check_model
 from ..errors import InputError, InputTypeError
 from ..hooks import resolve_layers
 from ..result import Attribution
 from ..targets import normalize_target, selector_weights, target_scores
-from ..types import LayerSpec, NeuronSelector, TargetType
+from ..types import Inputs, LayerSpec, NeuronSelector, TargetType
 from .composites import COMPOSITES, Composite
 from .plan import ViewCache, make_plan
 from .report import ConservationReport, per_example_sum
@@ -29,6 +29,7 @@ class LRP:
     >>> res.attributions           # relevance at the input, shaped like x
     >>> res.layers["features.28"]  # relevance at that layer's output
     >>> print(res.info["conservation"])  # per layer: relevance entering, leaving, difference
+    >>> LRP(two_input_model).attribute((image, features), target=3).attributions   # (of image, of features)
 
     ``composite``: a name in :data:`attrib.lrp.COMPOSITES` (default parameters) or a
     :class:`~attrib.lrp.Composite`. The model must be in eval mode; it is not modified.
@@ -52,7 +53,7 @@ class LRP:
 
     def attribute(
         self,
-        inputs: Tensor,
+        inputs: Inputs,
         target: TargetType = None,
         *,
         layers: LayerSpec | Sequence[LayerSpec] | None = None,
@@ -63,7 +64,12 @@ class LRP:
         additional_forward_args: Any = None,
         conservation: bool = True,
     ) -> Attribution:
-        """Relevance at the input (and at ``layers``).
+        """Relevance at the inputs (and at ``layers``).
+
+        ``inputs``: a tensor, or a tuple of tensors with one batch size (the model is called as
+        ``model(*inputs, *additional_forward_args)``); ``attributions`` is then a tuple in their order.
+        The composite's first-layer rule goes to the first linear layer that runs on any input's
+        graph; name another input's first layer in the composite to give it that rule too.
 
         ``start``: ``"score"`` starts from the explained score itself (the target logit, or the
         selected activations), ``"one_hot"`` from 1 at the target (or the selected units).
@@ -72,13 +78,13 @@ class LRP:
         a callable on the layer output, or a list of these: then results get a leading dimension).
         The forward pass stops at ``start_layer``. ``layers``: record the relevance at these layers'
         outputs (inputs with ``attribute_to_layer_input``) in ``result.layers``.
-        ``info["conservation"]``: a :class:`ConservationReport`; ``delta`` = input relevance minus
-        starting relevance, per example. ``conservation=False`` skips the per-layer sums (two
-        reductions per layer, about 5% at batch 1); the totals and ``delta`` remain.
+        ``info["conservation"]``: a :class:`ConservationReport`; ``delta`` = input relevance (all
+        inputs together) minus starting relevance, per example. ``conservation=False`` skips the
+        per-layer sums (two reductions per layer, about 5% at batch 1); the totals and ``delta`` remain.
         """
         model = self.model
         check_model(model)
-        inputs = check_inputs(model, inputs)
+        checked, single = check_input_tuple(model, inputs)
         if start not in ("score", "one_hot"):
             raise InputError(f"start must be 'score' or 'one_hot', got {start!r}")
         side = "in" if attribute_to_layer_input else "out"
@@ -93,63 +99,78 @@ class LRP:
         elif neuron_selector is not None:
             raise InputError("neuron_selector: give start_layer too")
         else:
-            target = normalize_target(target, inputs.shape[0])
+            target = normalize_target(target, checked[0].shape[0])
         run = Run(model, self.composite, make_plan(model, self.composite, self.views), self.views, record, start_module)
         run.per_layer = bool(conservation)
-        x = inputs.clone().requires_grad_(True)
-        output = run.forward(x, as_args(additional_forward_args))
+        leaves = tuple(x.detach().requires_grad_(True) for x in checked)
+        output = run.forward(leaves, as_args(additional_forward_args))
         with torch.enable_grad():  # nothing in the model is written, so nothing needs restoring
             if start_module is None:
-                return self._from_output(run, x, output, target, start)
+                return self._from_output(run, leaves, output, target, start, single)
             if run.start_output is None:
                 raise InputError(f"start_layer: {start_name!r} did not run in the forward pass")
-            return self._from_layer(run, x, run.start_output, neuron_selector, start)
+            return self._from_layer(run, leaves, run.start_output, neuron_selector, start, single)
 
     def trace(
         self, inputs: Tensor, target: TargetType = None, *, layers: Sequence[LayerSpec], copies: int = 1,
         start: str = "score", additional_forward_args: Any = None,
     ) -> RelevanceTrace:
         """Keep one forward pass of one example (``copies`` rows) for many backward passes between
-        the recorded ``layers``: see :class:`attrib.lrp.trace.RelevanceTrace`."""
+        the recorded ``layers``: see :class:`attrib.lrp.trace.RelevanceTrace`. One input tensor."""
         check_model(self.model)
         return RelevanceTrace(
             self.model, self.composite, inputs, target, layers, copies, additional_forward_args, start, views=self.views,
         )
 
-    def _from_output(self, run: Run, x: Tensor, output: Any, target: TargetType, start: str) -> Attribution:
+    def _from_output(
+        self, run: Run, leaves: tuple[Tensor, ...], output: Any, target: TargetType, start: str, single: bool,
+    ) -> Attribution:
         if not isinstance(output, Tensor):
             raise InputTypeError(f"model output is a {type(output).__name__}; LRP needs a tensor output")
         if not output.requires_grad:
             raise InputError("inputs: the model output does not depend on the inputs")
-        scores = target_scores(output, target, torch.arange(x.shape[0], device=x.device))
+        scores = target_scores(output, target, torch.arange(leaves[0].shape[0], device=output.device))
         selection, = torch.autograd.grad(scores.sum(), output, retain_graph=True)
         relevance = selection if start == "one_hot" else output.detach() * selection
         scores = scores.detach().clone()  # the backward pass may overwrite the kept output in place
-        found, records, report = run.backward(output, relevance, x, retain=False)
+        found, records, report = run.backward(output, relevance, leaves, retain=False)
         return Attribution(
-            attributions=found, delta=report.total_difference.to(found.dtype), outputs=scores,
+            attributions=_as_given(found, single), delta=report.total_difference.to(found[0].dtype), outputs=scores,
             method=f"lrp:{self.composite.name}", layers=records, info={"conservation": report},
         )
 
-    def _from_layer(self, run: Run, x: Tensor, value: Tensor, neuron_selector, start: str) -> Attribution:
+    def _from_layer(
+        self, run: Run, leaves: tuple[Tensor, ...], value: Tensor, neuron_selector, start: str, single: bool,
+    ) -> Attribution:
+        """One backward pass per selector; with a list of selectors every result gets a leading dimension."""
         selectors = neuron_selector if isinstance(neuron_selector, list) else [neuron_selector]
         if not selectors:
             raise InputError("neuron_selector: the list is empty")
-        results = []
+        scores, found, records, reports = [], [], [], []
         for i, selector in enumerate(selectors):
             weights = selector_weights(selector, value.detach()).expand_as(value)
             relevance = weights if start == "one_hot" else value.detach() * weights
-            results.append((per_example_sum(value.detach() * weights),) + run.backward(value, relevance, x, retain=i < len(selectors) - 1))
-        found = torch.stack([r[1] for r in results])
-        delta = torch.stack([r[3].total_difference for r in results]).to(found.dtype)
-        outputs = torch.stack([r[0] for r in results]).to(found.dtype)
-        layers = {name: torch.stack([r[2][name] for r in results]) for name in results[0][2]}
-        reports: ConservationReport | list[ConservationReport] = [r[3] for r in results]
-        if not isinstance(neuron_selector, list):
-            found, delta, outputs = found[0], delta[0], outputs[0]
-            layers = {name: value[0] for name, value in layers.items()}
-            reports = results[0][3]
+            scores.append(per_example_sum(value.detach() * weights))
+            per_input, recorded, report = run.backward(value, relevance, leaves, retain=i < len(selectors) - 1)
+            found.append(per_input)
+            records.append(recorded)
+            reports.append(report)
+        dtype = found[0][0].dtype
+        kept: ConservationReport | list[ConservationReport]
+        if isinstance(neuron_selector, list):
+            maps = tuple(torch.stack(maps) for maps in zip(*found))
+            layers = {name: torch.stack([recorded[name] for recorded in records]) for name in records[0]}
+            delta = torch.stack([report.total_difference for report in reports]).to(dtype)
+            outputs, kept = torch.stack(scores).to(dtype), reports
+        else:
+            maps, layers, delta = found[0], records[0], reports[0].total_difference.to(dtype)
+            outputs, kept = scores[0].to(dtype), reports[0]
         return Attribution(
-            attributions=found, delta=delta, outputs=outputs, method=f"lrp:{self.composite.name}",
-            layers=layers, info={"conservation": reports},
+            attributions=_as_given(maps, single), delta=delta, outputs=outputs, method=f"lrp:{self.composite.name}",
+            layers=layers, info={"conservation": kept},
         )
+
+
+def _as_given(found: tuple[Tensor, ...], single: bool) -> Tensor | tuple[Tensor, ...]:
+    """A tensor for one input given as a tensor, else a tuple in the inputs' order."""
+    return found[0] if single else found

@@ -7,14 +7,15 @@ module's own forward builds no graph) and a forward hook that returns the module
 layer's rule. Operations between modules keep their gradient, which already moves relevance
 correctly for reshapes, slicing, concatenation and max-pool winners; residual additions and
 functional average pooling are caught by :class:`~attrib.lrp.canonizers.FunctionalOps` and become
-:class:`SumStep` / Norm steps. Every hook lives inside :meth:`Run.forward` and is removed in
-``finally``; no parameter or buffer is written. :class:`~attrib.lrp.method.LRP` and
-:class:`~attrib.lrp.trace.RelevanceTrace` both drive a :class:`Run`.
+:class:`SumStep` / Norm steps. A leaf module called with several tensors from the inputs' graph
+runs only under ``Norm``, as the sum of those tensors (a :class:`SumStep` too). Every hook lives
+inside :meth:`Run.forward` and is removed in ``finally``; no parameter or buffer is written.
+:class:`~attrib.lrp.method.LRP` and :class:`~attrib.lrp.trace.RelevanceTrace` both drive a :class:`Run`.
 """
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -23,7 +24,7 @@ from torch.autograd.graph import GradientEdge, get_gradient_edge
 from ..errors import InputError, InputTypeError
 from ..hooks import LayerReuseError
 from ..module_types import BATCHNORMS, LINEAR_LAYERS
-from .canonizers import FUNCTIONAL_POOLS, FunctionalOps
+from .canonizers import FUNCTIONAL_POOLS, FunctionalOps, on_graph
 from .composites import Composite
 from .plan import Entry, Plan, ViewCache
 from .report import ConservationReport, LayerBalance, per_example_sum
@@ -36,7 +37,7 @@ CHEAP_VIEWS = (FunctionView,)
 class Stop(Exception):
     """Raised by the start layer's hook: nothing above it is needed.
 
-    >>> Run(model, composite, plan, views, {}, start=model.features[10]).forward(x, ())   # None: stopped there
+    >>> Run(model, composite, plan, views, {}, start=model.features[10]).forward((x,), ())   # None: stopped there
     """
 
 
@@ -127,33 +128,58 @@ class Step:
 
 
 class SumStep(Step):
-    """``a + b``: ``R_a = a R / stab(a + b)``, ``R_b = b R / stab(a + b)``.
+    """``z = x_1 + ... + x_n`` (broadcast; a residual ``a + b``, or a module that sums its inputs):
+    ``R_i = x_i R / stab(z)``.
 
-    >>> step.propagate(relevance)   # (R_a, R_b), shared as a and b contributed to a + b
+    >>> step.propagate(relevance)   # (R_a, R_b) for a + b, shared as a and b contributed to it
     """
 
-    def __init__(self, run: Run, row: LayerBalance, a: Tensor, b: Tensor, epsilon: float) -> None:
-        super().__init__(run, row, FunctionView(lambda t: t, "add"), Norm(epsilon), a, None)
-        self.b, self.b_version = _saved(b)
+    def __init__(self, run: Run, row: LayerBalance, operands: Sequence[Tensor], epsilon: float) -> None:
+        super().__init__(run, row, FunctionView(lambda t: t, "add"), Norm(epsilon), operands[0], None)
+        self.others = [_saved(operand) for operand in operands[1:]]
         self.epsilon = epsilon
 
     def propagate(self, relevance: Tensor) -> tuple[Tensor, ...]:
-        a = self._input()
-        if self.b._version != self.b_version:
+        first = self._input()
+        if any(operand._version != version for operand, version in self.others):
             raise InputError(f"LRP: an operand of the addition {self.row.name!r} was modified in place afterwards")
-        share = divide(relevance, a + self.b, self.epsilon, scratch=True)
-        to_b = (self.b * share).sum_to_size(self.b.shape)
-        result = (share.mul_(a).sum_to_size(a.shape), to_b)
+        others = [operand for operand, _ in self.others]
+        share = divide(relevance, sum(others, first), self.epsilon, scratch=True)
+        shares = tuple((operand * share).sum_to_size(operand.shape) for operand in others)
+        result = (share.mul_(first).sum_to_size(first.shape),) + shares
         self.run.account(self, relevance, result)
         return result
+
+
+def _graph_arguments(args: tuple, kwargs: dict) -> dict[int | str, Tensor]:
+    """A call's tensors from the inputs' graph, by position or keyword."""
+    return {key: value for key, value in [*enumerate(args), *kwargs.items()] if on_graph(value)}
+
+
+def _with_arguments(view: FunctionView, rest: tuple, kwargs: dict) -> FunctionView:
+    """A module's view that calls its forward with the arguments after the first of one call."""
+    function = view.function
+    return FunctionView(lambda t: function(t, *rest, **kwargs), view.kind)
+
+
+def _is_sum(operands: Sequence[Tensor], output: object) -> bool:
+    """Whether ``output`` is the elementwise sum of ``operands`` (in any order of addition)."""
+    if not (isinstance(output, Tensor) and output.is_floating_point()):
+        return False
+    total = sum(operands[1:], operands[0])
+    if total.shape != output.shape:
+        return False
+    rounding = len(operands) * torch.finfo(output.dtype).eps * sum((x.abs() for x in operands[1:]), operands[0].abs())
+    return bool(((output - total).abs() <= rounding).all())
 
 
 class Run:
     """Hooks and bookkeeping for one forward pass and the backward passes that follow it.
 
     >>> run = Run(model, composite, make_plan(model, composite, views), views, record={})
-    >>> output = run.forward(x.clone().requires_grad_(), ())
-    >>> relevance, records, report = run.backward(output, output.detach(), x, retain=False)
+    >>> x = inputs.detach().requires_grad_()
+    >>> output = run.forward((x,), ())
+    >>> (relevance,), records, report = run.backward(output, output.detach(), (x,), retain=False)
     """
 
     def __init__(
@@ -163,7 +189,7 @@ class Run:
         self.model, self.composite, self.plan, self.views = model, composite, plan, views
         self.record, self.start_module = record, start
         self.depth = 0
-        self.inputs: list[Tensor | None] = []
+        self.inputs: list[Tensor | tuple[Tensor, ...] | None] = []  # per running hooked leaf: what is on the graph
         self.parents: list[str] = []
         self.rows: list[LayerBalance] = []
         self.calls: dict[str, int] = {}
@@ -211,15 +237,18 @@ class Run:
             raise self.plan.refused[key]
         return entry
 
-    def pre_hook(self, module: nn.Module, args: tuple) -> tuple | None:
+    def pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         name = self.plan.labels[id(module)]
         self.depth += 1
         if not args or not isinstance(args[0], Tensor):
             raise InputTypeError(f"LRP: layer {name!r} was called without a tensor as its first argument")
-        x = args[0]
-        if not (x.requires_grad and torch.is_grad_enabled()):
+        graph = _graph_arguments(args, kwargs) if torch.is_grad_enabled() else {}
+        if len(graph) > 1 or (graph and 0 not in graph):
+            return self._several(module, name, graph, args, kwargs)
+        if not graph:
             self.inputs.append(None)
             return None
+        x = args[0]
         self.inputs.append(x)
         detached = x.detach()
         if getattr(module, "inplace", False) and self._kept(x):
@@ -229,21 +258,47 @@ class Run:
                 owner[1].relu_version = x._version + 1  # it keeps relu(z); checked in backward
             else:
                 detached = detached.clone()  # the in-place op must not overwrite what a layer kept
-        return (detached,) + tuple(args[1:])
+        return (detached,) + tuple(args[1:]), kwargs
+
+    def _several(
+        self, module: nn.Module, name: str, graph: dict[int | str, Tensor], args: tuple, kwargs: dict,
+    ) -> tuple[tuple, dict]:
+        """A leaf called with several tensors from the inputs' graph (or one, not as its first
+        argument): a rule for one input cannot see the others, so only a sum under ``Norm`` runs."""
+        entry = self.plan.get(id(module))
+        if entry is None or not isinstance(entry[1], Norm) or len(graph) < 2:
+            places = ("arguments " if len(graph) > 1 else "argument ") + ", ".join(map(repr, graph))
+            what = "it has no rule" if entry is None else f"its rule {entry[3]} reads only its first argument"
+            raise InputError(
+                f"LRP: layer {name!r} ({type(module).__name__}) takes {places} from the inputs' graph, but {what}; "
+                f"relevance must reach every one of them. If it returns the sum of these inputs, map it to Norm "
+                f"(Composite(names={{{name!r}: Norm()}})); otherwise write its operation in the model's forward outside "
+                "a module (a + b, torch.cat), or pass the tensors that need no relevance detached"
+            )
+        self.inputs.append(tuple(graph.values()))
+        copies = {key: tensor.detach().clone() for key, tensor in graph.items()}  # the module may write into them
+        return (
+            tuple(copies.get(i, value) for i, value in enumerate(args)),
+            {key: copies.get(key, value) for key, value in kwargs.items()},
+        )
 
     def _kept(self, tensor: Tensor) -> bool:
         """Whether a step keeps this tensor (as its input or output) for the backward pass."""
         output = self.saved_outputs.get(id(tensor))
         return (output is not None and output[0] is tensor) or self.saved_inputs.get(id(tensor)) is tensor
 
-    def post_hook(self, module: nn.Module, args: tuple, output: Any) -> Tensor | None:
+    def post_hook(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Tensor | None:
         self.depth -= 1
         x = self.inputs.pop()
         if x is None:
             return None
+        if isinstance(x, tuple):
+            return self._sum_module(module, x, output)
         name, rule, view, rule_text = self._entry(module)
         if not isinstance(output, Tensor):
             raise InputTypeError(f"LRP: layer {name!r} returned a {type(output).__name__}, not a tensor")
+        if type(view) is FunctionView and (len(args) > 1 or kwargs):
+            view = _with_arguments(view, args[1:], kwargs)  # the module's forward, with this call's other arguments
         label = self._label(name)
         merged = self.linear_outputs.get(id(x)) if isinstance(module, BATCHNORMS) and self.composite.merge_batchnorm else None
         if merged is not None and merged[0] is x:
@@ -275,6 +330,29 @@ class Run:
         self._keep_outputs(step, out)
         if isinstance(view, (LinearView, ConvView)):
             self.linear_outputs[id(out)] = (out, step, x)
+        return out
+
+    def _sum_module(self, module: nn.Module, operands: tuple[Tensor, ...], output: Any) -> Tensor:
+        """A leaf mapped to Norm that returned the sum of its inputs: shared like an addition."""
+        name, rule, _, rule_text = self.plan[id(module)]
+        if not _is_sum(operands, output):
+            raise InputError(
+                f"LRP: layer {name!r} ({type(module).__name__}) is mapped to Norm and called with {len(operands)} inputs "
+                "from the graph, which shares relevance as for their sum, but its output is not their elementwise sum; "
+                "write its operation in the model's forward outside a module, or give it one input from the graph"
+            )
+        if name in self.record and self.record[name][1] == "in":
+            raise InputError(f"layers: {name!r} has {len(operands)} inputs; record its output, or the layers that feed it")
+        assert isinstance(rule, Norm)  # checked by _several
+        row = LayerBalance(self._label(name), "add", rule_text)
+        self.rows.append(row)
+        step = SumStep(self, row, [operand.detach() for operand in operands], rule.epsilon)
+        self.saved_inputs.update((id(operand), operand) for operand in operands)
+        step.output = output.detach()
+        out = Relay.apply(step, *operands)
+        if name in self.record:
+            step.records.append((name, "out"))
+            self._keep_outputs(step, out)
         return out
 
     def _keep_outputs(self, step: Step, out: Tensor) -> None:
@@ -309,7 +387,7 @@ class Run:
         rule = self.composite.addition_rule
         row = LayerBalance(self._functional_label("add"), "add", repr(rule))
         self.rows.append(row)
-        step = SumStep(self, row, saved_a, b.detach(), rule.epsilon)
+        step = SumStep(self, row, (saved_a, b.detach()), rule.epsilon)
         if inplace:
             return RelayInPlace.apply(step, a, b)
         step.output = saved_a + b.detach()
@@ -350,8 +428,8 @@ class Run:
             stack.callback(handle.remove)
         for name, module in self.model.named_modules():
             if self.plan.hooked(module):
-                keep(module.register_forward_pre_hook(self.pre_hook))
-                keep(module.register_forward_hook(self.post_hook))
+                keep(module.register_forward_pre_hook(self.pre_hook, with_kwargs=True))
+                keep(module.register_forward_hook(self.post_hook, with_kwargs=True))
             elif any(True for _ in module.children()):
                 keep(module.register_forward_pre_hook(self.parent_pre_hook(name)))
                 keep(module.register_forward_hook(self.parent_post_hook))
@@ -364,14 +442,17 @@ class Run:
         if self.start_module is not None:
             keep(self.start_module.register_forward_hook(self.start_hook))
 
-    def forward(self, inputs: Tensor, args: tuple) -> Any:
-        """The model's output at ``inputs`` (which must require grad), every hook attached only for
-        this call; ``None`` if the pass stopped at the start layer."""
+    def forward(self, inputs: tuple[Tensor, ...], args: tuple) -> Any:
+        """The model's output ``model(*inputs, *args)`` (``inputs`` must require grad), every hook
+        attached only for this call; ``None`` if the pass stopped at the start layer. The model gets
+        copies of ``inputs``: operations on them are seen like those on any computed tensor (``a + b``
+        of two inputs is shared, in-place operations are allowed), and ``inputs`` stay the leaves."""
         try:
             with torch.enable_grad(), ExitStack() as stack:
+                fed = [x.clone() for x in inputs]
                 self.hooks(stack)
                 stack.enter_context(FunctionalOps(self, self.composite.split_additions))
-                return self.model(inputs, *args)
+                return self.model(*fed, *args)
         except Stop:
             return None
         finally:  # what the forward pass needed to decide in-place questions
@@ -388,19 +469,25 @@ class Run:
         for name, side in step.records:
             self.records[name] = (relevance if side == "out" else result[0]).detach()
 
-    def backward(self, tensor: Tensor, relevance: Tensor, inputs: Tensor, retain: bool) -> tuple[Tensor, dict, ConservationReport]:
+    def backward(
+        self, tensor: Tensor, relevance: Tensor, inputs: tuple[Tensor, ...], retain: bool,
+    ) -> tuple[tuple[Tensor, ...], dict, ConservationReport]:
+        """Relevance at every input (zeros at one the output does not depend on), at the recorded
+        layers, and the report, from ``relevance`` at ``tensor``."""
         for row in self.rows:
             row.entering = row.leaving = None
         self.records = {}
         self.final_pass = not retain
-        found = torch.autograd.grad(tensor, inputs, relevance, retain_graph=retain, allow_unused=True)[0]
-        if found is None:
+        reached = torch.autograd.grad(tensor, inputs, relevance, retain_graph=retain, allow_unused=True)
+        if all(value is None for value in reached):
             raise InputError("inputs: the explained output does not depend on the inputs")
+        found = tuple(torch.zeros_like(x) if value is None else value for x, value in zip(inputs, reached))
         missing = [name for name in self.record if name not in self.records]
         if missing:
             raise InputError(f"layers: {missing} received no relevance (not between the input and the explained output)")
         report = ConservationReport(
-            [row for row in self.rows if row.entering is not None], per_example_sum(relevance), per_example_sum(found),
+            [row for row in self.rows if row.entering is not None], per_example_sum(relevance),
+            torch.stack([per_example_sum(value) for value in found]).sum(0),
             [] if self.per_layer else ["per-layer sums were not taken (conservation=False)"],
         )
         return found, dict(self.records), report

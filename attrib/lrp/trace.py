@@ -58,7 +58,7 @@ class RelevanceTrace:
         self.run = Run(model, composite, make_plan(model, composite, views), views, {name: (module, "out") for name, module in resolved})
         self.run.per_layer = False
         self.input = inputs.expand((copies,) + tuple(inputs.shape[1:])).clone().requires_grad_(True)
-        output = self.run.forward(self.input, as_args(additional_forward_args))
+        output = self.run.forward((self.input,), as_args(additional_forward_args))
         with torch.enable_grad():
             if not isinstance(output, Tensor) or not output.requires_grad:
                 raise InputError("inputs: the model output is not a tensor that depends on the inputs")
