@@ -16,6 +16,12 @@ layer (the lowest layer's relevance, or a skip connection around every chosen la
 outflow. Residual connections appear as edges that skip layers: the
 part of a node's relevance that takes the identity branch reaches an earlier layer directly.
 
+Every layer has a *direction*, the sign of its total (:func:`directions`): the top-``k`` channels
+are those with the largest value times it. It is the score's sign in the ordinary case, but a
+bias that absorbs more than the whole score (a positive logit made of negative evidence plus a
+large bias, or the reverse) leaves relevance of the opposite sign flowing below it; ranking in
+the score's direction would keep the channels that carry the least.
+
 All k channels of a layer go through one backward pass (k rows of one forward pass).
 """
 from __future__ import annotations
@@ -57,11 +63,11 @@ class FlowGraph:
     """A built graph and what it was built from.
 
     ``layers``: chosen layers in forward order; ``top[layer]``: its k channels by descending
-    value; ``values[layer]``: the flowing quantity (relevance or conductance) of every channel
-    ``(C,)``; ``flows[upper][lower]``:
-    ``(k, C_lower)`` direct flows from the upper layer's top channels (top: the largest relevance
-    times the sign of the score) (``upper`` is ``"output"`` for
-    the class node, one row); ``trace``: the kept LRP pass (for path heatmaps).
+    value times the layer's direction (``directions``: the sign of the layer's total);
+    ``values[layer]``: the flowing quantity (relevance or conductance) of every channel ``(C,)``;
+    ``flows[upper][lower]``: ``(k, C_lower)`` direct flows from the upper layer's top channels
+    (``upper`` is ``"output"`` for the class node, one row); ``trace``: the kept LRP pass (for
+    path heatmaps).
 
     >>> flow = build_graph(model, x[:1], target=3, k=8)
     >>> flow.graph.number_of_nodes(), flow.values['features.28']   # nodes; relevance per channel
@@ -84,6 +90,11 @@ class FlowGraph:
     @property
     def class_node(self) -> tuple:
         return (CLASS_LAYER, self.target)
+
+    @property
+    def directions(self) -> dict[str, float]:
+        """Per layer, +1.0 or -1.0: the direction of the relevance (conductance) flowing through it."""
+        return directions(self.values, self.score)
 
 
 def default_layers(model: nn.Module, inputs: Tensor, additional_forward_args: Any = None) -> list[str]:
@@ -120,11 +131,24 @@ class _Parts:
     trace: RelevanceTrace | None = None
 
 
+def direction_of(value: float, otherwise: float = 1.0) -> float:
+    """+1.0 or -1.0 by the sign of ``value``; ``otherwise`` for 0."""
+    return 1.0 if value > 0 else -1.0 if value < 0 else otherwise
+
+
+def directions(values: dict[str, Tensor], score: float) -> dict[str, float]:
+    """Per layer, the direction (+1.0 or -1.0) of what flows through it: the sign of the layer's
+    total over every channel (the score's sign where the total is 0). It can differ from the
+    score's sign: a bias (or epsilon) that absorbs more than the whole score leaves relevance of
+    the opposite sign flowing below it."""
+    return {name: direction_of(float(value.sum()), direction_of(score)) for name, value in values.items()}
+
+
 def _rank(values: dict[str, Tensor], score: float, k: int) -> tuple[dict, dict]:
-    """Channels ordered by their value in the direction of the explained score (for a negative
-    score the most negative channels carry it); the first k are the graph's."""
-    sign = 1.0 if score >= 0 else -1.0
-    order = {name: torch.argsort(value * sign, descending=True).tolist() for name, value in values.items()}
+    """Channels ordered by their value in the direction of what flows through their layer (where
+    that is negative the most negative channels carry it); the first k are the graph's."""
+    along = directions(values, score)
+    order = {name: torch.argsort(value * along[name], descending=True).tolist() for name, value in values.items()}
     return order, {name: channels[:k] for name, channels in order.items()}
 
 

@@ -129,8 +129,10 @@ def full_heatmap(flow: FlowGraph) -> Tensor:
 def path_scores(flow: FlowGraph, path_sets: Sequence[Sequence[CriticalPath]]) -> Tensor:
     """Target score ``(len(path_sets),)`` with only each set's path channels kept in the forward pass
     (masked at the module that carries each layer's relevance: its BatchNorm when folded)."""
-    masks = _masks(flow, path_sets)
     rows = len(path_sets)
+    if rows == 0:
+        return flow.inputs.new_zeros(0)
+    masks = _masks(flow, path_sets)
     x = flow.inputs.expand((rows,) + tuple(flow.inputs.shape[1:]))
     modules = {flow.seen_at.get(layer, layer): layer for layer in flow.layers}
     edit = {}

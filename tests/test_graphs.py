@@ -229,8 +229,8 @@ def test_attributes_are_numbers_and_files_round_trip(tmp_path):
     assert math.isclose(back.edges[graphs.node_id(a), graphs.node_id(b)]["share"], flow.graph.edges[a, b]["share"])
     pruned = graphs.pruned(flow)
     kept = graphs.selected_neurons(flow)
-    for layer in flow.layers:
-        values = flow.values[layer] * (1 if flow.score >= 0 else -1)
+    for layer in flow.layers:  # in the direction of what flows through the layer (the sign of its total)
+        values = flow.values[layer] * (1 if flow.values[layer].sum() > 0 else -1)
         threshold = values.mean() - values.std(unbiased=False)
         assert kept[layer] == [c for c in range(values.numel()) if values[c] > threshold]
     assert all(n[0] == graphs.CLASS_LAYER or n[1] in kept[n[0]] for n in pruned.nodes)
