@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import inspect
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -319,9 +319,11 @@ class DeepLift(ConvergenceDelta):
                custom: Callable[..., Any] | None, plan: ChunkPlan) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
         """DeepLIFT of ``pairs`` (example, reference) pairs, ``pick(pair) -> (example, xs, references)``,
         in chunks of the plan: the maps summed per example, and per pair the sum ``delta`` checks and
-        the scores at both ends."""
+        the scores at both ends. A ``custom`` function is called once, on every pair's multipliers (as
+        Captum calls it), so that it may compare rows; the forward passes are chunked all the same."""
         totals = [torch.zeros_like(x) for x in path.inputs]
         sums, outputs, baseline_outputs = (path.inputs[0].new_zeros(pairs) for _ in range(3))
+        held: list[tuple[Tensor, list[Tensor], tuple, tuple]] = []
         for start, stop in plan:
             pair = torch.arange(start, stop, device=path.inputs[0].device)
             example, xs, bs = pick(pair)
@@ -331,11 +333,23 @@ class DeepLift(ConvergenceDelta):
                     path, xs, bs, example, self.maxpool == "rescale")
             if isinstance(footprint, Footprint):
                 plan.measured(footprint.peak, stop - start)
-            maps, checked = _maps(multipliers, xs, bs, self.multiply_by_inputs, custom)
-            for total, one in zip(totals, maps):
-                total.index_add_(0, example, one)
-            sums[pair] = torch.stack([c.reshape(len(pair), -1).sum(1) for c in checked]).sum(0)
+            held.append((example, multipliers, xs, bs))
+            if custom is None:
+                self._add(held.pop(), totals, sums, start, None)
+        if custom is not None:
+            joined = (torch.cat([h[0] for h in held]),) + tuple(
+                [torch.cat([h[part][i] for h in held]) for i in range(len(path.inputs))] for part in (1, 2, 3))
+            self._add(joined, totals, sums, 0, custom)  # type: ignore[arg-type]
         return totals, sums, outputs, baseline_outputs
+
+    def _add(self, rows: tuple[Tensor, list[Tensor], Sequence[Tensor], Sequence[Tensor]], totals: list[Tensor], sums: Tensor,
+             start: int, custom: Callable[..., Any] | None) -> None:
+        """The maps of pairs ``start, start + 1, ...`` added to their examples' totals, and their checked sums."""
+        example, multipliers, xs, bs = rows
+        maps, checked = _maps(multipliers, tuple(xs), tuple(bs), self.multiply_by_inputs, custom)
+        for total, one in zip(totals, maps):
+            total.index_add_(0, example, one)
+        sums[start:start + example.shape[0]] = torch.stack([c.reshape(example.shape[0], -1).sum(1) for c in checked]).sum(0)
 
 
 def _references(baselines: object, path: StraightPath) -> tuple[Tensor, ...]:

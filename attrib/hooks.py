@@ -67,10 +67,12 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], el
                 close = difflib.get_close_matches(name, [n for n in by_name if n], n=5, cutoff=0.5)
                 hint = f"; closest names: {', '.join(close)}" if close else ""
                 raise InputError(f"layers: {name!r} is not a submodule of the model{hint}")
+            _refuse_containers(layer, name, by_name[name])
             resolved.append((layer, by_name[name]))
         elif isinstance(layer, nn.Module):
             if id(layer) not in by_module or by_module[id(layer)] == "":
                 raise InputError(f"layers: the {type(layer).__name__} module given is not a submodule of the model")
+            _refuse_containers(by_module[id(layer)], by_module[id(layer)], layer)
             resolved.append((by_module[id(layer)], layer))
         else:
             raise InputTypeError(f"layers: expected a name or an nn.Module, got {type(layer).__name__}")
@@ -78,6 +80,14 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], el
     if len(set(names)) != len(names):
         raise InputError(f"layers: a layer is listed twice: {names}")
     return resolved
+
+
+def _refuse_containers(layer: str, name: str, module: nn.Module) -> None:
+    """ModuleList and ModuleDict hold modules but are never called themselves."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+        first = next(iter(dict(module.named_children())), "0")
+        raise InputError(f"layers: {layer!r}: {name!r} is a {type(module).__name__}, which is never called; name one of "
+                         f"its modules, e.g. '{name}.{first}'")
 
 
 @contextmanager
@@ -172,6 +182,8 @@ class capture:
         self._guard: AbstractContextManager[None] | None = None
 
     def __getitem__(self, name: str) -> Tensor:
+        if name not in self.captured and name in {n for n, _ in self.layers}:
+            raise InputError(f"layers: {name!r} did not run in the forward pass; choose a module the model calls")
         return self.captured[name]
 
     def _take(self, name: str, tensor: object) -> Tensor:
@@ -209,9 +221,10 @@ class capture:
                 raise InputTypeError(f"layer {name!r} was called without a positional input to capture")
             if element is not None:
                 return _replace(tuple(args), element, lambda value: self._take(name, value), name)
-            tensors = [i for i, a in enumerate(args) if isinstance(a, Tensor)]
-            if len(tensors) < 2:
-                return (self._take(name, args[0]),) + tuple(args[1:])
+            tensors = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
+            if len(tensors) < 2:  # one floating-point input (integer ones beside it, e.g. positions, are not parts)
+                first = tensors[0] if tensors else 0
+                return tuple(self._take(name, a) if i == first else a for i, a in enumerate(args))
             self.parts[name] = [f"{name}[{i}]" for i in tensors]  # several inputs: one capture each, a tuple in results
             return tuple(self._take(f"{name}[{i}]", a) if i in tensors else a for i, a in enumerate(args))
         return hook

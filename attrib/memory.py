@@ -1,12 +1,14 @@
 """Chunk sizes from a memory budget (``internal_batch_size="auto"``, the default of every batched method).
 
-The first chunk is a probe of a few rows. Its footprint per row is measured while it runs: on CUDA the
+The first chunk is a probe of one row. Its footprint per row is measured while it runs: on CUDA the
 allocator's peak (``torch.cuda.max_memory_allocated``) above what was allocated before; on CPU, where
 no allocator keeps a peak, the bytes autograd saves for the backward pass (``saved_tensors_hooks``)
 plus twice the largest module output and the captured layers with their gradients — the terms that are
 alive together at the peak of a forward+backward pass. The other chunks get as many rows as fit in the
 budget: ``memory_budget`` bytes if given, else a fraction of the memory free now (``CPU_FRACTION`` of
-MemAvailable, ``GPU_FRACTION`` of ``torch.cuda.mem_get_info``), each row counted ``SAFETY`` times.
+MemAvailable or of what a container's memory limit leaves, ``GPU_FRACTION`` of the free device memory
+plus the allocator's unused cache), each row counted ``SAFETY`` times. On CUDA the probe resets the
+device's peak-memory statistics (``torch.cuda.reset_peak_memory_stats``).
 On CPU the chunk sizes depend only on the model, the inputs and the budget, never on the allocator's
 state, so two runs give the same chunks and the same numbers.
 """
@@ -26,22 +28,46 @@ AUTO = "auto"
 CPU_FRACTION = 0.25  # of the memory available now: the rest is left to the process and the machine
 GPU_FRACTION = 0.5
 SAFETY = 1.5  # each measured row counts this much
-PROBE_ROWS = 4
+PROBE_ROWS = 1  # the probe must fit whatever the budget: one row, whose cost is then known
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as file:
+            text = file.read().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _container_free() -> int | None:
+    """What a cgroup memory limit (v2, else v1) leaves to this process's group, if one is set."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 1 << 60:  # v1 reports "no limit" as a huge number
+            return max(0, limit - usage)
+    return None
 
 
 def available_memory(device: torch.device) -> int:
-    """Bytes free now: ``torch.cuda.mem_get_info`` on CUDA, MemAvailable (Linux) or the physical memory on CPU."""
+    """Bytes free now: on CUDA ``torch.cuda.mem_get_info`` plus what PyTorch's allocator holds unused; on CPU
+    MemAvailable (Linux; else the free physical pages), and no more than a container's memory limit leaves."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    available = None
     try:
         with open("/proc/meminfo") as info:
             for line in info:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    if available is None:
+        available = int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    container = _container_free()
+    return available if container is None else min(available, container)
 
 
 def check_budget(memory_budget: Any) -> int | None:

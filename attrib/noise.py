@@ -138,7 +138,8 @@ class NoiseTunnel:
     :class:`attrib.SmoothGrad`). The other keyword arguments go to the wrapped method. For
     ``"smoothgrad"``, ``delta`` is the mean of the samples' deltas, which is the averaged map's
     completeness error against the averaged score change; ``info["sample_deltas"]`` holds them all,
-    (B, nt_samples). ``generator`` makes the noise reproducible.
+    (B, nt_samples). Layers a method records beside its map (LRP's ``layers``) are smoothed the same way;
+    the wrapped method's other ``info`` is not kept. ``generator`` makes the noise reproducible.
 
     >>> nt = NoiseTunnel(IntegratedGradients(model))
     >>> res = nt.attribute(x, nt_type="smoothgrad", nt_samples=10, stdevs=0.1, target=3, n_steps=50)
@@ -176,7 +177,8 @@ class NoiseTunnel:
         per_call = samples if nt_samples_batch_size is None else min(samples, check_count("nt_samples_batch_size", nt_samples_batch_size))
         sigmas = [noise_scale(x, s, stdev_mode) for x, s in zip(checked, _stdevs(stdevs, len(checked)))]
         n = checked[0].shape[0]
-        moments = _Moments(n, 1 if isinstance(options.get("neuron_selector"), list) else 0)
+        batch_dim = 1 if isinstance(options.get("neuron_selector"), list) else 0
+        moments, layer_moments = _Moments(n, batch_dim), _Moments(n, batch_dim)
         results = []
         for start in range(0, samples, per_call):
             count = min(per_call, samples - start)
@@ -187,8 +189,17 @@ class NoiseTunnel:
                 expanded["baselines"] = _draw_baselines(options.get("baselines"), n * count, generator)
             result = self.method.attribute(noisy[0] if single else noisy, **expanded)
             moments.add(result.attributions)
-            results.append(result)
-        return self._result(results, moments.reduce(nt_type, samples), nt_type, n, samples, sigmas, single)
+            if result.layers:
+                layer_moments.add(result.layers)
+            # only what the summary needs is kept: the maps are already in the moments
+            results.append(Attribution(attributions=(), delta=result.delta, outputs=result.outputs,
+                                       baseline_outputs=result.baseline_outputs, method=result.method,
+                                       n_steps=result.n_steps, evaluations=result.evaluations))
+            del result
+        summary = self._result(results, moments.reduce(nt_type, samples), nt_type, n, samples, sigmas, single)
+        if layer_moments.first is not None:
+            summary.layers = layer_moments.reduce(nt_type, samples)
+        return summary
 
     def _result(self, results: list[Attribution], attributions: Any, nt_type: str, n: int, samples: int,
                 sigmas: list[Tensor], single: bool) -> Attribution:

@@ -221,7 +221,7 @@ def _evaluate(model: nn.Module, cap: capture, names: list[str], points: dict[str
         start, stop, node, example = rows
         scores = target_scores(output, target, example)
         names = [part for name in names for part in cap.parts.get(name, [name])]
-        tensors = {name: cap.captured[name] for name in names}
+        tensors = {name: cap.captured[name] if name in cap.captured else cap[name] for name in names}  # cap[...] says which did not run
         cap.captured.clear()
         chunk = Chunk(start, stop, node, example, scores.detach(), {}, {}, dict(cap.parts))
         if input_grad:

@@ -326,3 +326,26 @@ def test_deeplift_shap_several_inputs_need_one_distribution_each_with_one_count(
         DeepLiftShap(model).attribute(inputs, (image,), target=0)
     with pytest.raises(attrib.InputError, match="internal_batch_size"):
         DeepLiftShap(model).attribute(inputs, (image, vector), target=0, internal_batch_size=0)
+
+
+def test_custom_attribution_func_sees_every_row_at_once_whatever_the_chunking():
+    """A function that normalises over its batch gives Captum's numbers with any internal_batch_size."""
+    import warnings
+
+    from captum import attr as captum_attr
+    from conftest import make_cnn
+
+    model = make_cnn()
+    x = torch.rand(6, 3, 8, 8, dtype=torch.float64)
+    baselines = torch.rand(6, 3, 8, 8, dtype=torch.float64) * 0.1
+
+    def normalised(multipliers, inputs, baselines):
+        return tuple(m * (x - b) / (m * (x - b)).abs().sum() for m, x, b in zip(multipliers, inputs, baselines))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = captum_attr.DeepLift(model).attribute(x, target=1, baselines=baselines, custom_attribution_func=normalised)
+    for chunk in ("auto", None, 1, 4):
+        ours = attrib.DeepLift(model, maxpool="gradient").attribute(
+            x, target=1, baselines=baselines, custom_attribution_func=normalised, internal_batch_size=chunk)
+        assert float((ours.attributions - theirs).abs().max() / theirs.abs().max()) <= 1e-8, chunk

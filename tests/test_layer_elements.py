@@ -154,3 +154,63 @@ def test_wrong_elements_are_refused_by_name(pair):
     with pytest.raises(ValueError):
         attrib.LayerConductance(plain, "attn[7]").attribute(x, target=target)
     assert_unchanged(plain, before)
+
+
+def test_layers_that_never_run_and_containers_are_refused_by_name():
+    class Blocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Linear(3, 3), nn.Linear(3, 3)])
+            self.unused = nn.Linear(3, 3)
+            self.head = nn.Linear(3, 2)
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = torch.relu(block(x))
+            return self.head(x)
+
+    model = Blocks().double()
+    x = torch.randn(2, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"'blocks\[0\]': 'blocks' is a ModuleList, which is never called; .* 'blocks.0'"):
+        attrib.LayerConductance(model, "blocks[0]")
+    with pytest.raises(ValueError, match=r"'blocks' is a ModuleList"):
+        attrib.LayerActivation(model, model.blocks)
+    before = model_state(model)
+    for method in (attrib.LayerConductance(model, "unused"), attrib.LayerGradientXActivation(model, "unused")):
+        with pytest.raises(ValueError, match=r"'unused' did not run in the forward pass"):
+            method.attribute(x, target=0)
+    with pytest.raises(ValueError, match=r"'unused' did not run in the forward pass"):
+        attrib.LayerActivation(model, "unused").attribute(x)
+    assert_unchanged(model, before)
+    res = attrib.LayerConductance(model, "blocks.0").attribute(x, target=1, n_steps=64)
+    assert res["blocks.0"].shape == (2, 3)
+
+
+def test_integer_inputs_beside_a_layers_input_are_not_parts():
+    """block(h, positions): the integer positions are passed through, h alone is the layer's input."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.table = nn.Embedding(5, 4)
+
+        def forward(self, h, positions):
+            return h + self.table(positions)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.block, self.head = nn.Linear(3, 4), Block(), nn.Linear(4, 2)
+
+        def forward(self, x, positions):
+            return self.head(torch.tanh(self.block(self.inp(x), positions)))
+
+    torch.manual_seed(0)
+    model = Model().double()
+    x, positions = torch.randn(3, 3, dtype=torch.float64), torch.tensor([0, 3, 4])
+    ours = attrib.LayerConductance(model, "block").attribute(x, target=1, attribute_to_layer_input=True, n_steps=6,
+                                                            method="riemann_trapezoid", additional_forward_args=positions)
+    # h is inp's output unchanged: Captum's conductance there (Captum itself fails on the block's integer input)
+    theirs = captum.LayerConductance(model, model.inp).attribute(x, target=1, n_steps=6, method="riemann_trapezoid",
+                                                                 additional_forward_args=(positions,))
+    assert isinstance(ours["block"], torch.Tensor)
+    assert relative(ours["block"], theirs) <= TOL
