@@ -76,11 +76,15 @@ class GradCAM:
         if relu_attributions:
             cam = cam.clamp(min=0)
         layer_map = cam
-        if interpolate_mode is not None and spatial:
-            cam = upsample(cam, tuple(path.inputs[0].shape[2:]), interpolate_mode)
+        resized = interpolate_mode is not None and bool(spatial) and path.inputs[0].dim() == cam.dim()
+        if resized:
+            cam = upsample(cam, tuple(path.inputs[0].shape[2:]), interpolate_mode)  # type: ignore[arg-type]
+        elif interpolate_mode is not None and spatial:
+            warnings.warn(f"GradCAM: the input of shape {tuple(path.inputs[0].shape)} has not the layer map's "
+                          f"{len(spatial)} spatial dimension(s) (token ids?); the map stays at the layer's resolution")
         return Attribution(
             attributions=cam, outputs=chunk.scores, method="gradcam", evaluations=1,
-            info={"layer": self.layer, "weights": weights, "layer_map": layer_map},
+            info={"layer": self.layer, "weights": weights, "layer_map": layer_map, "resized": resized},
         )
 
 

@@ -116,7 +116,7 @@ def check_baseline_tuple(baselines: object, inputs: tuple[Tensor, ...], single: 
     """Baselines matching ``inputs``: for one input as :func:`check_baselines`; for a tuple of inputs a
     tuple of the same length whose items are each None, a number or a tensor (``None`` or one number
     alone applies to every input)."""
-    if single and not isinstance(baselines, tuple):
+    if len(inputs) == 1 and not isinstance(baselines, tuple):  # one input (also a tuple of one): a bare baseline
         return (check_baselines(baselines, inputs[0]),)  # type: ignore[arg-type]
     if baselines is None or (isinstance(baselines, (int, float)) and not isinstance(baselines, bool)):
         return tuple(check_baselines(baselines, x) for x in inputs)

@@ -193,13 +193,24 @@ class RescaleRule(TorchFunctionMode):
     ...     output = model(torch.cat([x, x_ref]).requires_grad_())
     """
 
-    def __init__(self, pools: bool = True) -> None:
+    def __init__(self, pools: bool = True, rows: int | None = None) -> None:
         super().__init__()
         self.pools = pools
+        self.rows = rows  # 2 x pairs: a caught tensor's first dimension must hold whole [x; x'] batches
+
+    def _check_batch(self, func: Callable, x: Tensor) -> None:
+        if self.rows is not None and (x.dim() == 0 or x.shape[0] % self.rows):
+            raise InputError(
+                f"DeepLIFT: {getattr(func, '__name__', func)} got a tensor of shape {tuple(x.shape)} whose first "
+                f"dimension is not a multiple of the evaluated batch [x; x'] ({self.rows} rows); the batch must be "
+                "the first dimension of every nonlinearity's input (sequence-first layouts are not supported)"
+            )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if args and isinstance(args[0], Tensor) and args[0].requires_grad:
+            if func in ELEMENTWISE or func in SOFTMAX_FUNCTIONS or (self.pools and func in MAX_POOL_FUNCTIONS):
+                self._check_batch(func, args[0])
             if func in ELEMENTWISE:
                 return _Rescale.apply(args[0], _out_of_place(func, args, kwargs))
             if self.pools and func in MAX_POOL_FUNCTIONS:
@@ -221,7 +232,7 @@ def _pair_multipliers(path: StraightPath, inputs: tuple[Tensor, ...], baselines:
     rows, model = example.repeat(2), path.model
     with frozen_parameters(model), torch.enable_grad():
         probes = [torch.cat([x, b]).requires_grad_(True) for x, b in zip(inputs, baselines)]
-        with RescaleRule(pools=pools):
+        with RescaleRule(pools=pools, rows=2 * example.shape[0]):
             output = model(*probes, *expand_args(path.args, rows, path.batch))
         scores = target_scores(output, path.target, rows)
         if not scores.requires_grad:

@@ -24,15 +24,8 @@ from .quadrature import weighted_rule
 from .result import Attribution
 from .sums import WeightedSum
 from .sweep import Differentiate, StraightPath
-from .targets import selector_weights
+from .targets import no_score, selector_weights
 from .types import Baselines, Inputs, LayerSpec, NeuronSelector
-
-
-def no_score(output: Any) -> Tensor:
-    """The target of the neuron methods: they explain a hidden unit, not an output score."""
-    parts = [output] if isinstance(output, Tensor) else list(output.values() if isinstance(output, dict) else output)
-    first = next(p for p in parts if isinstance(p, Tensor))
-    return first.new_zeros(first.shape[0])
 
 
 def _selectors(neuron_selector: Any) -> list:
@@ -129,8 +122,8 @@ class NeuronDeconvolution(_NeuronMethod):
 class NeuronIntegratedGradients(_NeuronMethod):
     """Integrated gradients of the selected units' value: ``(x - x') integral d n / dx dalpha``.
 
-    ``delta`` is the completeness error against the units' own change, ``sum(maps) - (n(x) - n(x'))``
-    per selector and example (None for callables that are not linear in the layer).
+    ``delta`` is the completeness error against the selection's own change, ``sum(maps) - (n(x) - n(x'))``
+    per selector and example; ``outputs`` and ``baseline_outputs`` hold n(x) and n(x') (a callable's value).
     ``multiply_by_inputs=False`` leaves out ``x - x'``.
 
     >>> res = NeuronIntegratedGradients(model, "features.28").attribute(x, [(5, 3, 3), (7, 0, 0)], n_steps=50)
@@ -158,19 +151,21 @@ class NeuronIntegratedGradients(_NeuronMethod):
                       differentiate=_to_inputs(self.layer, selectors, path.keys, keys))
         full = [[integral.total[key] * d for key, d in zip(row, path.differences)] for row in keys]
         maps = full if self.multiply_by_inputs else [[integral.total[key] for key in row] for row in keys]
-        delta = self._delta(path, selectors, full, attribute_to_neuron_input)
-        if delta is not None and not isinstance(neuron_selector, list):
-            delta = delta[0]
-        return Attribution(attributions=self._shape(path, maps, neuron_selector), delta=delta, method=method,
-                           n_steps=n_steps, evaluations=alphas.shape[0] + 1, info={"layer": self.layer})
+        outputs, baseline_outputs = self._ends(path, selectors, attribute_to_neuron_input)
+        delta = torch.stack([path.total(row) for row in full]) - (outputs - baseline_outputs)
+        if not isinstance(neuron_selector, list):
+            delta, outputs, baseline_outputs = delta[0], outputs[0], baseline_outputs[0]
+        return Attribution(attributions=self._shape(path, maps, neuron_selector), delta=delta, outputs=outputs,
+                           baseline_outputs=baseline_outputs, method=method, n_steps=n_steps,
+                           evaluations=alphas.shape[0] + 1, info={"layer": self.layer})
 
-    def _delta(self, path: StraightPath, selectors: list, full: list[list[Tensor]], to_input: bool) -> Tensor | None:
-        if any(callable(s) for s in selectors):
-            return None
+    def _ends(self, path: StraightPath, selectors: list, to_input: bool) -> tuple[Tensor, Tensor]:
+        """The selections' values n(x) and n(x'), (S, B) each, from one forward pass without a graph."""
         n = path.batch
         example = torch.arange(n, device=path.inputs[0].device).repeat(2)
         with capture(self.model, [self.layer], on="input" if to_input else "output") as cap, torch.no_grad():
             self.model(*[torch.cat([x, b]) for x, b in zip(path.inputs, path.baselines)], *expand_args(path.args, example, n))
         value = cap[self.layer]
-        change = [(value * selector_weights(s, value)).reshape(2 * n, -1).sum(1) for s in selectors]
-        return torch.stack([path.total(row) - (c[:n] - c[n:]) for row, c in zip(full, change)])
+        values = torch.stack([s(value) if callable(s) else (value * selector_weights(s, value)).reshape(2 * n, -1).sum(1)
+                              for s in selectors])
+        return values[:, :n], values[:, n:]

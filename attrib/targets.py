@@ -56,8 +56,8 @@ def normalize_target(target: TargetType, n_examples: int) -> TargetType:
     if isinstance(target, Tensor):
         if target.dtype.is_floating_point or target.dtype == torch.bool:
             raise InputTypeError(f"target: an integer tensor is needed, got dtype {target.dtype}")
-        if target.dim() == 0:
-            return int(target)
+        if target.dim() == 0 or target.shape == (1,):  # one class for every example (Captum reads it so)
+            return int(target.reshape(()))
         if target.dim() != 1 or target.shape[0] != n_examples:
             raise InputError(f"target: a tensor target needs shape ({n_examples},), got {tuple(target.shape)}")
         return [int(t) for t in target.tolist()]
@@ -71,9 +71,17 @@ def normalize_target(target: TargetType, n_examples: int) -> TargetType:
     return target
 
 
+def no_score(output: object) -> Tensor:
+    """The target of methods that explain a hidden unit, not an output: no score (zeros), and the
+    output's shape is not checked."""
+    raise AssertionError("no_score is read by target_scores, never called")
+
+
 def target_scores(output: object, target: TargetType, example: Tensor) -> Tensor:
     """Scores ``(rows,)`` of an output for ``rows`` interpolated rows; ``example[r]`` is row r's example."""
     rows = example.shape[0]
+    if target is no_score:
+        return torch.zeros(rows, dtype=torch.get_default_dtype(), device=example.device)
     if callable(target):
         scores = target(output)
         if not isinstance(scores, Tensor) or scores.shape != (rows,):

@@ -62,6 +62,7 @@ def test_neuron_integrated_gradients_matches_captum_and_is_complete(cnn, method,
         model(torch.cat([x, baselines]))
     change = torch.stack([cap["1"][:, 2, 4, 4], cap["1"][:, 1].flatten(1).sum(1)])
     change = change[:, :3] - change[:, 3:]
+    assert torch.allclose(fine.outputs - fine.baseline_outputs, change, atol=1e-14)
     assert torch.allclose(fine.attributions.flatten(2).sum(2) - change, fine.delta, atol=1e-12)
     assert fine.delta.abs().max() < 0.05 * change.abs().max()
 
@@ -87,6 +88,11 @@ def test_neuron_methods_with_several_inputs_and_a_callable_selector():
                                           captum.NeuronGradient(model, model.relu).attribute(inputs, (4,)))]
     for a, b in zip(ours.attributions, combined):
         assert relative(a[1], b) <= TOL
+    smooth = attrib.NeuronIntegratedGradients(model, "relu").attribute(inputs, lambda y: (y[:, 1] + y[:, 4]).square(),
+                                                                       n_steps=64)
+    total = sum(a.flatten(1).sum(1) for a in smooth.attributions)  # a callable has a completeness error too
+    assert torch.allclose(total - (smooth.outputs - smooth.baseline_outputs), smooth.delta, atol=1e-12)
+    assert smooth.delta.abs().max() < 1e-3 * (smooth.outputs - smooth.baseline_outputs).abs().max()  # ReLU kinks: O(1/n)
     ig = attrib.NeuronIntegratedGradients(model, "relu").attribute(inputs, (2,), n_steps=20)
     theirs = captum.NeuronIntegratedGradients(model, model.relu).attribute(inputs, (2,), n_steps=20)
     for a, b in zip(ig.attributions, theirs):
@@ -156,3 +162,63 @@ def test_an_output_batch_that_differs_from_the_input_batch_is_refused():
         attrib.IntegratedGradients(Pooled()).attribute(torch.rand(3, 4, dtype=torch.float64), target=0)
     with pytest.raises(ValueError, match="one output row per input row"):
         attrib.Saliency(Pooled()).attribute(torch.rand(3, 4, dtype=torch.float64), target=0)
+
+
+def test_captum_conventions_for_one_input_in_a_tuple_and_a_one_element_target(cnn):
+    model, x, baselines = cnn
+    ours = attrib.IntegratedGradients(model).attribute((x,), target=torch.tensor([2]), baselines=baselines, n_steps=5)
+    theirs = captum.IntegratedGradients(model).attribute((x,), target=torch.tensor([2]), baselines=baselines, n_steps=5)
+    assert isinstance(ours.attributions, tuple) and relative(ours.attributions[0], theirs[0]) <= TOL
+
+
+def test_gradcam_on_inputs_without_the_maps_spatial_dimensions_keeps_the_layer_map():
+    torch.manual_seed(0)
+
+    class Tokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.conv, self.head = nn.Embedding(10, 4), nn.Conv1d(4, 3, 3, padding=1), nn.Linear(3, 2)
+
+        def forward(self, ids):
+            return self.head(self.conv(self.embed(ids).transpose(1, 2)).mean(2))
+
+    model = Tokens().double()
+    ids = torch.randint(10, (3, 7))
+    with pytest.warns(UserWarning, match="the map stays at the layer's resolution"):
+        ours = attrib.GradCAM(model, "conv").attribute(ids, target=1, relu_attributions=False)
+    assert ours.info["resized"] is False
+    assert relative(ours.tensor, captum.LayerGradCam(model, model.conv).attribute(ids, target=1)) <= TOL
+
+
+def test_gradient_shap_and_neuron_methods_name_the_right_argument(cnn):
+    model, x, _ = cnn
+    with pytest.raises(ValueError, match="n_samples must be a positive int"):
+        attrib.GradientShap(model).attribute(x, torch.zeros(2, 3, 8, 8, dtype=torch.float64), n_samples=0, target=0)
+    with pytest.raises(TypeError, match=r"baselines: GradientShap draws from reference examples"):
+        attrib.GradientShap(model).attribute(x, None, target=0)
+    with pytest.raises(ValueError, match=r"baselines of shape \(2, 3, 4, 4\): give N >= 1 reference examples shaped"):
+        attrib.GradientShap(model).attribute(x, torch.zeros(2, 3, 4, 4, dtype=torch.float64), target=0)
+
+    class Pooled(nn.Module):  # the output mixes the batch, but the neuron methods never read it
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x):
+            return self.inner(x).sum(0, keepdim=True)
+
+    grads = attrib.NeuronGradient(Pooled(), "inner.3").attribute(x, (1, 1, 1)).attributions
+    assert relative(grads, captum.NeuronGradient(model, model[3]).attribute(x, (1, 1, 1))) <= TOL
+
+
+def test_deeplift_refuses_a_batch_that_is_not_first():
+    class SequenceFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):  # x: (B, T, 3) -> (T, B, 3) inside, then back
+            return torch.relu(self.lin(x).transpose(0, 1)).sum((0, 2)).unsqueeze(1)
+
+    with pytest.raises(ValueError, match=r"first dimension is not a multiple of the evaluated batch \[x; x'\]"):
+        attrib.DeepLift(SequenceFirst().double()).attribute(torch.randn(2, 5, 3, dtype=torch.float64), baselines=0.0)
