@@ -86,7 +86,11 @@ def target_scores(output: object, target: TargetType, example: Tensor) -> Tensor
         scores = target(output)
         if not isinstance(scores, Tensor) or scores.shape != (rows,):
             got = tuple(scores.shape) if isinstance(scores, Tensor) else type(scores).__name__
-            raise InputError(f"target: the callable must return one score per example, shape ({rows},); got {got}")
+            raise InputError(
+                f"target: the callable must return one score per row of the output it is given, shape ({rows},); got "
+                f"{got}. Methods evaluate rows in chunks (internal_batch_size, 'auto' by default): a callable that reads "
+                "per-example tensors of its own sees a chunk; pass internal_batch_size=None for one chunk of all rows"
+            )
         return scores
     if not isinstance(output, Tensor):
         raise InputTypeError(

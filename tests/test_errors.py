@@ -69,7 +69,7 @@ def test_model_output_that_is_not_a_tensor():
           lambda: attrib.LayerConductance(model, "body").attribute(x, target=1))
     res = attrib.LayerConductance(model, "body").attribute(x, target=lambda out: out["logits"][:, 1], n_steps=3)
     assert float(res.delta["body"].abs().max()) <= 1e-14  # a linear model: exact
-    check(model, ValueError, r"target: the callable must return one score per example",
+    check(model, ValueError, r"target: the callable must return one score per row of the output it is given",
           lambda: attrib.IntegratedGradients(model).attribute(x, target=lambda out: out["logits"]))
 
 

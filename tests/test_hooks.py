@@ -132,4 +132,4 @@ def test_graph_starts_at_the_lowest_layer():
         list(chunks)
     finally:
         engine._gradients = original
-    assert seen == [{"3": (True, True)}]
+    assert len(seen) == 2 and all(s == {"3": (True, True)} for s in seen)  # the memory probe's row, then the rest
