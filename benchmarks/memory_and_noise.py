@@ -69,10 +69,11 @@ def child(method: str, internal_batch_size: str, steps: int, threads: int) -> No
                       "available_gb_at_start": memory.available_memory(torch.device("cpu")) / 2**30}))
 
 
-def memory_runs(steps: int, threads: int) -> list[dict]:
-    rows = []
-    for method in ("ig", "conductance"):
-        for ibs in ("auto", "32"):
+def memory_runs(steps: int, threads: int, configs: list[tuple[str, str]], earlier: list[dict]) -> list[dict]:
+    """Run ``configs`` ((method, internal_batch_size) pairs); rows of other configs are kept from ``earlier``."""
+    rows = [row for row in earlier if (row["method"], row["internal_batch_size"]) not in configs]
+    for method, ibs in configs:
+        if True:
             out = subprocess.run([sys.executable, __file__, "--child", method, ibs, str(steps), str(threads)],
                                  capture_output=True, text=True)
             if out.returncode != 0:
@@ -80,7 +81,11 @@ def memory_runs(steps: int, threads: int) -> list[dict]:
             else:
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
-    return rows
+    order = {(m, b): i for i, (m, b) in enumerate(CONFIGS)}
+    return sorted(rows, key=lambda row: order.get((row["method"], row["internal_batch_size"]), 99))
+
+
+CONFIGS = [("ig", "auto"), ("ig", "32"), ("conductance", "auto"), ("conductance", "32")]
 
 
 def noise_runs(rounds: int) -> dict:
@@ -148,6 +153,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-noise", action="store_true")
+    parser.add_argument("--configs", default=",".join(f"{m}:{b}" for m, b in CONFIGS),
+                        help="memory runs to do, e.g. ig:auto,conductance:auto (the others keep their saved rows)")
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], int(args.child[2]), int(args.child[3]))
@@ -159,7 +166,8 @@ def main() -> None:
     report.update({"machine": f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()}", "torch": torch.__version__,
                    "threads": args.threads, "n_steps": args.steps, "rounds": args.rounds})
     if not args.skip_memory:
-        report["memory"] = memory_runs(args.steps, args.threads)
+        configs = [tuple(c.split(":")) for c in args.configs.split(",")]
+        report["memory"] = memory_runs(args.steps, args.threads, configs, report.get("memory", []))  # type: ignore[arg-type]
     if not args.skip_noise:
         report["noise"] = noise_runs(args.rounds)
     path.write_text(json.dumps(report, indent=2))
