@@ -77,7 +77,7 @@ def draw_graph(
     bar = fig.colorbar(dots, ax=ax, fraction=0.03, pad=0.01, ticks=[-1, 0, 1])
     bar.set_label(f"node {what} / largest |{what}| in its layer", fontsize=7)
     bar.ax.tick_params(labelsize=6)
-    ax.set_xlabel(f"channels ranked by {what} in the direction of the score (left = strongest), numbered\n"
+    ax.set_xlabel(f"channels ranked by {what} in the direction it flows (left = strongest), numbered\n"
                   f"red: critical paths; edge width: share; node colour: {what} per layer (blue < 0 < red)", fontsize=8)
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
