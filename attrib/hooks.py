@@ -83,8 +83,9 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], el
 
 
 def _refuse_containers(layer: str, name: str, module: nn.Module) -> None:
-    """ModuleList and ModuleDict hold modules but are never called themselves."""
-    if isinstance(module, (nn.ModuleList, nn.ModuleDict)):
+    """Modules without a forward of their own (ModuleList, ModuleDict) hold modules but are never called
+    (a subclass that defines forward, like torchvision's _DenseBlock, is a layer like any other)."""
+    if type(module).forward is nn.Module.forward:
         first = next(iter(dict(module.named_children())), "0")
         raise InputError(f"layers: {layer!r}: {name!r} is a {type(module).__name__}, which is never called; name one of "
                          f"its modules, e.g. '{name}.{first}'")
