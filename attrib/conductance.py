@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from .errors import InputError
 from .hooks import resolve_layers
 from .layer_attribution import LayerMethod
+from .neuron import selected_layer, selections_to_inputs, zero_selections
 from .quadrature import (
     STIELTJES,
     check_method,
@@ -254,22 +255,10 @@ def _through_selectors(layer: str, selectors: list, inputs: Sequence[str], keys:
     """dF/d(layer), and under ``keys[i][j]`` dF/d(input j) through selector i's units of the layer
     only: one backward pass to the layer, then one per selector from the layer to the inputs."""
     def differentiate(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        if layer not in tensors:
-            raise InputError(f"layer: {layer!r} is called with several inputs; select one, e.g. '{layer}[0]'")
-        value = tensors[layer]
+        value = selected_layer(tensors, layer)
         interpolated = [tensors[key] for key in inputs]
-        grads = {layer: torch.zeros_like(value)}
-        grads.update({key: torch.zeros_like(x) for row in keys for key, x in zip(row, interpolated)})
         if not (scores.requires_grad and value.requires_grad):
-            return grads
-        grads[layer], = torch.autograd.grad(scores.sum(), value, retain_graph=True)
-        wanted = [x for x in interpolated if x.requires_grad]
-        for i, (selector, row) in enumerate(zip(selectors, keys)):
-            outgoing = grads[layer] * selector_weights(selector, value)
-            found = iter(torch.autograd.grad(value, wanted, outgoing, retain_graph=i < len(selectors) - 1, allow_unused=True))
-            for key, x in zip(row, interpolated):
-                g = next(found) if x.requires_grad else None
-                if g is not None:
-                    grads[key] = g
-        return grads
+            return {layer: torch.zeros_like(value), **zero_selections(interpolated, keys)}
+        upstream, = torch.autograd.grad(scores.sum(), value, retain_graph=True)
+        return {layer: upstream, **selections_to_inputs(value, interpolated, selectors, keys, upstream)}
     return differentiate

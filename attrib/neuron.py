@@ -35,24 +35,40 @@ def _selectors(neuron_selector: Any) -> list:
     return selectors
 
 
+def selected_layer(tensors: dict[str, Tensor], layer: str) -> Tensor:
+    """The captured layer a selector reads (a layer captured as several inputs has no single value)."""
+    if layer not in tensors:
+        raise InputError(f"layer: {layer!r} is called with several inputs; select one, e.g. '{layer}[0]'")
+    return tensors[layer]
+
+
+def zero_selections(interpolated: Sequence[Tensor], keys: list[list[str]]) -> dict[str, Tensor]:
+    return {key: torch.zeros_like(x) for row in keys for key, x in zip(row, interpolated)}
+
+
+def selections_to_inputs(value: Tensor, interpolated: Sequence[Tensor], selectors: list, keys: list[list[str]],
+                         upstream: Tensor | None = None) -> dict[str, Tensor]:
+    """Under ``keys[i][j]``: d(selector i's units of ``value``, each weighted by ``upstream`` if given)/d(input j),
+    one backward pass per selector from the layer to the inputs; zeros where the inputs are not reached."""
+    grads = zero_selections(interpolated, keys)
+    wanted = [x for x in interpolated if x.requires_grad]
+    if not value.requires_grad or not wanted:
+        return grads
+    for i, (selector, row) in enumerate(zip(selectors, keys)):
+        weights = selector_weights(selector, value)
+        outgoing = weights.expand_as(value) if upstream is None else upstream * weights
+        found = iter(torch.autograd.grad(value, wanted, outgoing, retain_graph=i < len(selectors) - 1, allow_unused=True))
+        for key, x in zip(row, interpolated):
+            g = next(found) if x.requires_grad else None
+            if g is not None:
+                grads[key] = g
+    return grads
+
+
 def _to_inputs(layer: str, selectors: list, inputs: Sequence[str], keys: list[list[str]]) -> Differentiate:
     """Under ``keys[i][j]``: d(selector i's value of the layer)/d(input j), one backward pass per selector."""
     def differentiate(scores: Tensor, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-        if layer not in tensors:
-            raise InputError(f"layer: {layer!r} is called with several inputs; select one, e.g. '{layer}[0]'")
-        value, interpolated = tensors[layer], [tensors[key] for key in inputs]
-        grads = {key: torch.zeros_like(x) for row in keys for key, x in zip(row, interpolated)}
-        wanted = [x for x in interpolated if x.requires_grad]
-        if not value.requires_grad or not wanted:
-            return grads
-        for i, (selector, row) in enumerate(zip(selectors, keys)):
-            weights = selector_weights(selector, value).expand_as(value)
-            found = iter(torch.autograd.grad(value, wanted, weights, retain_graph=i < len(selectors) - 1, allow_unused=True))
-            for key, x in zip(row, interpolated):
-                g = next(found) if x.requires_grad else None
-                if g is not None:
-                    grads[key] = g
-        return grads
+        return selections_to_inputs(selected_layer(tensors, layer), [tensors[key] for key in inputs], selectors, keys)
     return differentiate
 
 
