@@ -132,6 +132,41 @@ def check_baseline_tuple(baselines: object, inputs: tuple[Tensor, ...], single: 
     return tuple(check_baselines(b, x, f"baselines[{i}]") for i, (b, x) in enumerate(zip(baselines, inputs)))
 
 
+def describe(value: object) -> str:
+    """A value for an error message: a tensor's shape, a sequence's shapes, else its type."""
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {[tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in value]}"
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
+
+
+def check_references(baselines: object, inputs: tuple[Tensor, ...], single: bool, method: str,
+                     alternative: str) -> tuple[Tensor, ...]:
+    """A baseline distribution: per input one tensor of N >= 1 reference examples, (N, ...) with the
+    input's per-example shape, the same N for every input (one tensor for one input given as a tensor)."""
+    given = (baselines,) if isinstance(baselines, Tensor) else baselines
+    if not isinstance(given, tuple) or not all(isinstance(b, Tensor) for b in given):
+        raise InputTypeError(
+            f"baselines: {method} draws from reference examples; it needs reference examples, a tensor (N, ...) per "
+            f"input (a tuple of them for several inputs), got {describe(baselines)}; for one baseline (None or a "
+            f"number) use {alternative}"
+        )
+    if len(given) != len(inputs):
+        raise InputError(f"baselines: {len(given)} given for {len(inputs)} inputs; give one tensor of reference "
+                         "examples per input")
+    for i, (references, x) in enumerate(zip(given, inputs)):
+        name = "baselines" if single else f"baselines[{i}]"
+        if references.dim() != x.dim() or references.shape[1:] != x.shape[1:]:
+            raise InputError(f"{name} of shape {tuple(references.shape)}: give N >= 1 reference examples shaped "
+                             f"{('N',) + tuple(x.shape[1:])} like one example of the inputs")
+        if references.shape[0] < 1:
+            raise InputError(f"{name}: no reference examples (shape {tuple(references.shape)}); give N >= 1")
+        check_baselines(references, x[:1].expand(references.shape), name)  # device, dtype, finite values
+    counts = [b.shape[0] for b in given]
+    if len(set(counts)) > 1:
+        raise InputError(f"baselines: every input needs the same number of reference examples, got {counts}")
+    return tuple(b.detach() for b in given)
+
+
 def check_count(name: str, value: object, minimum: int = 1) -> int:
     """An int (not a bool) of at least ``minimum``: InputTypeError for another type, InputError
     (a ValueError) for a smaller int; both name the argument."""

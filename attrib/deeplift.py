@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .checks import check_baselines, expand_args
+from .checks import check_references, describe, expand_args
 from .errors import InputError, InputTypeError
 from .hooks import frozen_parameters
 from .result import Attribution
@@ -259,15 +259,9 @@ def _call_custom(func: Callable[..., Any], multipliers: list[Tensor], inputs: tu
             and all(isinstance(m, Tensor) and m.shape == x.shape for m, x in zip(maps, inputs))):
         raise InputError(
             f"custom_attribution_func must return a tuple of {len(inputs)} tensor(s) shaped like the inputs "
-            f"{[tuple(x.shape) for x in inputs]}, got {_describe(maps)}"
+            f"{[tuple(x.shape) for x in inputs]}, got {describe(maps)}"
         )
     return list(maps)
-
-
-def _describe(value: object) -> str:
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of {[tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__ for v in value]}"
-    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else type(value).__name__
 
 
 def _maps(multipliers: list[Tensor], inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], multiply_by_inputs: bool,
@@ -363,32 +357,6 @@ class DeepLift(ConvergenceDelta):
         sums[start:start + example.shape[0]] = torch.stack([c.reshape(example.shape[0], -1).sum(1) for c in checked]).sum(0)
 
 
-def _references(baselines: object, path: StraightPath) -> tuple[Tensor, ...]:
-    """The baseline distribution: per input one tensor of N >= 1 reference examples, (N, ...) with the
-    input's per-example shape, the same N for every input."""
-    given = (baselines,) if isinstance(baselines, Tensor) else baselines
-    if not isinstance(given, tuple) or not all(isinstance(b, Tensor) for b in given):
-        raise InputTypeError(
-            "baselines: DeepLiftShap needs reference examples, a tensor (N, ...) per input (a tuple of them for "
-            f"several inputs), got {_describe(baselines)}; for one baseline (None or a number) use DeepLift"
-        )
-    if len(given) != len(path.inputs):
-        raise InputError(f"baselines: {len(given)} given for {len(path.inputs)} inputs; give one tensor of reference "
-                         "examples per input")
-    for i, (references, x) in enumerate(zip(given, path.inputs)):
-        name = "baselines" if path.single else f"baselines[{i}]"
-        if references.dim() != x.dim() or references.shape[1:] != x.shape[1:]:
-            raise InputError(f"{name} of shape {tuple(references.shape)}: give reference examples shaped "
-                             f"{('N',) + tuple(x.shape[1:])} like one example of the inputs")
-        if references.shape[0] < 1:
-            raise InputError(f"{name}: no reference examples (shape {tuple(references.shape)}); give N >= 1")
-        check_baselines(references, x[:1].expand(references.shape), name)  # device, dtype, finite values
-    counts = [b.shape[0] for b in given]
-    if len(set(counts)) > 1:
-        raise InputError(f"baselines: every input needs the same number of reference examples, got {counts}")
-    return tuple(b.detach() for b in given)
-
-
 class DeepLiftShap:
     """DeepLIFT-SHAP (Lundberg & Lee, 2017): DeepLIFT of every example against each of N reference
     examples, averaged over them, ``mean_j (x - x'_j) * m_j`` (Captum's ``DeepLiftShap``). ``delta``
@@ -416,7 +384,7 @@ class DeepLiftShap:
         memory_budget: int | None = None,
     ) -> Attribution:
         path = StraightPath(self.deeplift.model, inputs, None, target, additional_forward_args)
-        references = _references(baselines, path)
+        references = check_references(baselines, path.inputs, path.single, "DeepLiftShap", "DeepLift")
         count, pairs = references[0].shape[0], path.batch * references[0].shape[0]
         plan = ChunkPlan(internal_batch_size, pairs, path.inputs[0].device, memory_budget)
         totals, sums, outputs, baseline_outputs = self.deeplift._pairs(  # pair p: example p // N against reference p % N

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checks import check_count, check_input_tuple
-from .errors import InputError, InputTypeError
+from .checks import check_count, check_input_tuple, check_references
 from .gradients import input_gradients
 from .noise import NoiseTunnel
 from .result import Attribution
@@ -39,22 +38,6 @@ class _RandomPoint:
         return Attribution(attributions=path.as_given(maps), delta=delta, outputs=path.outputs,
                            baseline_outputs=path.baseline_outputs, method="gradient_shap", n_steps=1, evaluations=3,
                            info={"alphas": u})
-
-
-def _check_references(model: nn.Module, inputs: Inputs, baselines: object) -> None:
-    """The baseline distribution: per input a tensor of N >= 1 examples shaped like one example, one N for all."""
-    given, single = check_input_tuple(model, inputs)
-    parts = baselines if isinstance(baselines, tuple) else (baselines,)
-    if len(parts) != len(given) or not all(isinstance(b, Tensor) for b in parts):
-        raise InputTypeError(f"baselines: GradientShap draws from reference examples: give a tensor (N, ...) per input "
-                             f"({len(given)} here), got {type(baselines).__name__}")
-    for i, (b, x) in enumerate(zip(parts, given)):
-        name = "baselines" if single else f"baselines[{i}]"
-        if b.dim() != x.dim() or b.shape[1:] != x.shape[1:] or b.shape[0] < 1:
-            raise InputError(f"{name} of shape {tuple(b.shape)}: give N >= 1 reference examples shaped "
-                             f"{('N',) + tuple(x.shape[1:])} like one example of the inputs")
-    if len({b.shape[0] for b in parts}) > 1:
-        raise InputError(f"baselines: every input needs the same number of reference examples, got {[b.shape[0] for b in parts]}")
 
 
 class GradientShap(ConvergenceDelta):
@@ -89,7 +72,7 @@ class GradientShap(ConvergenceDelta):
         generator: torch.Generator | None = None,
     ) -> Attribution:
         check_count("n_samples", n_samples)
-        _check_references(self.model, inputs, baselines)
+        check_references(baselines, *check_input_tuple(self.model, inputs), "GradientShap", "IntegratedGradients")
         sample = _RandomPoint(self.model, self.multiply_by_inputs, generator)
         result = NoiseTunnel(sample).attribute(
             inputs, nt_type="smoothgrad", nt_samples=n_samples, stdevs=stdevs, draw_baseline_from_distrib=True,
