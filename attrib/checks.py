@@ -89,6 +89,11 @@ def check_input_tuple(model: nn.Module, inputs: object, differentiable: bool = T
     return checked, False
 
 
+def as_given(maps: Sequence[Tensor], single: bool) -> Any:
+    """One map per input, returned as the inputs were given: a tensor for one tensor, else a tuple."""
+    return maps[0] if single else tuple(maps)
+
+
 def check_baselines(baselines: Baselines, inputs: Tensor, name: str = "baselines") -> Tensor:
     """``None`` (zeros), a number, a tensor shaped like ``inputs`` or like one example ``(1, ...)``."""
     if baselines is None:  # one element seen at every position (read-only, like the other returns)

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .checks import (
+    as_given,
     check_count,
     check_input_tuple,
 )
@@ -78,7 +79,7 @@ class InputGradients:
 
     def given(self, maps: Sequence[Tensor]) -> Any:
         """One map per input, returned as the inputs were given: a tensor, or a tuple."""
-        return maps[0] if self.single else tuple(maps)
+        return as_given(maps, self.single)
 
 
 def input_gradients(
@@ -181,10 +182,6 @@ class SmoothGrad:
         if multiply_by_inputs:
             checked, single = check_input_tuple(self.model, inputs)
             maps = (result.attributions,) if single else result.attributions
-            result.attributions = _given([m * x for m, x in zip(maps, checked)], single)
+            result.attributions = as_given([m * x for m, x in zip(maps, checked)], single)
         result.method, result.n_steps, result.evaluations = "smoothgrad", n_samples, n_samples
         return result
-
-
-def _given(maps: Sequence[Tensor], single: bool) -> Any:
-    return maps[0] if single else tuple(maps)

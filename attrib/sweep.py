@@ -22,6 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from .checks import (
     as_args,
+    as_given,
     check_baseline_tuple,
     check_input_tuple,
     check_model,
@@ -287,7 +288,7 @@ class StraightPath:
 
     def as_given(self, per_input: Sequence[Tensor]) -> Any:
         """One tensor per input, returned as the inputs were given: a tensor, or a tuple."""
-        return per_input[0] if self.single else tuple(per_input)
+        return as_given(per_input, self.single)
 
     def total(self, per_input: Sequence[Tensor]) -> Tensor:
         """The per-example sum over every input's map, (B,)."""

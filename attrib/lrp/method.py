@@ -9,7 +9,7 @@ from typing import Any, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..checks import as_args, check_input_tuple, check_model
+from ..checks import as_args, as_given, check_input_tuple, check_model
 from ..errors import InputError, InputTypeError
 from ..hooks import resolve_layers
 from ..result import Attribution
@@ -135,7 +135,7 @@ class LRP:
         scores = scores.detach().clone()  # the backward pass may overwrite the kept output in place
         found, records, report = run.backward(output, relevance, leaves, retain=False)
         return Attribution(
-            attributions=_as_given(found, single), delta=report.total_difference.to(found[0].dtype), outputs=scores,
+            attributions=as_given(found, single), delta=report.total_difference.to(found[0].dtype), outputs=scores,
             method=f"lrp:{self.composite.name}", layers=records, info={"conservation": report},
         )
 
@@ -166,11 +166,8 @@ class LRP:
             maps, layers, delta = found[0], records[0], reports[0].total_difference.to(dtype)
             outputs, kept = scores[0].to(dtype), reports[0]
         return Attribution(
-            attributions=_as_given(maps, single), delta=delta, outputs=outputs, method=f"lrp:{self.composite.name}",
+            attributions=as_given(maps, single), delta=delta, outputs=outputs, method=f"lrp:{self.composite.name}",
             layers=layers, info={"conservation": kept},
         )
 
 
-def _as_given(found: tuple[Tensor, ...], single: bool) -> Tensor | tuple[Tensor, ...]:
-    """A tensor for one input given as a tensor, else a tuple in the inputs' order."""
-    return found[0] if single else found
