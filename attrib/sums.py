@@ -82,7 +82,7 @@ class StieltjesSum:
 
     >>> sums = StieltjesSum('trapezoid', alphas.shape[0], n_examples)
     >>> path.evaluate(alphas, sums.add_scores, consume=sums.add_layer, layers=['features.28'])
-    >>> sums.total['features.28'], sums.residuals()['features.28']   # conductance; per-step completeness residuals
+    >>> sums.total['features.28'], sums.step_sums['features.28'] - sums.step_score_change   # conductance; per-step residuals
     """
 
     def __init__(self, form: str, n_nodes: int, n_examples: int) -> None:
@@ -153,10 +153,3 @@ class StieltjesSum:
                 self.total[name].index_add_(0, row % B, terms, alpha=self._half)
                 self.step_sums[name][row // B - 1, row % B] = terms.flatten(1).sum(1) * self._half
         self._kept[name] = (self._keep(y_kept, y), self._keep(g_kept, g))
-
-    def residuals(self) -> dict[str, Tensor]:
-        """Per layer, (n_steps, B): each step's sum minus the change of the score over that step."""
-        if not self.step_sums:
-            return {}
-        assert self.step_score_change is not None, "add_scores runs before add_layer"
-        return {name: sums - self.step_score_change for name, sums in self.step_sums.items()}
