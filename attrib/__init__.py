@@ -45,6 +45,7 @@ _EXPORTS = {
     "Attribution": "result",
     "filter_scores": "result",
     "top_filters": "result",
+    "token_scores": "result",
 }
 
 __all__ = [
@@ -84,6 +85,7 @@ __all__ = [
     "mask",
     "preserved",
     "resolve_layers",
+    "token_scores",
     "top_filters",
 ]
 __version__ = "0.1.0"

@@ -35,8 +35,9 @@ def check_model(model: nn.Module) -> None:
 
 
 INTEGER_INPUTS = (
-    "integer and boolean inputs (token ids, masks) cannot be interpolated or differentiated; pass them "
-    "through additional_forward_args, or attribute at the layer that embeds them"
+    "integer and boolean inputs (token ids, masks) cannot be interpolated or differentiated; interpolate at the "
+    "layer that embeds them (the path methods take interpolate_at=, e.g. IntegratedGradients(model, "
+    "interpolate_at='embedding')), or pass them through additional_forward_args"
 )
 
 
@@ -94,24 +95,31 @@ def as_given(maps: Sequence[Tensor], single: bool) -> Any:
     return maps[0] if single else tuple(maps)
 
 
-def check_baselines(baselines: Baselines, inputs: Tensor, name: str = "baselines") -> Tensor:
-    """``None`` (zeros), a number, a tensor shaped like ``inputs`` or like one example ``(1, ...)``."""
+def check_baselines(baselines: Baselines, inputs: Tensor, name: str = "baselines", what: str | None = None) -> Tensor:
+    """``None`` (zeros), a number, a tensor shaped like ``inputs`` or like one example ``(1, ...)``
+    (``what`` names ``inputs`` in messages). For integer inputs (token ids) a number must be a whole one."""
     if baselines is None:  # one element seen at every position (read-only, like the other returns)
         return inputs.new_zeros(()).expand_as(inputs)
     if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
+        if not inputs.is_floating_point():
+            if not float(baselines).is_integer():
+                raise InputError(f"{name}: the inputs are {inputs.dtype} (e.g. token ids), so the baseline must be a whole "
+                                 f"number (e.g. the padding id), got {baselines!r}")
+            return inputs.new_full((), int(baselines)).expand_as(inputs)
         return inputs.new_full((), float(baselines)).expand_as(inputs)
     if not isinstance(baselines, Tensor):
         raise InputTypeError(f"{name} must be None, a number or a tensor, got {type(baselines).__name__}")
     if baselines.shape != inputs.shape and baselines.shape != (1,) + inputs.shape[1:]:
-        what = "inputs" if name == "baselines" else name.replace("baselines", "inputs")
+        what = what or ("inputs" if name == "baselines" else name.replace("baselines", "inputs"))
         raise InputError(
             f"{name} of shape {tuple(baselines.shape)} do not match {what} of shape {tuple(inputs.shape)}; "
             f"give shape {tuple(inputs.shape)} or {(1,) + tuple(inputs.shape[1:])}"
         )
+    what = what or "inputs"
     if baselines.device != inputs.device:
-        raise InputError(f"{name} are on {baselines.device} but inputs are on {inputs.device}")
+        raise InputError(f"{name} are on {baselines.device} but {what} are on {inputs.device}")
     if baselines.dtype != inputs.dtype:
-        raise InputTypeError(f"{name} are {baselines.dtype} but inputs are {inputs.dtype}")
+        raise InputTypeError(f"{name} are {baselines.dtype} but {what} are {inputs.dtype}")
     if not torch.isfinite(baselines).all():
         raise InputError(f"{name} contain NaN or infinite values")
     return baselines.detach().expand_as(inputs)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .errors import InputError
 from .hooks import resolve_layers
-from .layer_attribution import LayerMethod
+from .layer_attribution import PathLayerMethod
 from .neuron import selected_layer, selections_to_inputs, zero_selections
 from .quadrature import (
     STIELTJES,
@@ -27,12 +27,12 @@ from .quadrature import (
 )
 from .result import Attribution
 from .sums import StieltjesSum, WeightedSum, step_terms
-from .sweep import Chunk, ConvergenceDelta, Differentiate, StraightPath
+from .sweep import Chunk, ConvergenceDelta, Differentiate, StraightPath, interpolation_layer
 from .targets import selector_weights
 from .types import Baselines, Inputs, LayerSpec, NeuronSelector, TargetType
 
 
-class LayerConductance(LayerMethod, ConvergenceDelta):
+class LayerConductance(PathLayerMethod, ConvergenceDelta):
     """Conductance of every unit of one or more layers, all from one batched forward+backward pass.
 
     >>> res = LayerConductance(model, ["features.26", "features.28"]).attribute(x, target=3)
@@ -44,6 +44,11 @@ class LayerConductance(LayerMethod, ConvergenceDelta):
     splits the steps with the largest completeness residuals first, ``"double"`` halves every step;
     every evaluated node is reused. That mode keeps every node's activations and gradients
     (nodes x B x layer sizes); the plain mode streams with memory independent of ``n_steps``.
+
+    ``interpolate_at="embedding"`` interpolates that layer's output instead of the inputs (token
+    models): every later layer's conductance comes from the same sweep, and the interpolated layer's
+    own conductance is its integrated gradients (``baselines`` are inputs, ``layer_baselines`` values
+    at the layer; see :class:`~attrib.sweep.StraightPath`).
     """
 
     def attribute(
@@ -60,8 +65,10 @@ class LayerConductance(LayerMethod, ConvergenceDelta):
         tolerance: float | None = None,
         refine: str = "bisect",
         max_steps: int = 4096,
+        layer_baselines: Baselines = None,
+        layer_noise: Tensor | None = None,
     ) -> Attribution:
-        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
+        path = self.path(inputs, baselines, target, additional_forward_args, layer_baselines, layer_noise)
         alphas, form = stieltjes_rule(method, n_steps)
         options = dict(layers=self.layers, attribute_to_layer_input=attribute_to_layer_input,
                        internal_batch_size=internal_batch_size, memory_budget=memory_budget)
@@ -185,6 +192,7 @@ class NeuronConductance:
     With ``stieltjes_trapezoid`` (default), ``delta`` is sum over inputs minus the selection's layer
     conductance (same nodes), per selector and example; None for Captum's methods and callables.
     ``multiply_by_inputs=False`` leaves out the factor ``x - x'`` (``delta`` stays that of the full maps).
+    ``interpolate_at="embedding"`` attributes to that layer's units instead of the inputs (token models).
     Note: for a slice selector Captum multiplies the summed gradient by the gradient of the summed
     neurons, which is not the sum of the neurons' conductances; single neurons agree.
 
@@ -192,10 +200,12 @@ class NeuronConductance:
     >>> res.attributions.shape   # (2, *x.shape): one input map per selection
     """
 
-    def __init__(self, model: nn.Module, layer: LayerSpec, multiply_by_inputs: bool = True) -> None:
+    def __init__(self, model: nn.Module, layer: LayerSpec, multiply_by_inputs: bool = True,
+                 interpolate_at: LayerSpec | None = None) -> None:
         self.model = model
         (self.layer, _), = resolve_layers(model, [layer], elements=True)
         self.multiply_by_inputs = multiply_by_inputs
+        self.interpolate_at = interpolation_layer(model, interpolate_at)
 
     def attribute(
         self,
@@ -209,8 +219,11 @@ class NeuronConductance:
         memory_budget: int | None = None,
         attribute_to_neuron_input: bool = False,
         additional_forward_args: Any = None,
+        layer_baselines: Baselines = None,
+        layer_noise: Tensor | None = None,
     ) -> Attribution:
-        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
+        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args,
+                            interpolate_at=self.interpolate_at, layer_baselines=layer_baselines, layer_noise=layer_noise)
         check_method(method)
         selectors = neuron_selector if isinstance(neuron_selector, list) else [neuron_selector]
         if not selectors:
@@ -241,10 +254,11 @@ class NeuronConductance:
                 - (conductance * selector_weights(s, conductance)).reshape(conductance.shape[0], -1).sum(1)
                 for i, s in enumerate(selectors)
             ])
-        maps = path.as_given(per_input if self.multiply_by_inputs else local)
+        chosen = per_input if self.multiply_by_inputs else local
         if not isinstance(neuron_selector, list):
-            maps = maps[0] if path.single else tuple(m[0] for m in maps)
+            chosen = [m[0] for m in chosen]
             delta = None if delta is None else delta[0]
+        maps = path.as_given(chosen)
         return Attribution(
             attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs,
             method=method, n_steps=n_steps, evaluations=alphas.shape[0],

@@ -102,24 +102,27 @@ def ablation_scores(model: nn.Module, inputs: Inputs, layer: str, target: Target
 
 
 def layer_attribution(model: nn.Module, inputs: Inputs, layer: str, target: TargetType, method: str,
-                      n_steps: int = 50, baselines: Baselines = None) -> Tensor:
-    """The method's attribution at ``layer``'s output, shaped like it ``(B, C, ...)``."""
+                      n_steps: int = 50, baselines: Baselines = None, interpolate_at: str | None = None) -> Tensor:
+    """The method's attribution at ``layer``'s output, shaped like it ``(B, C, ...)``; the path methods
+    interpolate at ``interpolate_at`` when it is given (token models)."""
     ((layer, _),) = resolve_layers(model, layer)
     if method == "activation":
         return LayerActivation(model, layer).attribute(inputs)[layer]
     if method == "gradient_x_activation":
         return LayerGradientXActivation(model, layer).attribute(inputs, target=target)[layer]
     if method == "internal_influence":
-        return InternalInfluence(model, layer).attribute(inputs, target=target, baselines=baselines, n_steps=n_steps)[layer]
+        return InternalInfluence(model, layer, interpolate_at=interpolate_at).attribute(
+            inputs, target=target, baselines=baselines, n_steps=n_steps)[layer]
     if method == "conductance":
-        return LayerConductance(model, layer).attribute(inputs, target=target, baselines=baselines, n_steps=n_steps)[layer]
+        return LayerConductance(model, layer, interpolate_at=interpolate_at).attribute(
+            inputs, target=target, baselines=baselines, n_steps=n_steps)[layer]
     raise InputError(f"method must be one of {COMPARED_METHODS}, got {method!r}")
 
 
 def filter_importance(model: nn.Module, inputs: Inputs, layer: str, target: TargetType, method: str,
-                      n_steps: int = 50, baselines: Baselines = None) -> Tensor:
+                      n_steps: int = 50, baselines: Baselines = None, interpolate_at: str | None = None) -> Tensor:
     """``(B, C)``: the method's attribution at ``layer`` summed over each filter's positions."""
-    value = layer_attribution(model, inputs, layer, target, method, n_steps, baselines)
+    value = layer_attribution(model, inputs, layer, target, method, n_steps, baselines, interpolate_at)
     return value.reshape(value.shape[0], value.shape[1], -1).sum(-1)
 
 

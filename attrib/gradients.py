@@ -19,8 +19,8 @@ from .noise import NoiseTunnel, draw_noise, noise_scale
 from .quadrature import weighted_rule
 from .result import Attribution
 from .sums import WeightedSum
-from .sweep import ConvergenceDelta, StraightPath
-from .types import Baselines, Inputs, TargetType
+from .sweep import ConvergenceDelta, StraightPath, interpolation_layer
+from .types import Baselines, Inputs, LayerSpec, TargetType
 
 
 class IntegratedGradients(ConvergenceDelta):
@@ -33,11 +33,20 @@ class IntegratedGradients(ConvergenceDelta):
     stays the completeness error of the full (multiplied) attributions.
     ``method`` defaults to Captum's ``"gausslegendre"`` so numbers agree with Captum's default;
     ``"stieltjes_trapezoid"`` is the trapezoid rule over 0..1 (see :mod:`attrib.paths`).
+
+    ``interpolate_at="embedding"`` interpolates that layer's output instead of the inputs (Captum's
+    LayerIntegratedGradients): inputs may be token ids, ``baselines`` are inputs too (e.g. the padding
+    id) or ``layer_baselines`` gives the start at the layer, and ``attributions`` is
+    ``{"embedding": map}`` (:func:`attrib.token_scores` sums it per token).
+
+    >>> res = IntegratedGradients(model, interpolate_at="embedding").attribute(ids, target=1, baselines=0)
+    >>> attrib.token_scores(res["embedding"])   # (B, T)
     """
 
-    def __init__(self, model: nn.Module, multiply_by_inputs: bool = True) -> None:
+    def __init__(self, model: nn.Module, multiply_by_inputs: bool = True, interpolate_at: LayerSpec | None = None) -> None:
         self.model = model
         self.multiply_by_inputs = multiply_by_inputs
+        self.interpolate_at = interpolation_layer(model, interpolate_at)
 
     def attribute(
         self,
@@ -49,8 +58,11 @@ class IntegratedGradients(ConvergenceDelta):
         internal_batch_size: int | str | None = "auto",
         memory_budget: int | None = None,
         additional_forward_args: Any = None,
+        layer_baselines: Baselines = None,
+        layer_noise: Tensor | None = None,
     ) -> Attribution:
-        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
+        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args,
+                            interpolate_at=self.interpolate_at, layer_baselines=layer_baselines, layer_noise=layer_noise)
         alphas, weights = weighted_rule(method, n_steps)
         integral = WeightedSum(weights, path.batch)
         path.evaluate(alphas, integral.add, input_grad=True, internal_batch_size=internal_batch_size,

@@ -43,17 +43,19 @@ def split_element(layer: str) -> tuple[str, int | str | None]:
     return found.group("name"), int(key) if key.lstrip("-").isdigit() else key
 
 
-def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], elements: bool = False) -> list[tuple[str, nn.Module]]:
+def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], elements: bool = False,
+                   argument: str = "layers") -> list[tuple[str, nn.Module]]:
     """Map layer names or module objects to ``(dotted name, module)`` pairs of ``model``.
 
     An unknown name raises ``ValueError`` listing the closest names from ``model.named_modules()``.
     With ``elements``, a name may pick one element of the module's output (or, for inputs, one
     positional input): ``"lstm[0]"``, ``"heads[logits]"``; the name returned is the name as given.
+    Errors name ``argument``.
     """
     if isinstance(layers, (str, nn.Module)):
         layers = [layers]
     if not isinstance(layers, Sequence):
-        raise InputTypeError("layers must be a layer name, a module, or a list of them")
+        raise InputTypeError(f"{argument} must be a layer name, a module, or a list of them")
     by_name = dict(model.named_modules())
     by_module = {id(module): name for name, module in reversed(list(model.named_modules()))}
     resolved: list[tuple[str, nn.Module]] = []
@@ -61,33 +63,33 @@ def resolve_layers(model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], el
         if isinstance(layer, str):
             name, element = split_element(layer) if layer not in by_name else (layer, None)
             if element is not None and not elements:
-                raise InputError(f"layers: {layer!r} picks an element of a layer's output, which this method does not "
+                raise InputError(f"{argument}: {layer!r} picks an element of a layer's output, which this method does not "
                                  f"take; give the module {name!r}")
             if name not in by_name or name == "":
                 close = difflib.get_close_matches(name, [n for n in by_name if n], n=5, cutoff=0.5)
                 hint = f"; closest names: {', '.join(close)}" if close else ""
-                raise InputError(f"layers: {name!r} is not a submodule of the model{hint}")
-            _refuse_containers(layer, name, by_name[name])
+                raise InputError(f"{argument}: {name!r} is not a submodule of the model{hint}")
+            _refuse_containers(layer, name, by_name[name], argument)
             resolved.append((layer, by_name[name]))
         elif isinstance(layer, nn.Module):
             if id(layer) not in by_module or by_module[id(layer)] == "":
-                raise InputError(f"layers: the {type(layer).__name__} module given is not a submodule of the model")
-            _refuse_containers(by_module[id(layer)], by_module[id(layer)], layer)
+                raise InputError(f"{argument}: the {type(layer).__name__} module given is not a submodule of the model")
+            _refuse_containers(by_module[id(layer)], by_module[id(layer)], layer, argument)
             resolved.append((by_module[id(layer)], layer))
         else:
-            raise InputTypeError(f"layers: expected a name or an nn.Module, got {type(layer).__name__}")
+            raise InputTypeError(f"{argument}: expected a name or an nn.Module, got {type(layer).__name__}")
     names = [name for name, _ in resolved]
     if len(set(names)) != len(names):
-        raise InputError(f"layers: a layer is listed twice: {names}")
+        raise InputError(f"{argument}: a layer is listed twice: {names}")
     return resolved
 
 
-def _refuse_containers(layer: str, name: str, module: nn.Module) -> None:
+def _refuse_containers(layer: str, name: str, module: nn.Module, argument: str = "layers") -> None:
     """Modules without a forward of their own (ModuleList, ModuleDict) hold modules but are never called
     (a subclass that defines forward, like torchvision's _DenseBlock, is a layer like any other)."""
     if type(module).forward is nn.Module.forward:
         first = next(iter(dict(module.named_children())), "0")
-        raise InputError(f"layers: {layer!r}: {name!r} is a {type(module).__name__}, which is never called; name one of "
+        raise InputError(f"{argument}: {layer!r}: {name!r} is a {type(module).__name__}, which is never called; name one of "
                          f"its modules, e.g. '{name}.{first}'")
 
 
@@ -144,7 +146,10 @@ class capture:
         on: ``"output"`` or ``"input"`` (the module's first positional argument).
         edit: ``{name: f}``; ``f(tensor)`` replaces what flows on from that layer (see :func:`mask`).
         leaf: make each captured tensor that does not already need a gradient a leaf that does, so
-            gradients with respect to it can be taken even when nothing below needs one.
+            gradients with respect to it can be taken even when nothing below needs one
+            (``cap.made_leaves`` names those: tensors that did not depend on anything needing a gradient).
+        substitute: ``{name: f}``; ``f(tensor)`` replaces the layer's value itself: the replacement is
+            what is captured and what flows on (the interpolation at a layer, see :mod:`attrib.sweep`).
 
     ``cap[name]`` is the tensor seen in the latest forward pass. What flows on is a clone, so an
     in-place operation downstream (``ReLU(inplace=True)``) cannot alter the captured tensor. A module
@@ -163,6 +168,7 @@ class capture:
         on: str = "output",
         edit: Mapping[str, Edit] | None = None,
         leaf: bool = False,
+        substitute: Mapping[str, Edit] | None = None,
     ) -> None:
         if on not in ("output", "input"):
             raise InputError(f"on must be 'output' or 'input', got {on!r}")
@@ -170,11 +176,14 @@ class capture:
         self.layers = resolve_layers(model, layers, elements=True)
         self.on = on
         self.edit = dict(edit or {})
-        unknown = set(self.edit) - {name for name, _ in self.layers}
-        if unknown:
-            raise InputError(f"edit: {sorted(unknown)} are not among the captured layers")
+        self.substitute = dict(substitute or {})
+        for argument, given in (("edit", self.edit), ("substitute", self.substitute)):
+            unknown = set(given) - {name for name, _ in self.layers}
+            if unknown:
+                raise InputError(f"{argument}: {sorted(unknown)} are not among the captured layers")
         self.leaf = leaf
         self.captured: dict[str, Tensor] = {}
+        self.made_leaves: set[str] = set()
         self.parts: dict[str, list[str]] = {}  # a layer captured as several tensors (its positional inputs)
         self._elements = {name: split_element(name)[1] if name not in dict(model.named_modules()) else None
                           for name, _ in self.layers}
@@ -196,8 +205,11 @@ class capture:
                 f"layers: module {name!r} runs {self._calls[name]} times in one forward pass (it is reused), "
                 "so its output is ambiguous; choose a module that runs once per forward pass"
             )
+        if name in self.substitute:
+            tensor = self.substitute[name](tensor)
         if self.leaf and not tensor.requires_grad and torch.is_grad_enabled() and tensor.is_floating_point():
             tensor = tensor.detach().requires_grad_(True)
+            self.made_leaves.add(name)
         self.captured[name] = tensor
         flowing = self.edit[name](tensor) if name in self.edit else tensor
         return flowing.clone() if flowing is tensor else flowing
@@ -232,6 +244,7 @@ class capture:
 
     def _reset(self, module, args) -> None:
         self._calls.clear()
+        self.made_leaves.clear()
 
     def __enter__(self) -> "capture":
         self._guard = preserved(self.model)

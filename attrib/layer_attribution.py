@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .checks import expand_args
 from .errors import InputError
@@ -12,7 +12,7 @@ from .hooks import capture, resolve_layers
 from .quadrature import weighted_rule
 from .result import Attribution
 from .sums import WeightedSum
-from .sweep import StraightPath
+from .sweep import StraightPath, interpolation_layer
 from .targets import target_scores
 from .types import Baselines, Inputs, LayerSpec, TargetType
 
@@ -30,10 +30,25 @@ class LayerMethod:
             raise InputError("layers: give at least one layer")
 
 
-class InternalInfluence(LayerMethod):
+class PathLayerMethod(LayerMethod):
+    """A layer method along a path, which may interpolate at a layer (``interpolate_at``, see
+    :class:`~attrib.sweep.StraightPath`): ``Method(model, ["convs.0"], interpolate_at="embedding")``."""
+
+    def __init__(self, model: nn.Module, layers: LayerSpec | Sequence[LayerSpec], interpolate_at: LayerSpec | None = None) -> None:
+        super().__init__(model, layers)
+        self.interpolate_at = interpolation_layer(model, interpolate_at)
+
+    def path(self, inputs: Inputs, baselines: Baselines, target: TargetType, additional_forward_args: Any,
+             layer_baselines: Baselines, layer_noise: Tensor | None) -> StraightPath:
+        return StraightPath(self.model, inputs, baselines, target, additional_forward_args,
+                            interpolate_at=self.interpolate_at, layer_baselines=layer_baselines, layer_noise=layer_noise)
+
+
+class InternalInfluence(PathLayerMethod):
     """``integral dF/dy_j dalpha`` along the input path (Leino et al., 2018), per unit of each layer.
 
     ``method`` defaults to Captum's ``"gausslegendre"``; no completeness axiom applies (delta None).
+    ``interpolate_at`` puts the path at a layer (token models; see :class:`~attrib.sweep.StraightPath`).
 
     >>> InternalInfluence(model, 'features.28').attribute(x, target=3, n_steps=50)['features.28']
     """
@@ -49,8 +64,10 @@ class InternalInfluence(LayerMethod):
         memory_budget: int | None = None,
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
+        layer_baselines: Baselines = None,
+        layer_noise: Tensor | None = None,
     ) -> Attribution:
-        path = StraightPath(self.model, inputs, baselines, target, additional_forward_args)
+        path = self.path(inputs, baselines, target, additional_forward_args, layer_baselines, layer_noise)
         alphas, weights = weighted_rule(method, n_steps)
         integral = WeightedSum(weights, path.batch)
         path.evaluate(

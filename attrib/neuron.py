@@ -17,13 +17,12 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from .backprop import ReLURule, _DeconvReLU, _GuidedReLU
-from .checks import expand_args
 from .errors import InputError
-from .hooks import capture, resolve_layers
+from .hooks import resolve_layers
 from .quadrature import weighted_rule
 from .result import Attribution
 from .sums import WeightedSum
-from .sweep import Differentiate, StraightPath
+from .sweep import Differentiate, StraightPath, interpolation_layer
 from .targets import no_score, selector_weights
 from .types import Baselines, Inputs, LayerSpec, NeuronSelector
 
@@ -148,15 +147,19 @@ class NeuronIntegratedGradients(_NeuronMethod):
 
     name = "neuron_integrated_gradients"
 
-    def __init__(self, model: nn.Module, layer: LayerSpec, multiply_by_inputs: bool = True) -> None:
+    def __init__(self, model: nn.Module, layer: LayerSpec, multiply_by_inputs: bool = True,
+                 interpolate_at: LayerSpec | None = None) -> None:
         super().__init__(model, layer)
         self.multiply_by_inputs = multiply_by_inputs
+        self.interpolate_at = interpolation_layer(model, interpolate_at)
 
     def attribute(self, inputs: Inputs, neuron_selector: NeuronSelector | list[NeuronSelector],  # type: ignore[override]
                   baselines: Baselines = None, n_steps: int = 50, method: str = "gausslegendre",
                   additional_forward_args: Any = None, attribute_to_neuron_input: bool = False,
-                  internal_batch_size: int | str | None = "auto", memory_budget: int | None = None) -> Attribution:
-        path = StraightPath(self.model, inputs, baselines, no_score, additional_forward_args)
+                  internal_batch_size: int | str | None = "auto", memory_budget: int | None = None,
+                  layer_baselines: Baselines = None, layer_noise: Tensor | None = None) -> Attribution:
+        path = StraightPath(self.model, inputs, baselines, no_score, additional_forward_args,
+                            interpolate_at=self.interpolate_at, layer_baselines=layer_baselines, layer_noise=layer_noise)
         selectors = _selectors(neuron_selector)
         alphas, weights = weighted_rule(method, n_steps)
         integral = WeightedSum(weights, path.batch)
@@ -178,10 +181,8 @@ class NeuronIntegratedGradients(_NeuronMethod):
     def _ends(self, path: StraightPath, selectors: list, to_input: bool) -> tuple[Tensor, Tensor]:
         """The selections' values n(x) and n(x'), (S, B) each, from one forward pass without a graph."""
         n = path.batch
-        example = torch.arange(n, device=path.inputs[0].device).repeat(2)
-        with capture(self.model, [self.layer], on="input" if to_input else "output") as cap, torch.no_grad():
-            self.model(*[torch.cat([x, b]) for x, b in zip(path.inputs, path.baselines)], *expand_args(path.args, example, n))
-        value = cap[self.layer]
+        _, found = path.values_at_ends([self.layer], on="input" if to_input else "output")
+        value = found[self.layer]
         values = torch.stack([s(value) if callable(s) else (value * selector_weights(s, value)).reshape(2 * n, -1).sum(1)
                               for s in selectors])
         return values[:, :n], values[:, n:]

@@ -19,6 +19,7 @@ from torch import Tensor
 from .checks import as_args, check_count, check_input_tuple, check_model
 from .errors import InputError, InputTypeError
 from .result import Attribution
+from .sweep import layer_output
 from .targets import normalize_target
 from .types import Inputs
 
@@ -69,10 +70,11 @@ def expand_options(options: dict[str, Any], n: int, samples: int) -> dict[str, A
     if "target" in options:
         target = normalize_target(options["target"], n)
         expanded["target"] = [t for t in target for _ in range(samples)] if isinstance(target, list) else target
-    if options.get("baselines") is not None:
-        baselines = options["baselines"]
-        expanded["baselines"] = (tuple(_repeat(b, n, samples) for b in baselines) if isinstance(baselines, tuple)
-                                 else _repeat(baselines, n, samples))
+    for name in ("baselines", "layer_baselines"):
+        if options.get(name) is not None:
+            baselines = options[name]
+            expanded[name] = (tuple(_repeat(b, n, samples) for b in baselines) if isinstance(baselines, tuple)
+                              else _repeat(baselines, n, samples))
     if options.get("additional_forward_args") is not None:
         expanded["additional_forward_args"] = tuple(_repeat(a, n, samples) for a in as_args(options["additional_forward_args"]))
     return expanded
@@ -140,6 +142,8 @@ class NoiseTunnel:
     completeness error against the averaged score change; ``info["sample_deltas"]`` holds them all,
     (B, nt_samples). Layers a method records beside its map (LRP's ``layers``) are smoothed the same way;
     the wrapped method's other ``info`` is not kept. ``generator`` makes the noise reproducible.
+    Around a method that interpolates at a layer (``interpolate_at``, token models), the noise is added
+    to that layer's value at the inputs (the embeddings), not to the inputs, and ``stdevs`` is one number.
 
     >>> nt = NoiseTunnel(IntegratedGradients(model))
     >>> res = nt.attribute(x, nt_type="smoothgrad", nt_samples=10, stdevs=0.1, target=3, n_steps=50)
@@ -164,9 +168,10 @@ class NoiseTunnel:
         generator: torch.Generator | None = None,
         **options: Any,
     ) -> Attribution:
+        layer = getattr(self.method, "interpolate_at", None)
         if self.model is not None:
             check_model(self.model)
-            checked, single = check_input_tuple(self.model, inputs)
+            checked, single = check_input_tuple(self.model, inputs, differentiable=layer is None)
         else:
             checked, single = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs), isinstance(inputs, Tensor)
         if nt_type not in NT_TYPES:
@@ -175,16 +180,24 @@ class NoiseTunnel:
             raise InputError(f"stdev_mode must be one of {STDEV_MODES}, got {stdev_mode!r}")
         samples = check_count("nt_samples", nt_samples)
         per_call = samples if nt_samples_batch_size is None else min(samples, check_count("nt_samples_batch_size", nt_samples_batch_size))
-        sigmas = [noise_scale(x, s, stdev_mode) for x, s in zip(checked, _stdevs(stdevs, len(checked)))]
         n = checked[0].shape[0]
+        noised = checked
+        if layer is not None:  # the noise goes on the interpolated layer's value at the inputs
+            assert self.model is not None, "a method that interpolates at a layer has a model"
+            noised = (layer_output(self.model, layer, checked, as_args(options.get("additional_forward_args")), n),)
+        sigmas = [noise_scale(x, s, stdev_mode) for x, s in zip(noised, _stdevs(stdevs, len(noised)))]
         batch_dim = 1 if isinstance(options.get("neuron_selector"), list) else 0
         moments, layer_moments = _Moments(n, batch_dim), _Moments(n, batch_dim)
         results = []
         for start in range(0, samples, per_call):
             count = min(per_call, samples - start)
-            noisy = tuple(x.repeat_interleave(count, 0) + draw_noise(x, count, sigma, generator)
-                          for x, sigma in zip(checked, sigmas))
             expanded = expand_options(options, n, count)
+            if layer is None:
+                noisy = tuple(x.repeat_interleave(count, 0) + draw_noise(x, count, sigma, generator)
+                              for x, sigma in zip(checked, sigmas))
+            else:
+                noisy = tuple(x.repeat_interleave(count, 0) for x in checked)
+                expanded["layer_noise"] = draw_noise(noised[0], count, sigmas[0], generator)
             if draw_baseline_from_distrib:
                 expanded["baselines"] = _draw_baselines(options.get("baselines"), n * count, generator)
             result = self.method.attribute(noisy[0] if single else noisy, **expanded)
@@ -196,7 +209,7 @@ class NoiseTunnel:
                                        baseline_outputs=result.baseline_outputs, method=result.method,
                                        n_steps=result.n_steps, evaluations=result.evaluations))
             del result
-        summary = self._result(results, moments.reduce(nt_type, samples), nt_type, n, samples, sigmas, single)
+        summary = self._result(results, moments.reduce(nt_type, samples), nt_type, n, samples, sigmas, single or layer is not None)
         if layer_moments.first is not None:
             summary.layers = layer_moments.reduce(nt_type, samples)
         return summary

@@ -7,7 +7,7 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
-from .errors import InputError
+from .errors import InputError, InputTypeError
 
 Attributions = Union[Tensor, tuple[Tensor, ...], dict[str, Union[Tensor, tuple[Tensor, ...]]]]
 
@@ -72,6 +72,26 @@ class Attribution:
                                  "with attrib.filter_scores(result[layer][i])")
             return filter_scores(value, reduce)
         return filter_scores(self.tensor, reduce)
+
+
+def token_scores(attributions: Any, dim: int = -1) -> Tensor:
+    """One number per token: a (B, T, E) map at an embedding summed over the embedding dimension ``dim``
+    (the per-token attributions add up to the map's total, so completeness carries over).
+
+    >>> res = IntegratedGradients(model, interpolate_at="embedding").attribute(ids, target=1)
+    >>> token_scores(res["embedding"])   # (B, T)
+    """
+    if isinstance(attributions, Attribution):
+        maps = attributions.attributions
+        if not (isinstance(maps, dict) and len(maps) == 1):
+            raise InputError("attributions: give one layer's map, e.g. token_scores(result['embedding'])")
+        attributions, = maps.values()
+    if not isinstance(attributions, Tensor):
+        raise InputTypeError(f"attributions must be a (B, T, E) tensor, got {type(attributions).__name__}")
+    if attributions.dim() < 3:
+        raise InputError(f"attributions: need (B, T, E) (batch, tokens, embedding) to score tokens, got shape "
+                         f"{tuple(attributions.shape)}")
+    return attributions.sum(dim)
 
 
 def filter_scores(attributions: Tensor, reduce: str = "sum") -> Tensor:

@@ -11,7 +11,7 @@ backward.
 from __future__ import annotations
 
 import functools
-from contextlib import closing, nullcontext
+from contextlib import ExitStack, closing, nullcontext
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any, Callable, Generator, Sequence
@@ -24,6 +24,8 @@ from .checks import (
     as_args,
     as_given,
     check_baseline_tuple,
+    check_baselines,
+    describe,
     check_input_tuple,
     check_model,
     expand_args,
@@ -50,6 +52,17 @@ class Chunk:
     values: dict[str, Tensor]  # captured layer tensors (and INPUT), detached
     grads: dict[str, Tensor]  # dF/d(value), detached
     parts: dict[str, list[str]] = field(default_factory=dict)  # a layer captured as several tensors: their keys
+
+
+@dataclass
+class Interpolation:
+    """The path at a layer: the output of ``layer`` is replaced, row by row, by
+    ``start[e] + alpha_n * difference[e]`` (``start``: the layer's value at the baselines; ``difference``:
+    its value at the inputs minus that), a leaf needing a gradient, captured under ``layer``."""
+
+    layer: str
+    start: Tensor
+    difference: Tensor
 
 
 Differentiate = Callable[[Tensor, dict[str, Tensor]], dict[str, Tensor]]
@@ -160,6 +173,7 @@ def sweep(
     differentiate: Differentiate | None = None,
     consume: Consume | None = None,
     mode: TorchFunctionMode | None = None,
+    interpolate: Interpolation | None = None,
 ) -> Generator[Chunk, None, None]:
     """Evaluate the path in chunks; yields a :class:`Chunk` per forward+backward pass.
 
@@ -174,6 +188,11 @@ def sweep(
     it). ``internal_batch_size``: rows per
     forward pass, ``"auto"`` (sized to ``memory_budget`` bytes or the free memory: see
     :mod:`attrib.memory`) or ``None`` (all rows at once).
+
+    With ``interpolate`` (an :class:`Interpolation`) the inputs are not interpolated: every row feeds
+    its example's inputs as they are (token ids may be integers), and the named layer's output is
+    replaced by the path's point at that layer; ``input_grad`` then asks for dF/d(that point), under
+    the layer's name, and every captured layer must depend on it.
     """
     if consume is not None and differentiate is not None:
         raise InputError("sweep: give differentiate or consume, not both")
@@ -181,24 +200,35 @@ def sweep(
     device = inputs[0].device
     plan = ChunkPlan(internal_batch_size, alphas.shape[0] * n, device, memory_budget)
     names = [name for name, _ in resolve_layers(model, layers, elements=True)] if layers else []
+    if interpolate is not None:
+        baselines = [None] * len(inputs)  # the inputs are fed as they are; the layer is interpolated
     diffs = [None if b is None else x - b for x, b in zip(inputs, baselines)]
-    alphas = alphas.to(device=device, dtype=next((x.dtype for x in inputs if x.is_floating_point()), torch.float64))
+    dtype = interpolate.start.dtype if interpolate is not None else next((x.dtype for x in inputs if x.is_floating_point()), torch.float64)
+    alphas = alphas.to(device=device, dtype=dtype)
     on = "input" if attribute_to_layer_input else "output"
     keys = input_keys(len(inputs))
-    with frozen_parameters(model), capture(model, names, on=on, leaf=True) as cap:
+    rows: dict[str, Tensor] = {}  # node and example of the chunk being evaluated, for the interpolation
+    with ExitStack() as stack:
+        stack.enter_context(frozen_parameters(model))
+        at = None
+        if interpolate is not None:  # entered first, so that its hook runs before the capture's on the same layer
+            at = stack.enter_context(capture(model, [interpolate.layer], substitute={
+                interpolate.layer: lambda value: _point(value, interpolate, alphas, rows["node"], rows["example"])}))
+        cap = stack.enter_context(capture(model, names, on=on, leaf=True))
         for start, stop in plan:
             node, example = step_major(n, start, stop, device)
+            rows.update(node=node, example=example)
             footprint = Footprint(model, device) if plan.probing else nullcontext()
             with footprint:
                 with torch.enable_grad():
                     points = {
-                        key: x[example] if b is None or d is None else interpolate(b, d, alphas.to(x.dtype), node, example)
+                        key: x[example] if b is None or d is None else interpolate_rows(b, d, alphas.to(x.dtype), node, example)
                         for key, x, b, d in zip(keys, inputs, baselines, diffs)
                     }
                 args = expand_args(additional_forward_args, example, n)
                 with mode if mode is not None else nullcontext():
                     chunk = _evaluate(model, cap, names, points, (start, stop, node, example), target, input_grad,
-                                      args, differentiate, consume)
+                                      args, differentiate, consume, at)
                 del points  # nothing of this chunk's graph outlives it
             if isinstance(footprint, Footprint):
                 footprint.add(chain(chunk.values.values(), chunk.grads.values()))
@@ -207,15 +237,27 @@ def sweep(
             del chunk
 
 
+def _point(value: Tensor, path: Interpolation, alphas: Tensor, node: Tensor, example: Tensor) -> Tensor:
+    """The interpolation's replacement for a layer output ``value`` of the chunk's rows."""
+    expected = (node.shape[0],) + tuple(path.start.shape[1:])
+    if tuple(value.shape) != expected:
+        raise InputError(f"interpolate_at: layer {path.layer!r} gave shape {tuple(value.shape)} for {node.shape[0]} rows, "
+                         f"not {expected} as at the path's ends; its first dimension must be the batch")
+    point = interpolate_rows(path.start, path.difference, alphas, node, example)
+    return point.requires_grad_(True) if torch.is_grad_enabled() else point
+
+
 def _evaluate(model: nn.Module, cap: capture, names: list[str], points: dict[str, Tensor],
               rows: tuple[int, int, Tensor, Tensor], target: TargetType,
-              input_grad: bool, args: tuple, differentiate: Differentiate | None, consume: Consume | None) -> Chunk:
+              input_grad: bool, args: tuple, differentiate: Differentiate | None, consume: Consume | None,
+              at: capture | None = None) -> Chunk:
     """One forward and one backward pass at the chunk's ``points`` (rows ``start, stop, node, example``
-    of the step-major batch, one tensor per input); the returned chunk holds detached scores, values
-    and gradients."""
+    of the step-major batch, one tensor per input; with ``at``, the capture interpolating a layer, the
+    inputs are fed as they are and that layer's point takes their place); the returned chunk holds
+    detached scores, values and gradients."""
     with torch.enable_grad():
         for point in points.values():
-            point.requires_grad_(input_grad and point.is_floating_point())
+            point.requires_grad_(input_grad and at is None and point.is_floating_point())
         fed = [point.clone() if point.requires_grad else point for point in points.values()]  # a model may write its input
         output = model(*fed, *args)
         del fed
@@ -225,7 +267,17 @@ def _evaluate(model: nn.Module, cap: capture, names: list[str], points: dict[str
         tensors = {name: cap.captured[name] if name in cap.captured else cap[name] for name in names}  # cap[...] says which did not run
         cap.captured.clear()
         chunk = Chunk(start, stop, node, example, scores.detach(), {}, {}, dict(cap.parts))
-        if input_grad:
+        if at is not None:
+            layer = at.layers[0][0]
+            point = at[layer]
+            at.captured.clear()
+            independent = sorted(cap.made_leaves)
+            if independent:
+                raise InputError(f"layers: {independent[0]!r} does not depend on interpolate_at layer {layer!r} (it runs "
+                                 "before it or beside it), so it does not change along the path; choose a layer after it")
+            if input_grad:
+                tensors[layer] = point
+        elif input_grad:
             tensors.update(points)
         if consume is not None:
             grads = _streamed_gradients(  # no reference to the streamed layers stays here
@@ -238,7 +290,7 @@ def _evaluate(model: nn.Module, cap: capture, names: list[str], points: dict[str
     return chunk
 
 
-def interpolate(baselines: Tensor, difference: Tensor, alphas: Tensor, node: Tensor, example: Tensor) -> Tensor:
+def interpolate_rows(baselines: Tensor, difference: Tensor, alphas: Tensor, node: Tensor, example: Tensor) -> Tensor:
     """Rows ``x'_e + alpha_n (x_e - x'_e)`` for each pair (``node[r]``, ``example[r]``): the points of the path."""
     shape = (-1,) + (1,) * (baselines.dim() - 1)
     return baselines[example] + alphas[node].view(shape) * difference[example]
@@ -260,43 +312,123 @@ class StraightPath:
     :func:`~attrib.checks.check_input_tuple`); :meth:`as_given` gives a per-input result back as the
     caller passed the inputs (a tensor for one tensor, else a tuple).
 
+    ``interpolate_at`` (a layer name) puts the path at that layer's output instead: the inputs may be
+    token ids, the baselines are inputs too (their layer value is the path's start), or
+    ``layer_baselines`` gives the start at the layer directly (None, a number, a tensor like the
+    layer's output or like one example's); ``layer_noise`` is added to the layer's value at the inputs
+    (what :class:`~attrib.noise.NoiseTunnel` uses). ``keys`` is then ``(layer,)``, ``differences`` the
+    layer's change, and :meth:`as_given` returns ``{layer: map}``. The scores at the ends are taken with
+    the layer set to its two ends and every input as given, so completeness holds exactly against them
+    (they equal F(x) and F(x') when the model reads its inputs only through that layer).
+
     >>> path = StraightPath(model, x, baselines=0.0, target=3)
     >>> path.evaluate(torch.tensor([0.5, 1.0]), print, layers=["features.28"])   # each Chunk
     >>> path.change                                                              # F(x) - F(x') per example
     """
 
     def __init__(self, model: nn.Module, inputs: Inputs, baselines: Baselines, target: TargetType,
-                 additional_forward_args: Any = None, differentiable: bool = True) -> None:
+                 additional_forward_args: Any = None, differentiable: bool = True, interpolate_at: str | None = None,
+                 layer_baselines: Baselines = None, layer_noise: Tensor | None = None) -> None:
         check_model(model)
         self.model = model
-        self.inputs, self.single = check_input_tuple(model, inputs, differentiable)
-        self.baselines = check_baseline_tuple(baselines, self.inputs, self.single) if differentiable else self.inputs
-        self.keys = input_keys(len(self.inputs))
+        self.interpolate_at = interpolate_at
+        if interpolate_at is None:
+            for name, value in (("layer_baselines", layer_baselines), ("layer_noise", layer_noise)):
+                if value is not None:
+                    raise InputError(f"{name}: the path is at the inputs; give interpolate_at=<layer> to the method's "
+                                     "constructor to interpolate at a layer")
+            self.inputs, self.single = check_input_tuple(model, inputs, differentiable)
+            self.baselines = check_baseline_tuple(baselines, self.inputs, self.single) if differentiable else self.inputs
+            self.keys = input_keys(len(self.inputs))
+        else:
+            self.inputs, self.single = check_input_tuple(model, inputs, differentiable=False)
+            if baselines is not None and layer_baselines is not None:
+                raise InputError("baselines and layer_baselines: give the path's start as inputs (baselines) or as the "
+                                 f"value of layer {interpolate_at!r} (layer_baselines), not both")
+            self.baselines = check_baseline_tuple(baselines, self.inputs, self.single)
+            self.keys = (interpolate_at,)
+        self._layer_baselines, self._layer_noise = layer_baselines, layer_noise
         self.target = normalize_target(target, self.batch)
         self.args = as_args(additional_forward_args)
         self.parts: dict[str, list[str]] = {}  # layers seen as several tensors (a module's positional inputs)
         self._ends: tuple[Tensor, Tensor] | None = None
+        self._interpolation: Interpolation | None = None
 
     @property
     def batch(self) -> int:
         return self.inputs[0].shape[0]
 
     @property
+    def interpolation(self) -> Interpolation | None:
+        """The path at the layer (its start and change per example), or None for a path at the inputs;
+        computed once, from one graph-free pass over the inputs (and the baselines)."""
+        if self.interpolate_at is not None and self._interpolation is None:
+            layer, n = self.interpolate_at, self.batch
+            given = self._layer_baselines is not None
+            fed = self.inputs if given else tuple(torch.cat([x, b]) for x, b in zip(self.inputs, self.baselines))
+            values = layer_output(self.model, layer, fed, self.args, n)
+            end = values[:n]
+            start = (check_baselines(self._layer_baselines, end, "layer_baselines", f"the output of layer {layer!r}") if given else values[n:]).to(end.dtype)
+            if self._layer_noise is not None:
+                noise = self._layer_noise
+                if not isinstance(noise, Tensor) or noise.shape != end.shape:
+                    raise InputError(f"layer_noise: needs a tensor of shape {tuple(end.shape)}, like the output of layer "
+                                     f"{layer!r}, got {describe(noise)}")
+                end = end + noise.to(end)
+            self._interpolation = Interpolation(layer, start.expand_as(end), end - start)
+        return self._interpolation
+
+    @property
     def differences(self) -> tuple[Tensor, ...]:
-        """``x - x'`` per input."""
+        """``x - x'`` per input (at the interpolated layer: the layer's change)."""
+        if self.interpolation is not None:
+            return (self.interpolation.difference,)
         return tuple(x - b for x, b in zip(self.inputs, self.baselines))
 
     def as_given(self, per_input: Sequence[Tensor]) -> Any:
-        """One tensor per input, returned as the inputs were given: a tensor, or a tuple."""
+        """One tensor per input, returned as the inputs were given: a tensor, or a tuple (for a path at a
+        layer, ``{layer: map}``)."""
+        if self.interpolate_at is not None:
+            return {self.interpolate_at: per_input[0]}
         return as_given(per_input, self.single)
 
     def total(self, per_input: Sequence[Tensor]) -> Tensor:
         """The per-example sum over every input's map, (B,)."""
-        return sum((t.reshape(self.batch, -1).sum(1) for t in per_input), start=self.inputs[0].new_zeros(()))
+        return sum((t.reshape(self.batch, -1).sum(1) for t in per_input), start=self._zero())
+
+    def _zero(self) -> Tensor:
+        like = self.interpolation.start if self.interpolation is not None else self.inputs[0]
+        return like.new_zeros((), dtype=like.dtype if like.is_floating_point() else torch.float64)
+
+    def values_at_ends(self, layers: Sequence[str] = (), on: str = "output") -> tuple[Tensor, dict[str, Tensor]]:
+        """Target scores (2B,) and the ``layers``' values at the inputs (rows :B) and at the baselines
+        (rows B:), from one forward pass without a graph (at a layer: its two ends, the inputs as given)."""
+        n = self.batch
+        example = torch.arange(n, device=self.inputs[0].device).repeat(2)
+        substitute = {}
+        if self.interpolation is not None:
+            path = self.interpolation
+            ends = torch.cat([path.start + path.difference, path.start])
+            fed = tuple(torch.cat([x, x]) for x in self.inputs)
+            substitute = {path.layer: lambda value: _same_shape(value, ends, path.layer)}
+        else:
+            fed = tuple(torch.cat([x, b]) for x, b in zip(self.inputs, self.baselines))
+        with ExitStack() as stack, torch.no_grad():
+            if substitute:
+                stack.enter_context(capture(self.model, list(substitute), substitute=substitute))
+            cap = stack.enter_context(capture(self.model, list(layers), on=on)) if layers else None
+            output = self.model(*fed, *expand_args(self.args, example, n))
+            scores = target_scores(output, self.target, example)
+            values = {name: cap[name] for name in layers} if cap is not None else {}
+        return scores.detach(), values
 
     def _scores_at_ends(self) -> tuple[Tensor, Tensor]:
         if self._ends is None:
-            self._ends = endpoint_scores(self.model, self.inputs, self.baselines, self.target, self.args)
+            if self.interpolate_at is None:
+                self._ends = endpoint_scores(self.model, self.inputs, self.baselines, self.target, self.args)
+            else:
+                scores, _ = self.values_at_ends()
+                self._ends = scores[:self.batch], scores[self.batch:]
         return self._ends
 
     @property
@@ -319,7 +451,7 @@ class StraightPath:
         to ``each``; the scores at the ends are taken first."""
         self._scores_at_ends()
         chunks = sweep(self.model, self.inputs, self.baselines, alphas, target=self.target,
-                       additional_forward_args=self.args, **options)
+                       additional_forward_args=self.args, interpolate=self.interpolation, **options)
         with closing(chunks):
             for chunk in chunks:
                 self.parts.update(chunk.parts)
@@ -332,11 +464,12 @@ class StraightPath:
     def layer_total(self, value: Any) -> Tensor:
         """The per-example sum of a layer's map (over all its parts), (B,)."""
         parts = value if isinstance(value, tuple) else (value,)
-        return sum((t.reshape(self.batch, -1).sum(1) for t in parts), start=self.inputs[0].new_zeros(()))
+        return sum((t.reshape(self.batch, -1).sum(1) for t in parts), start=self._zero())
 
     def at_inputs(self, **options: Any) -> Chunk:
         """The inputs themselves (alpha = 1, no other point and no endpoint pass), evaluated in chunks
         as :func:`sweep` and returned as one chunk of all rows."""
+        assert self.interpolate_at is None, "at_inputs evaluates a path at the inputs"
         chunks = sweep(self.model, self.inputs, [None] * len(self.inputs), torch.ones(1, dtype=torch.float64),
                        target=self.target, additional_forward_args=self.args, **options)
         with closing(chunks):
@@ -353,13 +486,54 @@ class StraightPath:
         )
 
 
+def interpolation_layer(model: nn.Module, interpolate_at: LayerSpec | None) -> str | None:
+    """The resolved name of a method's ``interpolate_at`` (None: the path is at the inputs)."""
+    if interpolate_at is None:
+        return None
+    if isinstance(interpolate_at, (list, tuple)):
+        raise InputTypeError(f"interpolate_at: give one layer (a name or a module), got a {type(interpolate_at).__name__}")
+    (name, _), = resolve_layers(model, [interpolate_at], elements=True, argument="interpolate_at")
+    return name
+
+
+def _same_shape(value: Tensor, replacement: Tensor, layer: str) -> Tensor:
+    if value.shape != replacement.shape:
+        raise InputError(f"interpolate_at: layer {layer!r} gave shape {tuple(value.shape)}, not {tuple(replacement.shape)} "
+                         "as in the first pass; its first dimension must be the batch")
+    return replacement
+
+
+def layer_output(model: nn.Module, layer: str, inputs: tuple[Tensor, ...], args: Sequence[Any], n_examples: int) -> Tensor:
+    """The output of ``layer`` for ``inputs`` (rows ``i`` of example ``i % n_examples``), one forward pass
+    without a graph; refused unless it is a floating-point tensor whose first dimension is the batch."""
+    rows = inputs[0].shape[0]
+    example = torch.arange(rows, device=inputs[0].device) % n_examples
+    with frozen_parameters(model), capture(model, [layer]) as cap, torch.no_grad():
+        model(*inputs, *expand_args(args, example, n_examples))
+        value = cap[layer]
+    if not value.is_floating_point():
+        raise InputError(f"interpolate_at: layer {layer!r} outputs {value.dtype}, which cannot be interpolated; "
+                         "choose a layer with a floating-point output (e.g. the embedding)")
+    if value.dim() == 0 or value.shape[0] != rows:
+        raise InputError(f"interpolate_at: layer {layer!r} gave shape {tuple(value.shape)} for {rows} rows; its first "
+                         "dimension must be the batch (e.g. batch_first=True)")
+    return value.detach()
+
+
 def convergence_delta(model: nn.Module, attributions: Any, start_point: Baselines, end_point: Inputs,
-                      target: TargetType = None, additional_forward_args: Any = None) -> Tensor:
+                      target: TargetType = None, additional_forward_args: Any = None,
+                      interpolate_at: str | None = None) -> Tensor:
     """``sum(attributions) - (F(end_point) - F(start_point))`` per example (Captum's
     ``compute_convergence_delta``): the completeness error of any attributions of these two points.
-    ``attributions`` is a tensor or a tuple (one per input, or a layer's parts); their per-example
-    sums are added."""
-    path = StraightPath(model, end_point, start_point, target, additional_forward_args)
+    ``attributions`` is a tensor or a tuple (one per input, or a layer's parts), or a dict of one
+    layer's map; their per-example sums are added. With ``interpolate_at`` the two points are inputs
+    whose values at that layer are the path's ends (token ids may be integers)."""
+    path = StraightPath(model, end_point, start_point, target, additional_forward_args, interpolate_at=interpolate_at)
+    if isinstance(attributions, dict):
+        if len(attributions) != 1:
+            raise InputError(f"attributions: a dict of {len(attributions)} layers' maps; give one layer's map "
+                             f"(each of {list(attributions)} adds up to the change on its own)")
+        attributions, = attributions.values()
     parts = attributions if isinstance(attributions, tuple) else (attributions,)
     for i, part in enumerate(parts):
         if not isinstance(part, Tensor):
@@ -367,7 +541,7 @@ def convergence_delta(model: nn.Module, attributions: Any, start_point: Baseline
         if part.dim() == 0 or part.shape[0] != path.batch:
             raise InputError(f"attributions{'' if len(parts) == 1 else f'[{i}]'} has shape {tuple(part.shape)}; it needs "
                              f"{path.batch} rows, one per example of end_point")
-    return path.layer_total(tuple(p.to(path.inputs[0].dtype) for p in parts)) - path.change
+    return path.layer_total(tuple(p.to(path.change.dtype) for p in parts)) - path.change
 
 
 class ConvergenceDelta:
@@ -378,7 +552,9 @@ class ConvergenceDelta:
     """
 
     model: nn.Module
+    interpolate_at: str | None = None
 
     def compute_convergence_delta(self, attributions: Any, start_point: Baselines, end_point: Inputs,
                                   target: TargetType = None, additional_forward_args: Any = None) -> Tensor:
-        return convergence_delta(self.model, attributions, start_point, end_point, target, additional_forward_args)
+        return convergence_delta(self.model, attributions, start_point, end_point, target, additional_forward_args,
+                                 self.interpolate_at)
