@@ -25,6 +25,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .cli_common import _check, _check_numbers, _file_safe, _share, _target
+
 LRP_COMPOSITE = "epsilon_plus"  # explain's default --composite
 
 
@@ -52,29 +54,6 @@ def _progress(total: int, quiet: bool, what: str):
     return tqdm(total=total, disable=quiet, desc=what, unit="step", leave=False, file=sys.stderr)
 
 
-def _relative(value: float, reference: float) -> float:
-    return abs(value - reference) / max(abs(reference), 1e-12)
-
-
-def _check(method: str, where: str, value: float, reference: float, reference_name: str, tolerance: float,
-           note: str = "") -> dict:
-    """A completeness/conservation row: ``value`` should equal ``reference`` (named, e.g. F(x) - F(x'))."""
-    error = _relative(float(value), float(reference))
-    return {"method": method, "where": where, "value": float(value), "reference": float(reference),
-            "reference_name": reference_name, "relative_error": error, "tolerance": tolerance,
-            "passed": error <= tolerance, "note": note}
-
-
-def _share(method: str, where: str, value: float, reference: float, reference_name: str = "F(x) - F(x')",
-           short: str = "not a cut: share of F(x) - F(x')",
-           note: str = "not a cut (a skip connection or another branch bypasses it): its conductance is the share of "
-                       "the score change that flows through it, not a completeness check") -> dict:
-    """A row that is information, not a check (no pass/fail): ``value`` as a share of ``reference``."""
-    return {"method": method, "where": where, "value": float(value), "reference": float(reference),
-            "reference_name": reference_name, "relative_error": None, "tolerance": None, "passed": None,
-            "share": float(value) / float(reference) if float(reference) else float("nan"), "short": short, "note": note}
-
-
 def _lrp_row(name: str, report) -> dict:
     """LRP: the share of F(x) (where the backward pass starts) that reaches the input, with where the
     rest went. Information, not a check: biases and the rules' epsilon absorb relevance by design
@@ -98,18 +77,6 @@ def _baseline(loaded, x):
         black, _ = normalized_range(loaded.mean, loaded.std)
         return black.to(x.dtype).view(1, -1, 1, 1).expand_as(x).clone()
     return torch.zeros_like(x)
-
-
-def _target(args, output) -> int:
-    classes = output.shape[1]
-    if args.target is None:
-        return int(output.argmax(1))
-    if not -classes <= args.target < classes:
-        from .errors import InputError
-
-        raise InputError(f"--target: {args.target} is out of range for {classes} classes (use 0..{classes - 1}, or "
-                         "-1 for the last)")
-    return args.target % classes
 
 
 LARGE = 65  # inputs from this size up (ImageNet models) get the lighter defaults, so a 224 px image takes about a minute
@@ -140,14 +107,6 @@ def _load(args):
 
     return load_model(args.model, args.weights, channels=args.channels, size=args.input_size, mean=args.mean,
                       std=args.std, output=args.output)
-
-
-def _file_safe(name: str, most: int = 60) -> str:
-    """A picture's name as part of a file name: letters, digits, '.', '-', '_' (others become '_'),
-    at most ``most`` characters (the HTML shows the real name)."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:most] or "image"
 
 
 @contextmanager
@@ -564,6 +523,14 @@ def _layer_name(model, given: str | None, x) -> str | None:
 
 
 def explain(args) -> int:
+    if args.model == "text":
+        from .cli_text import explain_text
+
+        return explain_text(args)
+    if args.sentences is not None:
+        from .errors import InputError
+
+        raise InputError("--sentences: only the text model (--model text) reads sentences")
     import torch
 
     from attrib.viz.report import write_html
@@ -608,19 +575,6 @@ def explain(args) -> int:
             print(f"attrib: skipped {method}: {reason}", file=sys.stderr)
         print(f"wrote {out / 'index.html'} ({len(images)} images, {report['seconds']:.1f} s)")
     return 0
-
-
-def _check_numbers(args) -> None:
-    """Tolerances and thresholds are finite numbers in their range (NaN would mark every check failed);
-    the normalisation's numbers are checked where the model is loaded."""
-    import math
-
-    from .errors import InputError
-
-    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
-        raise InputError(f"--tolerance: must be a finite number >= 0, got {args.tolerance}")
-    if getattr(args, "distance", None) is not None and not (math.isfinite(args.distance) and 0 <= args.distance <= 2):
-        raise InputError(f"--distance: must be a number from 0 to 2 (the shape distance's range), got {args.distance}")
 
 
 def audit(args) -> int:
@@ -791,7 +745,8 @@ def _model_options(p: argparse.ArgumentParser, images: bool = True) -> None:
         p.add_argument("--target", type=int, default=None,
                        help="class to explain (default: the predicted one; negative counts from the last)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--model", default="digits", help="digits (embedded), a torchvision name, or package.module:factory")
+        p.add_argument("--model", default="digits", help="digits (embedded), text (embedded sentiment CNN: the positional "
+                                                         "arguments are sentences), a torchvision name, or package.module:factory")
     else:
         p.add_argument("model", help="digits, a torchvision name, or package.module:factory")
     p.add_argument("--weights", default=None, help="a state-dict file, or DEFAULT (embedded / local torch cache; never downloaded)")
@@ -831,7 +786,9 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
 def parser() -> argparse.ArgumentParser:
     top = _Parser(prog="attrib", description="Attribution for PyTorch models: explain, audit, list layers, benchmark.")
     commands = top.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    _explain_options(commands.add_parser("explain", help="write figures, report.json and index.html"))
+    explain_parser = commands.add_parser("explain", help="write figures, report.json and index.html")
+    _explain_options(explain_parser)
+    explain_parser.add_argument("--sentences", default=None, help="text model: a UTF-8 file of sentences, one per line")
 
     p = commands.add_parser("audit", help="completeness and conservation errors; exit 1 above the tolerance")
     _model_options(p)

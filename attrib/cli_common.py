@@ -1,0 +1,57 @@
+"""What the command line's runs share (image and text): completeness rows, the explained class, file-safe
+names and the checks of numeric options."""
+from __future__ import annotations
+
+from .errors import InputError
+
+
+def _relative(value: float, reference: float) -> float:
+    return abs(value - reference) / max(abs(reference), 1e-12)
+
+
+def _check(method: str, where: str, value: float, reference: float, reference_name: str, tolerance: float,
+           note: str = "") -> dict:
+    """A completeness/conservation row: ``value`` should equal ``reference`` (named, e.g. F(x) - F(x'))."""
+    error = _relative(float(value), float(reference))
+    return {"method": method, "where": where, "value": float(value), "reference": float(reference),
+            "reference_name": reference_name, "relative_error": error, "tolerance": tolerance,
+            "passed": error <= tolerance, "note": note}
+
+
+def _share(method: str, where: str, value: float, reference: float, reference_name: str = "F(x) - F(x')",
+           short: str = "not a cut: share of F(x) - F(x')",
+           note: str = "not a cut (a skip connection or another branch bypasses it): its conductance is the share of "
+                       "the score change that flows through it, not a completeness check") -> dict:
+    """A row that is information, not a check (no pass/fail): ``value`` as a share of ``reference``."""
+    return {"method": method, "where": where, "value": float(value), "reference": float(reference),
+            "reference_name": reference_name, "relative_error": None, "tolerance": None, "passed": None,
+            "share": float(value) / float(reference) if float(reference) else float("nan"), "short": short, "note": note}
+
+
+def _target(args, output) -> int:
+    classes = output.shape[1]
+    if args.target is None:
+        return int(output.argmax(1))
+    if not -classes <= args.target < classes:
+        raise InputError(f"--target: {args.target} is out of range for {classes} classes (use 0..{classes - 1}, or "
+                         "-1 for the last)")
+    return args.target % classes
+
+
+def _file_safe(name: str, most: int = 60) -> str:
+    """A picture's name as part of a file name: letters, digits, '.', '-', '_' (others become '_'),
+    at most ``most`` characters (the HTML shows the real name)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)[:most] or "image"
+
+
+def _check_numbers(args) -> None:
+    """Tolerances and thresholds are finite numbers in their range (NaN would mark every check failed);
+    the normalisation's numbers are checked where the model is loaded."""
+    import math
+
+    if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
+        raise InputError(f"--tolerance: must be a finite number >= 0, got {args.tolerance}")
+    if getattr(args, "distance", None) is not None and not (math.isfinite(args.distance) and 0 <= args.distance <= 2):
+        raise InputError(f"--distance: must be a number from 0 to 2 (the shape distance's range), got {args.distance}")
