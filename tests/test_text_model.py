@@ -40,14 +40,14 @@ def test_tokenize_hand_written(sentence, tokens):
 def test_encode_unknown_word_is_id_1_and_reported_and_short_rows_are_padded_with_0():
     ids, unknown = SMALL.encode(["The plot was dreadful.", "not good", "The plot was not good at all."])
     assert ids.dtype == torch.int64
-    assert ids.tolist() == [
-        [2, 3, 4, 1, 8, 0, 0, 0],
-        [5, 6, 0, 0, 0, 0, 0, 0],   # padded to the longest row
-        [2, 3, 4, 5, 6, 1, 1, 8],
+    assert ids.tolist() == [   # every row padded to the 64 slots the model always reads
+        [2, 3, 4, 1, 8] + [0] * 59,
+        [5, 6] + [0] * 62,
+        [2, 3, 4, 5, 6, 1, 1, 8] + [0] * 56,
     ]
     assert unknown == [["dreadful"], [], ["at", "all"]]
     alone, _ = SMALL.encode("good")
-    assert alone.tolist() == [[6, 0, 0, 0, 0]]   # at least 5 tokens, the widest filter
+    assert alone.tolist() == [[6] + [0] * 63]
     assert SMALL.decode(ids[0]) == ["the", "plot", "was", "<unk>", "."]
 
 

@@ -24,8 +24,10 @@ run of letters or digits, with inner apostrophes ("o'clock"); every other visibl
 "'ve", "'ll", "'d", "'m"). Nothing is dropped.
 
 Ids (:class:`Vocabulary`): 0 is padding (``<pad>``), 1 stands for any word not in the vocabulary
-(``<unk>``). A batch is padded with 0 on the right to its longest sentence, and to at least
-``MIN_LENGTH`` = 5 tokens (the widest filter); a sentence may have at most ``MAX_LENGTH`` = 64 tokens.
+(``<unk>``). Every sentence is padded with 0 on the right to ``MAX_LENGTH`` = 64 token slots, in
+training as in use, so a sentence's prediction does not depend on the batch it is in (the
+convolutions also see the padding: the max over time covers every slot); a sentence may have at most
+64 tokens.
 
 Module names, for layer and neuron attribution (each module runs once per forward pass):
 
@@ -136,7 +138,7 @@ class Vocabulary:
         return [self.tokens[i] for i in values if i != PAD_ID]
 
     def encode(self, sentences: str | Sequence[str], max_length: int = MAX_LENGTH) -> tuple[Tensor, list[list[str]]]:
-        """Ids ``(B, T)`` (int64, padded with 0 to the longest sentence and at least 5) and, per
+        """Ids ``(B, 64)`` (int64, padded with 0 to ``MAX_LENGTH`` slots) and, per
         sentence, the words that were not in the vocabulary (each encoded as 1), in order.
 
         ``sentences``: one sentence or a sequence of them; each must have 1 to ``max_length`` tokens,
@@ -162,8 +164,7 @@ class Vocabulary:
                 raise InputError(f"sentences[{i}] has {len(tokens)} tokens, more than max_length={max_length}")
             rows.append([self.id(token) for token in tokens])
             unknown.append([token for token in tokens if token not in self.index])
-        length = max(MIN_LENGTH, max(len(row) for row in rows))
-        ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+        ids = torch.full((len(rows), MAX_LENGTH), PAD_ID, dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
         return ids, unknown

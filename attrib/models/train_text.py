@@ -65,7 +65,7 @@ from .text import (
     EMBEDDING_DIM,
     FILTERS,
     MAX_LENGTH,
-    MIN_LENGTH,
+
     PAD,
     PAD_ID,
     RECORD,
@@ -185,8 +185,7 @@ def make_sentences(words: Sequence[str], polarity: dict[str, int], counts: dict[
 def batches(ids: list[list[int]], order: Tensor, size: int):
     for start in range(0, len(order), size):
         rows = [ids[int(i)] for i in order[start:start + size]]
-        length = max(MIN_LENGTH, max(len(r) for r in rows))
-        batch = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+        batch = torch.full((len(rows), MAX_LENGTH), PAD_ID, dtype=torch.long)  # the length the model always reads
         for j, row in enumerate(rows):
             batch[j, : len(row)] = torch.tensor(row)
         yield order[start:start + size], batch
