@@ -78,9 +78,13 @@ def _layers(model, given: str | None) -> list[str]:
     if given is None:
         return list(CONVOLUTIONS)
     try:
-        return [name for name, _ in resolve_layers(model, [part.strip() for part in given.split(",") if part.strip()])]
+        names = [name for name, _ in resolve_layers(model, [part.strip() for part in given.split(",") if part.strip()])]
     except InputError as error:
         raise InputError(f"--layer: {str(error).split(': ', 1)[-1]}") from None
+    if "embedding" in names:
+        raise InputError("--layer: 'embedding' is where every path is interpolated; its conductance is the integrated "
+                         f"gradients the report already shows per token; choose a later layer, e.g. {', '.join(CONVOLUTIONS)}")
+    return names
 
 
 def _check_layers(model, ids, layers: list[str]) -> None:
@@ -169,8 +173,9 @@ def _explain(model, vocabulary, sentence: str, label: int | None, args, layers: 
                     key=lambda item: -abs(item[0]))[:TOP]
     top: list[dict[str, Any]] = []
     for value, name, channel in ranked:
+        selector = (channel,) + (slice(None),) * (conductance[name].dim() - 2)  # the whole filter (or unit, for a dense layer)
         through = NeuronConductance(model, name, interpolate_at="embedding").attribute(
-            ids, (channel, slice(None)), target=target, baselines=baselines, n_steps=steps)
+            ids, selector, target=target, baselines=baselines, n_steps=steps)
         top.append({"layer": name, "filter": channel, "conductance": value,
                     "tokens": token_scores(through["embedding"])[0, :count].tolist()})
     stem = f"{index:02d}_{_file_safe(sentence, 40)}"

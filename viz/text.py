@@ -111,7 +111,8 @@ def _sentence(entry: dict) -> list[str]:
         notes.append("unknown words, read as the unknown token &lt;unk&gt;: "
                      + ", ".join(f"<code>{html.escape(w)}</code>" for w in entry["unknown_words"]))
     if entry["padded_to"] > len(entry["tokens"]):
-        notes.append(f"padded with the padding id to {entry['padded_to']} tokens (the widest filter is 5); padding gets 0")
+        notes.append(f"padded with the padding id to the {entry['padded_to']} token slots the model always reads; the padding "
+                     "equals the baseline there, so it gets 0")
     notes.append("tokens: lower-cased; punctuation and clitics (n't, 's) are tokens of their own")
     parts.append("<ul class='small'>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>")
     parts.extend(_checks(entry["checks"])[2:])  # the image report's explanation of the rows does not apply here
