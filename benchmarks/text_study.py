@@ -302,7 +302,8 @@ def markdown(r: dict) -> str:
         "",
         f"Data: the model's held-out template sentences ({r['data']['held_out']}; accuracy "
         + ", ".join(f"{k} {v:.3f}" for k, v in r["data"]["accuracy_held_out"].items())
-        + f") and {r['data']['phrases']} hand-written paired phrases ('the movie was good' / 'the movie was not good'; accuracy "
+        + f"; 100 of the 300 are the by-word split, whose words the templates never taught, where the model is near chance) and "
+        f"{r['data']['phrases']} hand-written paired phrases ('the movie was good' / 'the movie was not good at all'; accuracy "
         + ", ".join(f"{k} {v:.3f}" for k, v in r["data"]["accuracy_phrases"].items()) + ").",
         "",
         "## Division of labour",
@@ -342,6 +343,12 @@ def markdown(r: dict) -> str:
               "| layer | " + " | ".join(ev.COMPARED_METHODS) + " |", "|---|" + "---|" * len(ev.COMPARED_METHODS)]
     for conv, values in r["agreement_with_ablation_pearson"].items():
         lines.append(f"| {conv} | " + " | ".join(f"{values[m]:.3f}" for m in ev.COMPARED_METHODS) + " |")
+    lines += ["", "Gradient × activation and conductance agree almost perfectly here, and that is a property of this network, "
+              "not of the methods: after each convolution come a ReLU, the max over time and one dense layer, so the effect of "
+              "ablating a filter is exactly the dense weight times its pooled value, which is what gradient × activation at "
+              "the convolution computes (the paper's Inception layers have many nonlinear layers above them; there it "
+              "reports 0.92 for gradient × activation and 0.79 for conductance). Activation alone does not know the sign of "
+              "the filter's weight toward the label, hence its correlation near 0."]
     return "\n".join(lines) + "\n"
 
 
