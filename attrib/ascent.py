@@ -28,7 +28,7 @@ from .module_types import CONVOLUTIONS
 from .normalization import normalized_range
 from .quadrature import uniform_nodes
 from .sums import trapezoid_sum
-from .sweep import interpolate_rows, step_major
+from .sweep import interpolate, step_major
 from .targets import normalize_target, target_scores
 from .types import Baselines, Inputs, LayerSpec, TargetType
 
@@ -58,7 +58,7 @@ def conductance_map(
     starts = check_baseline_tuple(baselines, tuple(x.detach() for x in given), not isinstance(inputs, tuple))
     alphas = torch.tensor(uniform_nodes(n_steps), dtype=given[0].dtype, device=device)  # first node 2**-60
     node, example = step_major(n, 0, (n_steps + 1) * n, device)
-    rows = [interpolate_rows(b, x - b, alphas, node, example) for x, b in zip(given, starts)]
+    rows = [interpolate(b, x - b, alphas, node, example) for x, b in zip(given, starts)]
     with frozen_parameters(model), capture(model, [layer], leaf=True) as cap, torch.enable_grad():
         output = model(*rows, *expand_args(as_args(additional_forward_args), example, n))
         values = cap[layer]

@@ -2,6 +2,7 @@
 :class:`~attrib.errors.InputTypeError`) naming the argument, before any work is done."""
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import torch
@@ -19,12 +20,19 @@ def model_device_dtype(model: nn.Module) -> tuple[torch.device | None, torch.dty
 
 
 
+def _own_dropout(module: nn.Module) -> bool:
+    """A module that applies dropout itself in training mode (nn.MultiheadAttention, the RNNs between layers)."""
+    rate = getattr(module, "dropout", None)
+    return isinstance(rate, float) and rate > 0
+
+
 def check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     stochastic = [
         name for name, module in model.named_modules()
-        if module.training and isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+        if module.training and (isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd))
+                                or _own_dropout(module))
     ]
     if stochastic:
         raise InputError(
@@ -101,6 +109,8 @@ def check_baselines(baselines: Baselines, inputs: Tensor, name: str = "baselines
     if baselines is None:  # one element seen at every position (read-only, like the other returns)
         return inputs.new_zeros(()).expand_as(inputs)
     if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
+        if not math.isfinite(baselines):
+            raise InputError(f"{name} must be a finite number, got {baselines!r}")
         if not inputs.is_floating_point():
             if not float(baselines).is_integer():
                 raise InputError(f"{name}: the inputs are {inputs.dtype} (e.g. token ids), so the baseline must be a whole "

@@ -150,6 +150,7 @@ class capture:
             (``cap.made_leaves`` names those: tensors that did not depend on anything needing a gradient).
         substitute: ``{name: f}``; ``f(tensor)`` replaces the layer's value itself: the replacement is
             what is captured and what flows on (the interpolation at a layer, see :mod:`attrib.sweep`).
+        argument: the argument errors name (``"layers"``; ``"interpolate_at"`` for the interpolated layer).
 
     ``cap[name]`` is the tensor seen in the latest forward pass. What flows on is a clone, so an
     in-place operation downstream (``ReLU(inplace=True)``) cannot alter the captured tensor. A module
@@ -169,18 +170,20 @@ class capture:
         edit: Mapping[str, Edit] | None = None,
         leaf: bool = False,
         substitute: Mapping[str, Edit] | None = None,
+        argument: str = "layers",
     ) -> None:
         if on not in ("output", "input"):
             raise InputError(f"on must be 'output' or 'input', got {on!r}")
         self.model = model
-        self.layers = resolve_layers(model, layers, elements=True)
+        self.argument = argument
+        self.layers = resolve_layers(model, layers, elements=True, argument=argument)
         self.on = on
         self.edit = dict(edit or {})
         self.substitute = dict(substitute or {})
-        for argument, given in (("edit", self.edit), ("substitute", self.substitute)):
+        for option, given in (("edit", self.edit), ("substitute", self.substitute)):
             unknown = set(given) - {name for name, _ in self.layers}
             if unknown:
-                raise InputError(f"{argument}: {sorted(unknown)} are not among the captured layers")
+                raise InputError(f"{option}: {sorted(unknown)} are not among the captured layers")
         self.leaf = leaf
         self.captured: dict[str, Tensor] = {}
         self.made_leaves: set[str] = set()
@@ -193,7 +196,7 @@ class capture:
 
     def __getitem__(self, name: str) -> Tensor:
         if name not in self.captured and name in {n for n, _ in self.layers}:
-            raise InputError(f"layers: {name!r} did not run in the forward pass; choose a module the model calls")
+            raise InputError(f"{self.argument}: {name!r} did not run in the forward pass; choose a module the model calls")
         return self.captured[name]
 
     def _take(self, name: str, tensor: object) -> Tensor:
@@ -202,7 +205,7 @@ class capture:
         self._calls[name] = self._calls.get(name, 0) + 1
         if self._calls[name] > 1:
             raise LayerReuseError(
-                f"layers: module {name!r} runs {self._calls[name]} times in one forward pass (it is reused), "
+                f"{self.argument}: module {name!r} runs {self._calls[name]} times in one forward pass (it is reused), "
                 "so its output is ambiguous; choose a module that runs once per forward pass"
             )
         if name in self.substitute:
@@ -223,7 +226,7 @@ class capture:
                     raise InputTypeError(f"layer {name!r} output is {_describe(output)}, not a tensor; choose one "
                                          f"element, e.g. {name + '[0]' if isinstance(output, (tuple, list)) else name + '[key]'!r}")
                 return self._take(name, output)
-            return _replace(output, element, lambda value: self._take(name, value), name)
+            return _replace(output, element, lambda value: self._take(name, value), name, self.argument)
         return hook
 
     def _input_hook(self, name: str):
@@ -233,7 +236,7 @@ class capture:
             if len(args) == 0:
                 raise InputTypeError(f"layer {name!r} was called without a positional input to capture")
             if element is not None:
-                return _replace(tuple(args), element, lambda value: self._take(name, value), name)
+                return _replace(tuple(args), element, lambda value: self._take(name, value), name, self.argument)
             tensors = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
             if len(tensors) < 2:  # one floating-point input (integer ones beside it, e.g. positions, are not parts)
                 first = tensors[0] if tensors else 0
@@ -280,17 +283,18 @@ def _describe(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def _replace(container: object, element: int | str, take: Callable[[object], Tensor], name: str) -> object:
+def _replace(container: object, element: int | str, take: Callable[[object], Tensor], name: str,
+             argument: str = "layers") -> object:
     """``container`` with ``element`` replaced by ``take(container[element])`` (tuples, named tuples,
     lists and dicts; the others refused by name)."""
     if isinstance(container, dict):
         if element not in container:
-            raise InputError(f"layers: {name!r}: the output has no key {element!r}; its keys are {list(container)}")
+            raise InputError(f"{argument}: {name!r}: the output has no key {element!r}; its keys are {list(container)}")
         return {**container, element: take(container[element])}
     if not isinstance(container, (tuple, list)) or not isinstance(element, int):
-        raise InputError(f"layers: {name!r} picks element {element!r}, but this is {_describe(container)}")
+        raise InputError(f"{argument}: {name!r} picks element {element!r}, but this is {_describe(container)}")
     if not -len(container) <= element < len(container):
-        raise InputError(f"layers: {name!r}: element {element} is out of range for {_describe(container)}")
+        raise InputError(f"{argument}: {name!r}: element {element} is out of range for {_describe(container)}")
     items = list(container)
     items[element] = take(items[element])
     if isinstance(container, list):

@@ -184,6 +184,11 @@ class NoiseTunnel:
         noised = checked
         if layer is not None:  # the noise goes on the interpolated layer's value at the inputs
             assert self.model is not None, "a method that interpolates at a layer has a model"
+            if "layer_noise" in options:
+                raise InputError("layer_noise: the noise tunnel draws the noise at the interpolated layer itself; leave it out")
+            if isinstance(stdevs, tuple) and len(stdevs) != 1:
+                raise InputError(f"stdevs: the noise goes on layer {layer!r} (interpolate_at), not on each input; give one "
+                                 f"number, got {len(stdevs)}")
             noised = (layer_output(self.model, layer, checked, as_args(options.get("additional_forward_args")), n),)
         sigmas = [noise_scale(x, s, stdev_mode) for x, s in zip(noised, _stdevs(stdevs, len(noised)))]
         batch_dim = 1 if isinstance(options.get("neuron_selector"), list) else 0

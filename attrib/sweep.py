@@ -104,15 +104,17 @@ def _reaching(roots: list, targets: list[Tensor]) -> set[int]:
 
 
 def _streamed_gradients(
-    scores: Tensor, streamed: dict[str, Tensor], others: dict[str, Tensor], consume: Callable[[str, Tensor, Tensor], None]
+    scores: Tensor, streamed: dict[str, Tensor], others: dict[str, Tensor], consume: Callable[[str, Tensor, Tensor], None],
+    starts: Sequence[Tensor] = (),
 ) -> dict[str, Tensor]:
     """One backward pass; each streamed tensor's (value, gradient) goes to ``consume`` as soon as the
     gradient is complete (a tensor hook), so neither is kept for the rest of the pass. The gradients of
-    ``others`` are returned. Leaves, and tensors whose graph reaches none of the leaves, are
-    differentiated directly."""
+    ``others`` are returned. Leaves, and tensors whose graph reaches none of the leaves (those of
+    ``streamed`` and ``others``, and ``starts``: the interpolated layer's point), are differentiated directly."""
     pending = dict(streamed)
     direct = [name for name, t in streamed.items() if t.requires_grad and t.grad_fn is None]
-    leaves = [streamed[n] for n in direct] + [t for t in others.values() if t.requires_grad and t.grad_fn is None]
+    leaves = ([streamed[n] for n in direct] + [t for t in others.values() if t.requires_grad and t.grad_fn is None]
+              + list(starts))
     inner = [name for name, t in streamed.items() if t.grad_fn is not None]
     if inner:
         reach = _reaching([streamed[n].grad_fn for n in inner], leaves)
@@ -130,6 +132,7 @@ def _streamed_gradients(
                 handles.append(streamed[name].register_hook(deliver(name)))
         wanted = {name: streamed[name] for name in direct}
         wanted.update(others)
+        wanted.update({f"<start {i}>": t for i, t in enumerate(starts)})  # the pass runs down to them, so every hook fires
         del streamed
         grads = _gradients(scores, wanted)
     finally:
@@ -173,7 +176,7 @@ def sweep(
     differentiate: Differentiate | None = None,
     consume: Consume | None = None,
     mode: TorchFunctionMode | None = None,
-    interpolate: Interpolation | None = None,
+    interpolation: Interpolation | None = None,
 ) -> Generator[Chunk, None, None]:
     """Evaluate the path in chunks; yields a :class:`Chunk` per forward+backward pass.
 
@@ -189,7 +192,7 @@ def sweep(
     forward pass, ``"auto"`` (sized to ``memory_budget`` bytes or the free memory: see
     :mod:`attrib.memory`) or ``None`` (all rows at once).
 
-    With ``interpolate`` (an :class:`Interpolation`) the inputs are not interpolated: every row feeds
+    With ``interpolation`` (an :class:`Interpolation`) the inputs are not interpolated: every row feeds
     its example's inputs as they are (token ids may be integers), and the named layer's output is
     replaced by the path's point at that layer; ``input_grad`` then asks for dF/d(that point), under
     the layer's name, and every captured layer must depend on it.
@@ -200,10 +203,11 @@ def sweep(
     device = inputs[0].device
     plan = ChunkPlan(internal_batch_size, alphas.shape[0] * n, device, memory_budget)
     names = [name for name, _ in resolve_layers(model, layers, elements=True)] if layers else []
-    if interpolate is not None:
+    if interpolation is not None:
         baselines = [None] * len(inputs)  # the inputs are fed as they are; the layer is interpolated
     diffs = [None if b is None else x - b for x, b in zip(inputs, baselines)]
-    dtype = interpolate.start.dtype if interpolate is not None else next((x.dtype for x in inputs if x.is_floating_point()), torch.float64)
+    dtype = (interpolation.start.dtype if interpolation is not None
+             else next((x.dtype for x in inputs if x.is_floating_point()), torch.float64))
     alphas = alphas.to(device=device, dtype=dtype)
     on = "input" if attribute_to_layer_input else "output"
     keys = input_keys(len(inputs))
@@ -211,9 +215,10 @@ def sweep(
     with ExitStack() as stack:
         stack.enter_context(frozen_parameters(model))
         at = None
-        if interpolate is not None:  # entered first, so that its hook runs before the capture's on the same layer
-            at = stack.enter_context(capture(model, [interpolate.layer], substitute={
-                interpolate.layer: lambda value: _point(value, interpolate, alphas, rows["node"], rows["example"])}))
+        if interpolation is not None:  # entered first, so that its hook runs before the capture's on the same layer
+            path = interpolation
+            at = stack.enter_context(capture(model, [path.layer], argument="interpolate_at", substitute={
+                path.layer: lambda value: _point(value, path, alphas, rows["node"], rows["example"])}))
         cap = stack.enter_context(capture(model, names, on=on, leaf=True))
         for start, stop in plan:
             node, example = step_major(n, start, stop, device)
@@ -222,7 +227,7 @@ def sweep(
             with footprint:
                 with torch.enable_grad():
                     points = {
-                        key: x[example] if b is None or d is None else interpolate_rows(b, d, alphas.to(x.dtype), node, example)
+                        key: x[example] if b is None or d is None else interpolate(b, d, alphas.to(x.dtype), node, example)
                         for key, x, b, d in zip(keys, inputs, baselines, diffs)
                     }
                 args = expand_args(additional_forward_args, example, n)
@@ -243,7 +248,7 @@ def _point(value: Tensor, path: Interpolation, alphas: Tensor, node: Tensor, exa
     if tuple(value.shape) != expected:
         raise InputError(f"interpolate_at: layer {path.layer!r} gave shape {tuple(value.shape)} for {node.shape[0]} rows, "
                          f"not {expected} as at the path's ends; its first dimension must be the batch")
-    point = interpolate_rows(path.start, path.difference, alphas, node, example)
+    point = interpolate(path.start, path.difference, alphas, node, example)
     return point.requires_grad_(True) if torch.is_grad_enabled() else point
 
 
@@ -267,21 +272,29 @@ def _evaluate(model: nn.Module, cap: capture, names: list[str], points: dict[str
         tensors = {name: cap.captured[name] if name in cap.captured else cap[name] for name in names}  # cap[...] says which did not run
         cap.captured.clear()
         chunk = Chunk(start, stop, node, example, scores.detach(), {}, {}, dict(cap.parts))
+        leaves: list[Tensor] = []  # where the path's graph starts, besides the captured tensors
         if at is not None:
             layer = at.layers[0][0]
             point = at[layer]
             at.captured.clear()
-            independent = sorted(cap.made_leaves)
+            independent = sorted(cap.made_leaves | {name for name, t in tensors.items() if not t.is_floating_point()})
             if independent:
                 raise InputError(f"layers: {independent[0]!r} does not depend on interpolate_at layer {layer!r} (it runs "
-                                 "before it or beside it), so it does not change along the path; choose a layer after it")
+                                 "before it or beside it, or is not floating-point), so it does not change along the path; "
+                                 "choose a layer after it")
+            leaves.append(point)
             if input_grad:
                 tensors[layer] = point
-        elif input_grad:
-            tensors.update(points)
+        else:
+            integer = [name for name, t in tensors.items() if not t.is_floating_point()]
+            if integer:
+                raise InputError(f"layers: {integer[0]!r} is {tensors[integer[0]].dtype}, which has no gradient; choose a "
+                                 "layer with a floating-point value")
+            if input_grad:
+                tensors.update(points)
         if consume is not None:
             grads = _streamed_gradients(  # no reference to the streamed layers stays here
-                scores, {name: tensors.pop(name) for name in names}, tensors, functools.partial(consume, chunk),
+                scores, {name: tensors.pop(name) for name in names}, tensors, functools.partial(consume, chunk), leaves,
             )
         else:
             grads = (differentiate or _gradients)(scores, tensors)
@@ -290,7 +303,7 @@ def _evaluate(model: nn.Module, cap: capture, names: list[str], points: dict[str
     return chunk
 
 
-def interpolate_rows(baselines: Tensor, difference: Tensor, alphas: Tensor, node: Tensor, example: Tensor) -> Tensor:
+def interpolate(baselines: Tensor, difference: Tensor, alphas: Tensor, node: Tensor, example: Tensor) -> Tensor:
     """Rows ``x'_e + alpha_n (x_e - x'_e)`` for each pair (``node[r]``, ``example[r]``): the points of the path."""
     shape = (-1,) + (1,) * (baselines.dim() - 1)
     return baselines[example] + alphas[node].view(shape) * difference[example]
@@ -371,10 +384,12 @@ class StraightPath:
             start = (check_baselines(self._layer_baselines, end, "layer_baselines", f"the output of layer {layer!r}") if given else values[n:]).to(end.dtype)
             if self._layer_noise is not None:
                 noise = self._layer_noise
-                if not isinstance(noise, Tensor) or noise.shape != end.shape:
-                    raise InputError(f"layer_noise: needs a tensor of shape {tuple(end.shape)}, like the output of layer "
-                                     f"{layer!r}, got {describe(noise)}")
-                end = end + noise.to(end)
+                if not isinstance(noise, Tensor) or noise.shape != end.shape or not noise.is_floating_point():
+                    raise InputError(f"layer_noise: needs a floating-point tensor of shape {tuple(end.shape)}, like the "
+                                     f"output of layer {layer!r}, got {describe(noise)}")
+                if not torch.isfinite(noise).all():
+                    raise InputError("layer_noise contains NaN or infinite values")
+                end = end + noise.detach().to(end)
             self._interpolation = Interpolation(layer, start.expand_as(end), end - start)
         return self._interpolation
 
@@ -451,7 +466,7 @@ class StraightPath:
         to ``each``; the scores at the ends are taken first."""
         self._scores_at_ends()
         chunks = sweep(self.model, self.inputs, self.baselines, alphas, target=self.target,
-                       additional_forward_args=self.args, interpolate=self.interpolation, **options)
+                       additional_forward_args=self.args, interpolation=self.interpolation, **options)
         with closing(chunks):
             for chunk in chunks:
                 self.parts.update(chunk.parts)
@@ -505,19 +520,32 @@ def _same_shape(value: Tensor, replacement: Tensor, layer: str) -> Tensor:
 
 def layer_output(model: nn.Module, layer: str, inputs: tuple[Tensor, ...], args: Sequence[Any], n_examples: int) -> Tensor:
     """The output of ``layer`` for ``inputs`` (rows ``i`` of example ``i % n_examples``), one forward pass
-    without a graph; refused unless it is a floating-point tensor whose first dimension is the batch."""
+    without a graph; refused unless it is a floating-point tensor whose first dimension is the batch
+    (checked again on one row, so that a sequence-first output cannot pass by a coincidence of sizes).
+    A model that fails on the inputs before the layer (a token id outside the vocabulary, float ids)
+    is an error about the inputs, not a traceback from inside torch."""
     rows = inputs[0].shape[0]
-    example = torch.arange(rows, device=inputs[0].device) % n_examples
-    with frozen_parameters(model), capture(model, [layer]) as cap, torch.no_grad():
-        model(*inputs, *expand_args(args, example, n_examples))
-        value = cap[layer]
-    if not value.is_floating_point():
-        raise InputError(f"interpolate_at: layer {layer!r} outputs {value.dtype}, which cannot be interpolated; "
-                         "choose a layer with a floating-point output (e.g. the embedding)")
-    if value.dim() == 0 or value.shape[0] != rows:
-        raise InputError(f"interpolate_at: layer {layer!r} gave shape {tuple(value.shape)} for {rows} rows; its first "
-                         "dimension must be the batch (e.g. batch_first=True)")
-    return value.detach()
+    for fed, count in ((inputs, rows), (tuple(x[:1] for x in inputs), 1)):
+        example = torch.arange(count, device=inputs[0].device) % n_examples
+        with frozen_parameters(model), capture(model, [layer], argument="interpolate_at") as cap, torch.no_grad():
+            try:
+                model(*fed, *expand_args(args, example, n_examples))
+            except (IndexError, RuntimeError, TypeError) as error:
+                if layer in cap.captured:
+                    raise
+                first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                raise InputError(f"inputs: the model fails on the inputs or the baselines before layer {layer!r} "
+                                 f"({type(error).__name__}: {first}); are the token ids within the vocabulary and integers?") from None
+            value = cap[layer]
+        if count == rows:
+            found = value
+        if not value.is_floating_point():
+            raise InputError(f"interpolate_at: layer {layer!r} outputs {value.dtype}, which cannot be interpolated; "
+                             "choose a layer with a floating-point output (e.g. the embedding)")
+        if value.dim() == 0 or value.shape[0] != count:
+            raise InputError(f"interpolate_at: layer {layer!r} gave shape {tuple(value.shape)} for {count} "
+                             f"{'rows' if count > 1 else 'row'}; its first dimension must be the batch (e.g. batch_first=True)")
+    return found.detach()
 
 
 def convergence_delta(model: nn.Module, attributions: Any, start_point: Baselines, end_point: Inputs,
@@ -528,7 +556,14 @@ def convergence_delta(model: nn.Module, attributions: Any, start_point: Baseline
     ``attributions`` is a tensor or a tuple (one per input, or a layer's parts), or a dict of one
     layer's map; their per-example sums are added. With ``interpolate_at`` the two points are inputs
     whose values at that layer are the path's ends (token ids may be integers)."""
-    path = StraightPath(model, end_point, start_point, target, additional_forward_args, interpolate_at=interpolate_at)
+    try:
+        path = StraightPath(model, end_point, start_point, target, additional_forward_args, interpolate_at=interpolate_at)
+    except InputError as error:  # the path's checks name its own arguments; here they are the two points
+        message = str(error)
+        for own, given in (("baselines", "start_point"), ("inputs", "end_point")):
+            if message.startswith(own):
+                message = given + message[len(own):]
+        raise type(error)(message) from None
     if isinstance(attributions, dict):
         if len(attributions) != 1:
             raise InputError(f"attributions: a dict of {len(attributions)} layers' maps; give one layer's map "

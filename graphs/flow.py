@@ -51,7 +51,7 @@ from attrib.lrp.trace import RelevanceTrace
 from attrib.module_types import LINEAR_LAYERS
 from attrib.quadrature import uniform_nodes
 from attrib.sums import trapezoid_sum
-from attrib.sweep import interpolate_rows, step_major
+from attrib.sweep import interpolate, step_major
 from attrib.targets import normalize_target, target_scores
 from attrib.types import INPUT, Baselines, LayerSpec, TargetType
 
@@ -227,7 +227,7 @@ def _conductance_parts(model, inputs, target, names, k, n_steps, baselines, args
     nodes = n_steps + 1
     node, example = step_major(1, 0, nodes, inputs.device)  # one example: row k is node k
     with frozen_parameters(model), capture(model, names) as cap, torch.enable_grad():
-        rows = interpolate_rows(baselines, inputs - baselines, alphas, node, example)
+        rows = interpolate(baselines, inputs - baselines, alphas, node, example)
         rows.requires_grad_(True)
         output = model(rows, *expand_args(as_args(args), example, 1))
         scores = target_scores(output, normalize_target(target, 1) if not callable(target) else target, example)

@@ -272,3 +272,68 @@ def test_token_scores_refuses_maps_without_an_embedding_dimension():
     with pytest.raises(ValueError, match=r"attributions: need \(B, T, E\)"):
         token_scores(torch.zeros(2, 3))
     assert attrib.token_scores(torch.ones(2, 3, 4)).sum() == 24
+
+
+def test_more_bad_input_is_refused_by_name():
+    model, ids = _model(), _ids()
+    ig = IntegratedGradients(model, interpolate_at="embedding")
+    with pytest.raises(ValueError, match=r"inputs: the model fails on the inputs or the baselines before layer 'embedding' "
+                                         r"\(IndexError"):
+        ig.attribute(torch.full_like(ids, VOCAB + 5), target=1)
+    with pytest.raises(ValueError, match=r"inputs: the model fails"):
+        ig.attribute(ids, target=1, baselines=VOCAB + 5)
+    with pytest.raises(ValueError, match=r"layer_baselines must be a finite number"):
+        ig.attribute(ids, target=1, layer_baselines=float("nan"))
+    with pytest.raises(ValueError, match=r"layer_noise contains NaN"):
+        ig.attribute(ids, target=1, layer_noise=torch.full((3, T, 6), float("nan"), dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"layer_noise: the noise tunnel draws the noise"):
+        NoiseTunnel(ig).attribute(ids, target=1, layer_noise=torch.zeros(3, T, 6, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"stdevs: the noise goes on layer 'embedding'"):
+        NoiseTunnel(ig).attribute(ids, target=1, stdevs=(0.1, 0.1))
+    with pytest.raises(ValueError, match=r"start_point: the inputs are torch.int64 .* whole number"):
+        ig.compute_convergence_delta(torch.zeros(3, T, 6), 0.5, ids, target=1)
+    # a captured layer with an integer value (the embedding's input: the ids) cannot change along the path
+    with pytest.raises(ValueError, match=r"layers: 'embedding' does not depend on interpolate_at layer 'embedding'"):
+        InternalInfluence(model, "embedding", interpolate_at="embedding").attribute(ids, target=1, attribute_to_layer_input=True)
+
+    class Twice(nn.Module):  # one embedding for two inputs: its output is ambiguous
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(VOCAB, 4)
+            self.unused = nn.Linear(4, 4)
+
+        def forward(self, a, b):
+            return (self.embedding(a) * self.embedding(b)).sum((1, 2)).unsqueeze(1)
+
+    twice = Twice().double().eval()
+    with pytest.raises(ValueError, match=r"interpolate_at: module 'embedding' runs 2 times"):
+        IntegratedGradients(twice, interpolate_at="embedding").attribute((ids, ids), target=0)
+    with pytest.raises(ValueError, match=r"interpolate_at: 'unused' did not run"):
+        IntegratedGradients(twice, interpolate_at="unused").attribute((ids, ids), target=0)
+
+
+def test_sequence_first_outputs_are_refused_even_when_sizes_coincide():
+    class SequenceFirst(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embedding = nn.Embedding(VOCAB, 4)
+            self.lstm = nn.LSTM(4, 5)  # sequence first: (T, B, H)
+            self.fc = nn.Linear(5, 2)
+
+        def forward(self, ids):
+            out, _ = self.lstm(self.embedding(ids).transpose(0, 1))
+            return self.fc(out[-1])
+
+    torch.manual_seed(0)
+    model = SequenceFirst().double().eval()
+    ids = _ids(batch=3)[:, :6]  # T = 6 = 2 B: the first pass's output (6, 6, 5) looks batch-first
+    with pytest.raises(ValueError, match=r"interpolate_at: layer 'lstm\[0\]' gave shape \(6, 1, 5\) for 1 row"):
+        IntegratedGradients(model, interpolate_at="lstm[0]").attribute(ids, target=0, internal_batch_size=6)
+
+
+def test_dropout_inside_attention_in_training_mode_is_refused():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True).double()
+    layer.eval()
+    layer.self_attn.train()  # nn.MultiheadAttention applies its dropout itself
+    with pytest.raises(ValueError, match=r"model: 'self_attn' is in training mode"):
+        IntegratedGradients(layer).attribute(torch.randn(2, 3, 8, dtype=torch.float64), target=(0, 0))
