@@ -656,6 +656,10 @@ def layers(args) -> int:
     from .cli_inputs import SHAPE_ERRORS, first_line
     from .errors import InputError
 
+    if args.model == "text":
+        from .cli_text import print_layers
+
+        return print_layers(args)
     loaded = _load(args)
     shapes: dict[str, tuple] = {}
 
@@ -740,15 +744,15 @@ def _composite_option(p: argparse.ArgumentParser, default: str) -> None:
 
 def _model_options(p: argparse.ArgumentParser, images: bool = True) -> None:
     if images:
-        p.add_argument("images", nargs="*", help="image files, or chelsea/coffee/astronaut/rocket (scikit-image); "
-                                                 "default: the model's own samples")
+        p.add_argument("images", nargs="*", help="image files, or chelsea/coffee/astronaut/rocket (scikit-image); with "
+                                                 "--model text, sentences; default: the model's own samples")
         p.add_argument("--target", type=int, default=None,
                        help="class to explain (default: the predicted one; negative counts from the last)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
         p.add_argument("--model", default="digits", help="digits (embedded), text (embedded sentiment CNN: the positional "
                                                          "arguments are sentences), a torchvision name, or package.module:factory")
     else:
-        p.add_argument("model", help="digits, a torchvision name, or package.module:factory")
+        p.add_argument("model", help="digits, text, a torchvision name, or package.module:factory")
     p.add_argument("--weights", default=None, help="a state-dict file, or DEFAULT (embedded / local torch cache; never downloaded)")
     custom = p.add_argument_group("custom models (package.module:factory); these override what the factory declares")
     custom.add_argument("--channels", type=int, default=None, help="input channels (default 3)")
@@ -770,7 +774,7 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default=None, help="layer for conductance, Grad-CAM, ascent, deconvolution (default: the last "
                                                   "convolution, or the block around it that every path crosses)")
     p.add_argument("--out", default="attrib-report", help="output folder: created, or replaced only if attrib wrote it")
-    p.add_argument("--n-steps", type=int, default=None, dest="n_steps", help=_sized("n_steps", "integration steps of IG and conductance"))
+    p.add_argument("--n-steps", type=int, default=None, dest="n_steps", help=_sized("n_steps", "integration steps of IG and conductance")[:-1] + "; 50 for the text model)")
     p.add_argument("--steps", type=int, default=None, help=_sized("steps", "conductance-ascent iterations"))
     p.add_argument("--ascent-n-steps", type=int, default=None, dest="ascent_n_steps",
                    help=_sized("ascent_n_steps", "conductance steps inside each ascent iteration"))

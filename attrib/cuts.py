@@ -8,6 +8,7 @@ reach the input without passing through the node that made the layer's output.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -15,14 +16,15 @@ from torch import Tensor, nn
 
 from .checks import as_args, check_inputs
 from .errors import InputError
-from .hooks import frozen_parameters, preserved, resolve_layers
+from .hooks import capture, frozen_parameters, preserved, resolve_layers
 from .module_types import CONVOLUTIONS
 from .types import LayerSpec
 
 
 def _nodes(start: Any, blocked: Any = None) -> Iterator[Any]:
-    """Every node of the autograd graph reachable from ``start`` without visiting ``blocked``."""
-    stack, seen = [start], {id(blocked)}
+    """Every node of the autograd graph reachable from ``start`` without visiting ``blocked`` (a node or
+    a list of nodes)."""
+    stack, seen = [start], {id(b) for b in blocked} if isinstance(blocked, list) else {id(blocked)}
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
@@ -39,12 +41,17 @@ def _reaches(start: Any, goal: Any, blocked: Any) -> bool:
 
 def cut_layers(
     model: nn.Module, inputs: Tensor, layers: LayerSpec | Sequence[LayerSpec], additional_forward_args: Any = None,
+    interpolate_at: str | None = None, together: bool = False,
 ) -> dict[str, bool]:
     """``{layer: whether every path from the input to the output crosses it}`` for one forward pass
     (the first example of ``inputs`` is enough: the structure does not depend on the values). A layer
-    that runs more than once, or whose output does not depend on the input, is not a cut."""
+    that runs more than once, or whose output does not depend on the input, is not a cut.
+
+    ``interpolate_at``: paths start at that layer's output instead of the input (token models; the
+    inputs may be integers). ``together``: one more entry, under ``"+".join(layers)``, says whether every
+    path crosses at least one of the layers (the branches of an Inception block, the parallel
+    convolutions of a text CNN)."""
     resolved = resolve_layers(model, layers)
-    inputs = check_inputs(model, inputs)
     made: dict[str, list] = {name: [] for name, _ in resolved}
 
     def record(name: str):
@@ -52,20 +59,38 @@ def cut_layers(
             made[name].append(output.grad_fn if isinstance(output, Tensor) else None)
         return hook
 
-    probe = inputs[:1].clone().requires_grad_(True)
-    handles = [module.register_forward_hook(record(name)) for name, module in resolved]
-    try:
-        with preserved(model), frozen_parameters(model), torch.enable_grad():
-            output = model(probe.clone(), *as_args(additional_forward_args))
-    finally:
-        for handle in handles:
-            handle.remove()
+    probes: list[Tensor] = []
+    with ExitStack() as stack:
+        stack.enter_context(preserved(model))
+        stack.enter_context(frozen_parameters(model))
+        stack.enter_context(torch.enable_grad())
+        if interpolate_at is None:
+            probe = check_inputs(model, inputs)[:1].clone().requires_grad_(True)
+            fed = probe.clone()
+        else:
+            fed = check_inputs(model, inputs, differentiable=False)[:1]
+            def start_here(value: Tensor) -> Tensor:
+                probes.append(value.detach().requires_grad_(True))
+                return probes[-1]
+
+            stack.enter_context(capture(model, [interpolate_at], substitute={interpolate_at: start_here}))
+        handles = [module.register_forward_hook(record(name)) for name, module in resolved]
+        try:
+            output = model(fed, *as_args(additional_forward_args))
+        finally:
+            for handle in handles:
+                handle.remove()
+        probe = probe if interpolate_at is None else probes[0]
     if not isinstance(output, Tensor) or output.grad_fn is None:
         raise InputError("inputs: the model output is not a tensor that depends on the inputs")
     start = output.grad_fn
     leaf = _leaf_of(start, probe)
-    return {name: len(nodes) == 1 and nodes[0] is not None and _reaches(start, nodes[0], None)
-            and not _reaches(start, leaf, nodes[0]) for name, nodes in made.items()}
+    found = {name: len(nodes) == 1 and nodes[0] is not None and _reaches(start, nodes[0], None)
+             and not _reaches(start, leaf, nodes[0]) for name, nodes in made.items()}
+    if together:
+        ends = [nodes[0] for nodes in made.values() if len(nodes) == 1 and nodes[0] is not None]
+        found["+".join(made)] = len(ends) == len(made) and not _reaches(start, leaf, ends)
+    return found
 
 
 def _leaf_of(start: Any, probe: Tensor) -> Any:

@@ -7,8 +7,8 @@ padding id, embedding 0). Writes benchmarks/results/issue16/text_study.{json,md}
 
 Data: the held-out template sentences shipped with the model (``check_sentences``: 120 plain, 120
 negated, 60 distractor; never seen in training) and a small hand-written set of paired phrases
-("the movie was good" / "the movie was not good", ...). Each sentence is encoded alone (padded to at
-least 5 tokens, as the command line does) and sentences of one length are attributed together.
+("the movie was good" / "the movie was not good at all", ...). Every sentence is read as the model's 64
+token slots, so they are attributed in batches (``grouped``).
 """
 from __future__ import annotations
 
@@ -54,7 +54,8 @@ def phrases() -> tuple[list[str], list[int], list[str], list[str]]:
 
 
 def grouped(vocabulary, sentences: list[str]) -> dict[int, tuple[list[int], torch.Tensor]]:
-    """Sentence indices and ids per encoded length (each sentence padded alone, to at least 5 tokens)."""
+    """Sentence indices and ids per encoded length (every sentence fills the 64 slots, so one group;
+    kept by length so that a model with another padding rule is attributed correctly)."""
     groups: dict[int, list[tuple[int, torch.Tensor]]] = defaultdict(list)
     for i, sentence in enumerate(sentences):
         ids, _ = vocabulary.encode([sentence])
@@ -71,8 +72,9 @@ def per_sentence(model, vocabulary, sentences, compute) -> list:
     return out
 
 
-def conductance(model, vocabulary, sentences, targets, steps: int) -> torch.Tensor:
-    """(N, 96): every filter's conductance (summed over time) toward each sentence's target class."""
+def conductance(model, vocabulary, sentences, targets, steps: int) -> tuple[torch.Tensor, float]:
+    """(N, 96): every filter's conductance (summed over time) toward each sentence's target class, and the
+    worst |completeness error| of the three convolutions together."""
     targets = torch.as_tensor(targets)
     lc = LayerConductance(model, CONVS, interpolate_at="embedding")
     deltas: list[float] = []
@@ -84,8 +86,7 @@ def conductance(model, vocabulary, sentences, targets, steps: int) -> torch.Tens
         deltas += (total - (res.outputs - res.baseline_outputs)).abs().tolist()
         for i, row in zip(indices, scores):
             rows[i] = row
-    conductance.worst_delta = max(deltas)  # type: ignore[attr-defined]
-    return torch.stack(rows)
+    return torch.stack(rows), max(deltas)
 
 
 def through_negators(model, vocabulary, sentences, targets, steps: int) -> torch.Tensor:
@@ -164,8 +165,7 @@ def main() -> None:
                 for kind in ("plain", "negated", "distractor")}
 
     # 1. division of labour: per filter, conductance toward the label on positive vs negative sentences
-    cond = conductance(model, vocabulary, sentences, labels, args.steps)
-    worst = conductance.worst_delta  # type: ignore[attr-defined]
+    cond, worst = conductance(model, vocabulary, sentences, labels, args.steps)
     positive = torch.tensor([lab == 1 for lab in labels])
     P, N = cond[positive].mean(0), cond[~positive].mean(0)
     tau = 0.1 * float(torch.cat([P, N]).abs().max())
@@ -196,7 +196,8 @@ def main() -> None:
     # 2. negation: the filters with the highest conductance for negated phrases; ablate them
     p_sentences, p_labels, p_kinds, p_words = phrases()
     p_before = logits(model, vocabulary, p_sentences)
-    p_cond = conductance(model, vocabulary, p_sentences, p_labels, args.steps)
+    p_cond, p_worst = conductance(model, vocabulary, p_sentences, p_labels, args.steps)
+    worst = max(worst, p_worst)
     negated_p = torch.tensor([k == "negated" for k in p_kinds])
     p_labels_t = torch.tensor(p_labels)
     phrase_accuracy = {kind: float((p_before.argmax(1)[[k == kind for k in p_kinds]] == p_labels_t[[k == kind for k in p_kinds]])

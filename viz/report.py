@@ -40,7 +40,8 @@ figcaption { font-size: 0.85em; color: #555; } .note { color: #a33; } .small { f
 """
 
 
-def _checks(checks: list[dict]) -> list[str]:
+def check_table(checks: list[dict]) -> str:
+    """The completeness rows as a table: value, reference, relative error and verdict (or share)."""
     rows, classes = [], []
     for c in checks:
         if c.get("passed") is None:
@@ -50,6 +51,10 @@ def _checks(checks: list[dict]) -> list[str]:
         rows.append([c["method"], c["where"], c["value"], f"{c['reference_name']} = {c['reference']:.4g}", error, verdict,
                      c.get("note", "")])
         classes.append("" if c.get("passed") is None else ("pass" if c["passed"] else "fail"))
+    return _table(rows, ["method", "where", "sum of attributions", "should be", "relative error", "verdict", "note"], classes)
+
+
+def _checks(checks: list[dict]) -> list[str]:
     return ["<h3>completeness and conservation</h3>",
             "<p class='small'>Path methods (integrated gradients, DeepLIFT, conductance) should add up to "
             "F(x) − F(x′), the score change from the baseline (a black image), and are marked pass or fail against the "
@@ -57,7 +62,7 @@ def _checks(checks: list[dict]) -> list[str]:
             "its share. LRP starts from F(x) itself; its row shows the share that reaches the input, the rest being "
             "absorbed by biases and ε by design (information, not a check; <code>attrib audit</code> checks conservation "
             "layer by layer).</p>",
-            _table(rows, ["method", "where", "sum of attributions", "should be", "relative error", "verdict", "note"], classes)]
+            check_table(checks)]
 
 
 def _header(report: dict) -> list[str]:

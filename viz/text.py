@@ -68,7 +68,8 @@ def token_figure(tokens: Sequence[str], scores: Sequence[float], title: str):
         text = fig.text(x / width_in, y, token, family="monospace", fontsize=12, va="center", ha="left",
                         bbox={**boxes, "facecolor": colour(score, limit)})
         middle = text.get_window_extent(renderer).x0 / fig.dpi + (text.get_window_extent(renderer).width / fig.dpi) / 2
-        fig.text(middle / width_in, y - 0.3 / height, f"{score:+.3f}", fontsize=7, color="#444", va="center", ha="center")
+        fig.text(middle / width_in, y - 0.3 / height, "0" if abs(score) < 5e-4 else f"{score:+.3f}", fontsize=7, color="#444",
+                 va="center", ha="center")
     bar = fig.add_axes((0.3, 0.42 / height, 0.4, 0.12 / height))
     mappable = plt.cm.ScalarMappable(norm=TwoSlopeNorm(0.0, -limit, limit), cmap=CMAP)
     colourbar = fig.colorbar(mappable, cax=bar, orientation="horizontal")
@@ -81,14 +82,16 @@ def filter_token_figure(tokens: Sequence[str], rows: Sequence[str], matrix: Sequ
     """A heatmap: one row per filter (``rows`` its labels), one column per token, each cell the
     conductance of that filter that flows through that token."""
     limit = _limit([v for row in matrix for v in row])
-    fig, ax = plt.subplots(figsize=(min(16.0, max(4.0, 0.55 * len(tokens) + 2.0)), 0.8 + 0.4 * len(rows)))
+    width = min(16.0, max(4.0, 0.55 * len(tokens) + 2.0))
+    fig, ax = plt.subplots(figsize=(width, 0.8 + 0.4 * len(rows)))
     image = ax.imshow(matrix, cmap=CMAP, norm=TwoSlopeNorm(0.0, -limit, limit), aspect="auto")
     ax.set_xticks(range(len(tokens)), labels=list(tokens), rotation=45, ha="right", fontsize=9)
     ax.set_yticks(range(len(rows)), labels=list(rows), fontsize=8)
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            if abs(value) >= 0.2 * limit:
-                ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
+    if (width - 2.0) / max(1, len(tokens)) >= 0.4:  # numbers only where a cell has room for them
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                if abs(value) >= 0.2 * limit:
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=6)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.02)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
@@ -96,34 +99,52 @@ def filter_token_figure(tokens: Sequence[str], rows: Sequence[str], matrix: Sequ
 
 
 def _sentence(entry: dict) -> list[str]:
-    from .report import _checks, _table
+    from .report import _table, check_table
 
     prediction = entry["prediction"]
     probabilities = ", ".join(f"{label} {p:.3f}" for label, p in prediction["probabilities"].items())
     parts = [f"<h2>“{html.escape(entry['sentence'])}”</h2>",
              f"<p>prediction: <b>{html.escape(prediction['label'])}</b> ({html.escape(probabilities)}); explained: "
              f"{html.escape(entry['target_label'])}" + (f"; true label {html.escape(entry['label'])}" if entry.get("label") else "")
-             + "</p>"]
+             + f" <span class='small'>({html.escape(entry['origin'])})</span></p>"]
     unknown = [token == "<unk>" for token in entry["read_as"]]
     parts.append(token_html(entry["tokens"], entry["token_scores"], unknown))
     notes = []
     if entry["unknown_words"]:
         notes.append("unknown words, read as the unknown token &lt;unk&gt;: "
                      + ", ".join(f"<code>{html.escape(w)}</code>" for w in entry["unknown_words"]))
+    if entry.get("invisible_characters_dropped"):
+        notes.append("invisible characters dropped: " + html.escape(", ".join(entry["invisible_characters_dropped"])))
     if entry["padded_to"] > len(entry["tokens"]):
         notes.append(f"padded with the padding id to the {entry['padded_to']} token slots the model always reads; the padding "
                      "equals the baseline there, so it gets 0")
     notes.append("tokens: lower-cased; punctuation and clitics (n't, 's) are tokens of their own")
     parts.append("<ul class='small'>" + "".join(f"<li>{n}</li>" for n in notes) + "</ul>")
-    parts.extend(_checks(entry["checks"])[2:])  # the image report's explanation of the rows does not apply here
+    parts.append("<h3>completeness</h3>")
+    parts.append(check_table(entry["checks"]))
     for figure in entry["figures"]:
         parts.append(f"<figure><img src='{html.escape(figure['file'], quote=True)}' alt='{html.escape(figure['title'])}'>"
                      f"<figcaption>{html.escape(figure['title'])}</figcaption></figure>")
-    if entry["top_filters"]:
-        parts.append("<h3>top filters by conductance, split over the tokens</h3>")
-        rows = [[f"{f['layer']}:{f['filter']}", f["conductance"]] + [round(v, 4) for v in f["tokens"]] for f in entry["top_filters"]]
-        parts.append(_table(rows, ["filter", "conductance"] + entry["tokens"]))
+    if entry["top_units"]:
+        parts.append("<h3>top units by conductance, split over the tokens</h3>")
+        rows = [[f"{f['layer']}:{f['unit']}", f["conductance"], f["sum_over_tokens"]] + [round(v, 4) for v in f["tokens"]]
+                for f in entry["top_units"]]
+        parts.append(_table(rows, ["unit", "conductance", "sum over tokens"] + entry["tokens"]))
     return parts
+
+
+def _accuracy(training: dict) -> str:
+    """The model's held-out accuracies, the hard sets included."""
+    accuracy = training.get("accuracy") or {}
+    templates, corpus, by_word = accuracy.get("templates") or {}, accuracy.get("corpus") or {}, accuracy.get("by_word") or {}
+    parts = []
+    if templates:
+        parts.append(f"template sentences {templates.get('all', 0):.3f} (negated {templates.get('negated', 0):.3f})")
+    if corpus:
+        parts.append(f"real review snippets {corpus.get('all', 0):.3f} (with a negator {corpus.get('with_negator', 0):.3f})")
+    if by_word:
+        parts.append(f"templates with words no template taught {by_word.get('all', 0):.3f} (negated {by_word.get('negated', 0):.3f})")
+    return "; ".join(parts)
 
 
 def write_text_html(report: dict, folder) -> object:
@@ -132,23 +153,28 @@ def write_text_html(report: dict, folder) -> object:
 
     from .report import STYLE
 
-    training = report["model"].get("training") or {}
-    accuracy = training.get("accuracy") or {}
+    layers, cuts = report["layers"], report.get("cuts", {})
+    together = "+".join(layers)
+    if len(layers) > 1 and cuts.get(together):
+        where = "Together these layers are a cut (every path from the embedding crosses one of them), so their units' " \
+                "conductances add up to the same change; each alone carries its share."
+    elif all(cuts.get(name) for name in layers):
+        where = "Every path crosses this layer (a cut), so its units' conductances add up to the same change."
+    else:
+        where = "Other branches bypass some of these layers, so their conductance is the share of the change that flows " \
+                "through them."
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>attrib report: text</title>",
              f"<style>{STYLE}</style></head><body>", "<h1>attrib report: text sentiment CNN</h1>",
              f"<p>weights: {html.escape(str(report['model']['weights']))}; sentences from {html.escape(report['source'])}; "
-             f"conductance at <code>{html.escape(', '.join(report['layers']))}</code>; {report['seconds']:.1f} s in all.</p>",
-             "<p class='small'>Every path is interpolated at the embedding, from the baseline (every token the padding id, "
-             "whose embedding is 0) to the sentence. Integrated gradients there, summed over the embedding dimensions, "
-             "give one number per token; they add up to F(x) − F(x′), the change of the explained class's score (a "
-             "logit). The three convolutions are together a cut, so their filters' conductances add up to the same "
-             "change. Each filter's conductance splits over the tokens (neuron conductance at the embedding).</p>"]
+             f"conductance at <code>{html.escape(', '.join(layers))}</code>; {report['seconds']:.1f} s in all.</p>",
+             "<p class='small'>Every path is interpolated at the embedding, from the baseline "
+             f"({html.escape(report['baseline'])}) to the sentence. Integrated gradients there, summed over the embedding "
+             "dimensions, give one number per token; they add up to F(x) − F(x′), the change of the explained class's "
+             f"score (a logit). {where} Each top unit's conductance splits over the tokens (neuron conductance at the "
+             "embedding).</p>"]
+    accuracy = _accuracy(report["model"].get("training") or {})
     if accuracy:
-        parts.append("<p class='small'>held-out accuracy of the model: " + html.escape(
-            ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in accuracy.items()
-                      if not isinstance(v, dict))) + "</p>")
-    for note in report["model"].get("notes", []):
-        parts.append(f"<p class='small'>{html.escape(note)}</p>")
+        parts.append(f"<p class='small'>held-out accuracy of the model: {html.escape(accuracy)}</p>")
     for entry in report["sentences"]:
         parts.extend(_sentence(entry))
     parts.append("<p>Every number is in <a href='report.json'>report.json</a>.</p></body></html>")

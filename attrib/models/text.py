@@ -21,7 +21,8 @@ run of letters or digits, with inner apostrophes ("o'clock"); every other visibl
 (punctuation, a hyphen, a quote) is a token by itself. Then the clitics are split off a word:
 "don't" -> "do", "n't"; "isn't" -> "is", "n't"; "can't" -> "can", "n't"; "won't" -> "will", "n't";
 "shan't" -> "shall", "n't"; "cannot" -> "can", "not"; "it's" -> "it", "'s" (likewise "'re",
-"'ve", "'ll", "'d", "'m"). Nothing is dropped.
+"'ve", "'ll", "'d", "'m"). The text is first put in Unicode NFC form and its invisible characters
+(zero-width spaces, a BOM, control characters, variation selectors) are dropped; nothing else is.
 
 Ids (:class:`Vocabulary`): 0 is padding (``<pad>``), 1 stands for any word not in the vocabulary
 (``<unk>``). Every sentence is padded with 0 on the right to ``MAX_LENGTH`` = 64 token slots, in
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from collections.abc import Sequence
 from importlib import resources
 from typing import Any
@@ -67,7 +69,6 @@ WEIGHTS, VOCABULARY, SAMPLES, RECORD = "text.pt", "text_vocabulary.json", "text_
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID, UNK_ID = 0, 1
 WIDTHS = (3, 4, 5)
-MIN_LENGTH = max(WIDTHS)  # every filter must fit at least once
 MAX_LENGTH = 64
 EMBEDDING_DIM, FILTERS = 32, 32
 EMBEDDING_INIT_STD = 0.1
@@ -90,15 +91,28 @@ def _split_clitics(word: str) -> list[str]:
     return [word]
 
 
+def _invisible(character: str) -> bool:
+    """Format and control characters (zero-width space, BOM, NUL...) and variation selectors (the emoji
+    one), which are no text of their own; tabs and line breaks count as spaces."""
+    return (unicodedata.category(character) in ("Cf", "Cc") and not character.isspace()) or "\ufe00" <= character <= "\ufe0f"
+
+
+def invisible_characters(sentence: str) -> list[str]:
+    """The characters :func:`tokenize` drops, as ``U+XXXX`` (for a report to say what was done)."""
+    return [f"U+{ord(c):04X}" for c in unicodedata.normalize("NFC", sentence) if _invisible(c)]
+
+
 def tokenize(sentence: str) -> list[str]:
-    """Lower-cased tokens of ``sentence`` (the rules are in the module docstring).
+    """Lower-cased tokens of ``sentence`` (the rules are in the module docstring); the text is first
+    put in Unicode NFC form and invisible characters are dropped (:func:`invisible_characters`).
 
     >>> tokenize("The plot wasn't GOOD -- at all!")
     ['the', 'plot', 'was', "n't", 'good', '-', '-', 'at', 'all', '!']
     """
     if not isinstance(sentence, str):
         raise InputTypeError(f"sentence must be a str, got {type(sentence).__name__}")
-    text = sentence.lower().replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
+    text = "".join(c for c in unicodedata.normalize("NFC", sentence) if not _invisible(c))
+    text = text.lower().replace("\u2019", "'").replace("\u2018", "'").replace("\u02bc", "'")
     tokens: list[str] = []
     for piece in _WORD_OR_MARK.findall(text):
         tokens.extend(_split_clitics(piece) if "'" in piece or piece == "cannot" else [piece])
@@ -110,7 +124,7 @@ class Vocabulary:
 
     >>> vocabulary = Vocabulary(["<pad>", "<unk>", "the", "plot", "was", "good"])
     >>> ids, unknown = vocabulary.encode(["the plot was dreadful"])
-    >>> ids.tolist(), unknown   # [[2, 3, 4, 1, 0]], [['dreadful']]
+    >>> ids[0, :5].tolist(), unknown   # [2, 3, 4, 1, 0] (then 0 up to 64 slots), [['dreadful']]
     """
 
     def __init__(self, tokens: Sequence[str]) -> None:
