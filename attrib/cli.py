@@ -25,9 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .cli_common import _check, _check_numbers, _file_safe, _share, _target
-
-LRP_COMPOSITE = "epsilon_plus"  # explain's default --composite
+from .cli_common import LRP_COMPOSITE, _check, _check_numbers, _file_safe, _share, _target
 
 
 class _Parser(argparse.ArgumentParser):

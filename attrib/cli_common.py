@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .errors import InputError
 
+LRP_COMPOSITE = "epsilon_plus"  # explain's default --composite
+
 
 def _relative(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-12)

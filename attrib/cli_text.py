@@ -34,7 +34,7 @@ class Sentence:
 
 
 def _refuse_image_options(args) -> None:
-    from .cli import LRP_COMPOSITE
+    from .cli_common import LRP_COMPOSITE
 
     given = [name for name, default in IMAGE_OPTIONS.items() if getattr(args, name, default) != default]
     if getattr(args, "composite", LRP_COMPOSITE) != LRP_COMPOSITE:
