@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import types
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,7 @@ def _masked(scores: Tensor, mask: Tensor | None, name: str) -> Tensor:
     return scores + mask.to(scores.dtype)
 
 
-def _explicit_forward(self: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+def _explicit_forward(self: Any, query: Tensor, key: Tensor, value: Tensor,
                       key_padding_mask: Tensor | None = None, need_weights: bool = True, attn_mask: Tensor | None = None,
                       average_attn_weights: bool = True, is_causal: bool = False) -> tuple[Tensor, Tensor | None]:
     """The math of ``nn.MultiheadAttention.forward`` (eval mode), through the submodules above."""
@@ -238,7 +238,7 @@ class HeadConductance:
         with explicit_attention(self.model):
             res = LayerConductance(self.model, taps + self.layers, interpolate_at=self.interpolate_at).attribute(
                 inputs, target=target, baselines=baselines, n_steps=n_steps, **options)
-        maps = {name: head_scores(res[tap], module.num_heads, module.batch_first)
+        maps: dict[str, Any] = {name: head_scores(res[tap], module.num_heads, module.batch_first)
                 for (name, module), tap in zip(self.attention.items(), taps)}
         maps.update({name: res[name] for name in self.layers})
         assert isinstance(res.delta, dict), "LayerConductance reports delta per layer"
