@@ -44,25 +44,28 @@ from .errors import InputError, InputTypeError
 SUBMODULES = ("q_proj", "k_proj", "v_proj", "scores", "softmax", "context", "heads")
 
 
-class Projection(nn.Module):
+class Projection(nn.Linear):
     """One of the query / key / value projections of an ``nn.MultiheadAttention``: ``x W^T + b`` with
     ``W``, ``b`` read from the owner's parameters (a slice of ``in_proj_weight``, or its
-    ``q_proj_weight`` ...) at each call, so nothing is copied. ``weight`` and ``bias`` are those tensors."""
+    ``q_proj_weight`` ...) at each call, so nothing is copied and nothing is registered here. It is an
+    ``nn.Linear`` for everything that asks (LRP composites, views), with ``weight`` and ``bias`` those tensors."""
 
     def __init__(self, owner: nn.MultiheadAttention, index: int) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # not nn.Linear's: the parameters stay the owner's
         self._owner = [owner]  # a list, so that the owner is not registered as a submodule (no cycle)
         self.index = index
+        self.in_features = (owner.embed_dim, owner.kdim, owner.vdim)[index]
+        self.out_features = owner.embed_dim
 
     @property
-    def weight(self) -> Tensor:
+    def weight(self) -> Tensor:  # type: ignore[override]
         owner, e = self._owner[0], self._owner[0].embed_dim
         if owner._qkv_same_embed_dim:
             return owner.in_proj_weight[self.index * e:(self.index + 1) * e]
         return (owner.q_proj_weight, owner.k_proj_weight, owner.v_proj_weight)[self.index]
 
     @property
-    def bias(self) -> Tensor | None:
+    def bias(self) -> Tensor | None:  # type: ignore[override]
         owner, e = self._owner[0], self._owner[0].embed_dim
         return None if owner.in_proj_bias is None else owner.in_proj_bias[self.index * e:(self.index + 1) * e]
 
@@ -141,7 +144,12 @@ def _attention_modules(model: nn.Module) -> list[tuple[str, nn.MultiheadAttentio
     return [(name, module) for name, module in model.named_modules() if isinstance(module, nn.MultiheadAttention)]
 
 
+DEPTH = "_attrib_explicit_depth"  # in the module's __dict__: how many explicit_attention blocks hold it
+
+
 def _refuse(name: str, module: nn.MultiheadAttention) -> None:
+    if module.__dict__.get(DEPTH):
+        return  # an outer explicit_attention already set it up
     if module.bias_k is not None or module.add_zero_attn:
         raise InputError(f"model: {name!r} uses add_bias_kv or add_zero_attn, which explicit_attention does not implement")
     if module.training and module.dropout > 0:
@@ -151,35 +159,51 @@ def _refuse(name: str, module: nn.MultiheadAttention) -> None:
         raise InputError(f"model: {name!r} already has an attribute {clash[0]!r}; explicit_attention cannot add its own")
 
 
+def _set_up(module: nn.MultiheadAttention) -> None:
+    for index, sub in enumerate(("q_proj", "k_proj", "v_proj")):
+        module.add_module(sub, Projection(module, index))
+    module.add_module("scores", AttentionScores(1.0 / math.sqrt(module.head_dim)))
+    module.add_module("softmax", nn.Softmax(dim=-1))
+    module.add_module("context", AttentionContext())
+    module.add_module("heads", nn.Identity())
+    module.forward = types.MethodType(_explicit_forward, module)  # type: ignore[method-assign]
+
+
+def _take_down(module: nn.MultiheadAttention) -> None:
+    for sub in SUBMODULES:
+        module._modules.pop(sub, None)
+    module.__dict__.pop("forward", None)
+
+
 @contextmanager
 def explicit_attention(model: nn.Module) -> Iterator[list[str]]:
     """Within the block, every ``nn.MultiheadAttention`` of ``model`` computes through named submodules
     (see the module docstring); yields their names. On exit the submodules are removed and the original
-    ``forward`` and PyTorch's attention fast-path setting are restored, also when the block raises."""
+    ``forward`` and PyTorch's attention fast-path setting are restored, also when the block raises.
+    Blocks nest (LRP enters one of its own inside yours): the innermost changes nothing, the outermost
+    restores."""
     if not isinstance(model, nn.Module):
         raise InputTypeError(f"model must be an nn.Module, got {type(model).__name__}")
     found = _attention_modules(model)
     for name, module in found:
         _refuse(name, module)
     fast = torch.backends.mha.get_fastpath_enabled()
-    changed: list[nn.MultiheadAttention] = []
+    held: list[nn.MultiheadAttention] = []
     try:
         torch.backends.mha.set_fastpath_enabled(False)  # the fused paths skip the module's forward
         for _, module in found:
-            changed.append(module)
-            for index, sub in enumerate(("q_proj", "k_proj", "v_proj")):
-                module.add_module(sub, Projection(module, index))
-            module.add_module("scores", AttentionScores(1.0 / math.sqrt(module.head_dim)))
-            module.add_module("softmax", nn.Softmax(dim=-1))
-            module.add_module("context", AttentionContext())
-            module.add_module("heads", nn.Identity())
-            module.forward = types.MethodType(_explicit_forward, module)  # type: ignore[method-assign]
+            depth = module.__dict__.get(DEPTH, 0)
+            if depth == 0:
+                _set_up(module)
+            module.__dict__[DEPTH] = depth + 1
+            held.append(module)
         yield [name for name, _ in found]
     finally:
-        for module in changed:
-            for sub in SUBMODULES:
-                module._modules.pop(sub, None)
-            module.__dict__.pop("forward", None)
+        for module in held:
+            module.__dict__[DEPTH] -= 1
+            if module.__dict__[DEPTH] == 0:
+                del module.__dict__[DEPTH]
+                _take_down(module)
         torch.backends.mha.set_fastpath_enabled(fast)
 
 

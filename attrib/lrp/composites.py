@@ -33,9 +33,14 @@ from .rules import (
     Flat,
     Gamma,
     Gradient,
+    Blocked,
+    ConstantFirst,
+    LayerNormRule,
     Norm,
     Pass,
     Rule,
+    SoftmaxRule,
+    UniformProduct,
     ZBox,
     ZPlus,
 )
@@ -200,3 +205,31 @@ def vgg16_tutorial(low=None, high=None, gamma: float = 0.25, epsilon: float = 0.
     names.update({f"features.{i}": upper for i in (17, 19, 21, 23, 24, 26, 28, 30)})
     names.update({f"classifier.{i}": LRP0() for i in (0, 3, 6)})
     return Composite(names=names, maxpool="average", types=[])
+
+
+def _transformer_types(epsilon: float) -> list:
+    norms = (nn.LayerNorm,) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    return [(CONVOLUTIONS + (nn.Linear,), Epsilon(epsilon)), (norms, LayerNormRule(epsilon))]
+
+
+@register_composite("attnlrp")
+def attnlrp(epsilon: float = 1e-6) -> Composite:
+    """AttnLRP (Achtibat et al., 2024): LRP-epsilon on Linear and Conv layers, LayerNorm with its
+    normalisation as a constant, softmax by its Taylor rule, the two products of attention by the
+    uniform rule, GELU/SiLU and other activations by the identity. Attention modules run as
+    :func:`attrib.explicit_attention` while LRP runs."""
+    from ..attention import AttentionContext, AttentionScores
+
+    return Composite(types=[*_transformer_types(epsilon), (nn.Softmax, SoftmaxRule()),
+                            ((AttentionScores, AttentionContext), UniformProduct(epsilon))])
+
+
+@register_composite("cp_lrp")
+def cp_lrp(epsilon: float = 1e-6) -> Composite:
+    """CP-LRP (Ali et al., 2022): as ``attnlrp``, but the attention weights are constants: no relevance
+    passes through the softmax (to queries and keys), and the weighted sum of the values gives them all
+    of its relevance (LRP-epsilon, linear in the values)."""
+    from ..attention import AttentionContext, AttentionScores
+
+    return Composite(types=[*_transformer_types(epsilon), (nn.Softmax, Blocked()), (AttentionContext, ConstantFirst(epsilon)),
+                            (AttentionScores, UniformProduct(epsilon))])

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import InputError
 from ..normalization import normalized_range
@@ -480,3 +480,120 @@ class Gradient(Rule):
     def relevance(self, layer, x, z, relevance):
         return layer.backward(x, layer.weight, relevance)
 
+
+
+# ---------------------------------------------------------------- transformers
+# AttnLRP (Achtibat et al., ICML 2024) and CP-LRP (Ali et al., ICML 2022), from their equations.
+
+
+class LayerNormRule(Rule):
+    """LayerNorm / RMSNorm with the normalisation treated as a constant: for
+    ``y = gamma * (x - mean(x)) / sigma + beta`` the division by ``sigma`` passes relevance unchanged
+    (the identity rule), the affine part is shared by LRP-epsilon (``R_n = gamma n R / stab(y)``: the
+    bias ``beta`` absorbs its share) and the centring, a linear map, by LRP-epsilon too:
+    ``R_x = x * (s - mean(s))`` with ``s = R_n / stab(x - mean(x))``. RMSNorm has no centring:
+    ``R_x = R_n``. Without a bias and with ``epsilon -> 0`` it is conservative.
+
+    >>> Composite(types=[(nn.LayerNorm, LayerNormRule(1e-6))])
+    """
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        if not epsilon >= 0:
+            raise InputError(f"epsilon must be >= 0, got {epsilon!r}")
+        self.epsilon = epsilon
+
+    def relevance(self, layer, x, z, relevance):
+        norm = layer.module
+        dims = tuple(range(x.dim() - len(norm.normalized_shape), x.dim()))
+        centred = isinstance(norm, nn.LayerNorm)
+        c = x - x.mean(dims, keepdim=True) if centred else x
+        spread = c.pow(2).mean(dims, keepdim=True) if centred else x.pow(2).mean(dims, keepdim=True)
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        n = c / (spread + eps).sqrt()
+        if norm.weight is not None:
+            scaled = n * norm.weight.detach()
+            y = scaled + norm.bias.detach() if getattr(norm, "bias", None) is not None else scaled
+            relevance = scaled * divide(relevance, y, self.epsilon)
+        if not centred:
+            return relevance
+        s = divide(relevance, c, self.epsilon)
+        return x * (s - s.mean(dims, keepdim=True))
+
+
+class SoftmaxRule(Rule):
+    """AttnLRP's softmax rule, a Taylor decomposition at the input with the bias absorbing the rest:
+    ``R_i = x_i (R_i - s_i sum_j R_j)`` over the softmax dimension, ``s`` its output. Masked
+    positions (``x = -inf``) get none.
+
+    >>> Composite(types=[(nn.Softmax, SoftmaxRule())])
+    """
+
+    needs_output = True
+
+    def relevance(self, layer, x, z, relevance):
+        dim = getattr(layer.module, "dim", -1)
+        dim = -1 if dim is None else dim
+        result = x * (relevance - z * relevance.sum(dim, keepdim=True))
+        return torch.where(torch.isfinite(x), result, torch.zeros_like(result))
+
+
+class Blocked(Rule):
+    """No relevance passes (CP-LRP's attention weights: treated as constants, so the relevance goes to
+    the values only). The relevance that arrives is absorbed and shown in the conservation report.
+
+    >>> Composite(types=[(nn.Softmax, Blocked())])
+    """
+
+    def relevance(self, layer, x, z, relevance):
+        return torch.zeros_like(x)
+
+
+class ProductRule(Rule):
+    """A rule for a module with two inputs from the graph whose output is bilinear in them (the two
+    matrix products of attention): ``relevance_pair(product, a, b, z, R)`` returns ``(R_a, R_b)``."""
+
+    def __init__(self, epsilon: float = 1e-6) -> None:
+        if not epsilon >= 0:
+            raise InputError(f"epsilon must be >= 0, got {epsilon!r}")
+        self.epsilon = epsilon
+
+    def relevance(self, layer, x, z, relevance):  # one input: not a product
+        raise InputError(f"{type(self).__name__} is a rule for modules with two inputs from the graph")
+
+    @staticmethod
+    def _contributions(product, a: Tensor, b: Tensor, share: Tensor) -> tuple[Tensor, Tensor]:
+        """``(a * d(share . product)/da, b * d(share . product)/db)``: each factor's part of every product term."""
+        with torch.enable_grad():
+            pa, pb = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+            ga, gb = torch.autograd.grad(product(pa, pb), (pa, pb), share)
+        return a * ga, b * gb
+
+    def relevance_pair(self, product, a: Tensor, b: Tensor, z: Tensor, relevance: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class UniformProduct(ProductRule):
+    """AttnLRP's rule for a product of two computed tensors (``q k^T``, ``weights v``): each term
+    ``a_ij b_jk`` of ``z_ik`` takes its LRP-epsilon share of ``R_ik``, split half and half between
+    its two factors: ``R_a = a * (R / stab(z)) b^T / 2``, ``R_b = b * a^T (R / stab(z)) / 2``.
+    Conservative up to ``epsilon``.
+
+    >>> Composite(types=[((AttentionScores, AttentionContext), UniformProduct())])
+    """
+
+    def relevance_pair(self, product, a, b, z, relevance):
+        ra, rb = self._contributions(product, a, b, divide(relevance, z, self.epsilon))
+        return ra / 2, rb / 2
+
+
+class ConstantFirst(ProductRule):
+    """CP-LRP's rule for a product whose first factor is taken as a constant (the attention weights):
+    the product is then linear in the second factor, which takes all of the relevance by LRP-epsilon,
+    ``R_b = b * a^T (R / stab(z))``; the first gets none.
+
+    >>> Composite(types=[(AttentionContext, ConstantFirst())])
+    """
+
+    def relevance_pair(self, product, a, b, z, relevance):
+        _, rb = self._contributions(product, a, b, divide(relevance, z, self.epsilon))
+        return torch.zeros_like(a), rb

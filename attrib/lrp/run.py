@@ -28,7 +28,7 @@ from .canonizers import FUNCTIONAL_POOLS, FunctionalOps, on_graph
 from .composites import Composite
 from .plan import Entry, Plan, ViewCache
 from .report import ConservationReport, LayerBalance, per_example_sum
-from .rules import Norm, Pass, Rule, divide
+from .rules import Norm, Pass, ProductRule, Rule, divide
 from .views import ConvView, FoldedView, FunctionView, LayerView, LinearView
 
 CHEAP_VIEWS = (FunctionView,)
@@ -151,6 +151,31 @@ class SumStep(Step):
         return result
 
 
+class ProductStep(Step):
+    """``z = product(a, b)``, bilinear in two computed tensors (the matrix products of attention):
+    the rule (a :class:`~attrib.lrp.rules.ProductRule`) gives ``(R_a, R_b)``.
+
+    >>> step.propagate(relevance)   # (R_q, R_k) for the scores q k^T
+    """
+
+    def __init__(self, run: Run, row: LayerBalance, view: LayerView, rule: ProductRule, a: Tensor, b: Tensor,
+                 product: Callable[[Tensor, Tensor], Tensor]) -> None:
+        super().__init__(run, row, view, rule, a, None)
+        self.other = _saved(b)
+        self.product = product
+
+    def propagate(self, relevance: Tensor) -> tuple[Tensor, ...]:
+        a = self._input()
+        b, version = self.other
+        if b._version != version:
+            raise InputError(f"LRP: an operand of {self.row.name!r} was modified in place afterwards")
+        assert isinstance(self.rule, ProductRule)
+        z = self.product(a, b)
+        result = self.rule.relevance_pair(self.product, a, b, z, relevance)
+        self.run.account(self, relevance, result)
+        return result
+
+
 def _graph_arguments(args: tuple, kwargs: dict) -> dict[int | str, Tensor]:
     """A call's tensors from the inputs' graph, by position or keyword."""
     return {key: value for key, value in [*enumerate(args), *kwargs.items()] if on_graph(value)}
@@ -266,7 +291,11 @@ class Run:
         """A leaf called with several tensors from the inputs' graph (or one, not as its first
         argument): a rule for one input cannot see the others, so only a sum under ``Norm`` runs."""
         entry = self.plan.get(id(module))
-        if entry is None or not isinstance(entry[1], Norm) or len(graph) < 2:
+        if entry is not None and isinstance(entry[1], ProductRule):
+            if sorted(graph, key=str) != [0, 1] or kwargs:
+                raise InputError(f"LRP: layer {name!r} ({type(module).__name__}) has a product rule, {entry[3]}, which needs "
+                                 "exactly its first two arguments from the inputs' graph")
+        elif entry is None or not isinstance(entry[1], Norm) or len(graph) < 2:
             places = ("arguments " if len(graph) > 1 else "argument ") + ", ".join(map(repr, graph))
             what = "it has no rule" if entry is None else f"its rule {entry[3]} reads only its first argument"
             raise InputError(
@@ -293,6 +322,8 @@ class Run:
         if x is None:
             return None
         if isinstance(x, tuple):
+            if isinstance(self.plan[id(module)][1], ProductRule):
+                return self._product_module(module, x, output)
             return self._sum_module(module, x, output)
         name, rule, view, rule_text = self._entry(module)
         if not isinstance(output, Tensor):
@@ -350,6 +381,26 @@ class Run:
         self.saved_inputs.update((id(operand), operand) for operand in operands)
         step.output = output.detach()
         out = Relay.apply(step, *operands)
+        if name in self.record:
+            step.records.append((name, "out"))
+            self._keep_outputs(step, out)
+        return out
+
+    def _product_module(self, module: nn.Module, operands: tuple[Tensor, ...], output: Any) -> Tensor:
+        """A leaf with a product rule: its two graph inputs get their shares of the relevance."""
+        name, rule, view, rule_text = self.plan[id(module)]
+        if not isinstance(output, Tensor):
+            raise InputTypeError(f"LRP: layer {name!r} returned a {type(output).__name__}, not a tensor")
+        if name in self.record and self.record[name][1] == "in":
+            raise InputError(f"layers: {name!r} has two inputs; record its output, or the layers that feed it")
+        assert isinstance(rule, ProductRule)  # checked by the caller
+        row = LayerBalance(self._label(name), view.kind, rule_text)
+        self.rows.append(row)
+        a, b = operands
+        step = ProductStep(self, row, view, rule, a.detach(), b.detach(), module.forward)
+        self.saved_inputs.update((id(operand), operand) for operand in operands)
+        step.output = output.detach()
+        out = Relay.apply(step, a, b)
         if name in self.record:
             step.records.append((name, "out"))
             self._keep_outputs(step, out)

@@ -220,4 +220,6 @@ def view_of(module: nn.Module) -> LayerView:
         return ConvView(module)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         return AffineView(module)
-    return FunctionView(module.forward, type(module).__name__)
+    view = FunctionView(module.forward, type(module).__name__)
+    view.module = module  # rules that read the module's settings (LayerNorm's shape, Softmax's dim)
+    return view

@@ -1,0 +1,149 @@
+"""LRP for transformers: AttnLRP's and CP-LRP's rules against dense re-implementations of their formulas,
+conservation on a bias-free configuration, and both composites on torchvision's ViT and nn.TransformerEncoder
+as shipped; float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from attrib import LRP, explicit_attention
+from attrib.attention import AttentionContext, AttentionScores
+from attrib.lrp import Composite
+from attrib.lrp.rules import ConstantFirst, Epsilon, LayerNormRule, Norm, SoftmaxRule, UniformProduct, stab
+from attrib.lrp.views import view_of
+
+torch.manual_seed(0)
+
+
+def _random(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_layernorm_rule_is_its_formula(affine):
+    norm = nn.LayerNorm(5, elementwise_affine=affine).double()
+    if affine:
+        with torch.no_grad():
+            norm.weight.normal_()
+            norm.bias.normal_()
+    x, relevance, eps = _random(3, 5), _random(3, 5), 1e-3
+    found = LayerNormRule(eps).relevance(view_of(norm), x, None, relevance)
+    expected = torch.empty_like(x)
+    centring = torch.eye(5, dtype=torch.float64) - 1 / 5  # c = C x
+    for row in range(3):
+        c = centring @ x[row]
+        n = c / (c.pow(2).mean() + norm.eps).sqrt()
+        y = n * norm.weight + norm.bias if affine else n
+        r_n = (n * norm.weight if affine else n) * relevance[row] / stab(y, eps) if affine else relevance[row]
+        # LRP-epsilon through the centring map: R_j = sum_k x_j C_kj R_k / stab(c_k)
+        expected[row] = torch.stack([sum(x[row, j] * centring[k, j] * r_n[k] / stab(c[k:k + 1], eps)[0] for k in range(5))
+                                     for j in range(5)])
+    assert (found - expected).abs().max() < 1e-12
+
+
+def test_softmax_rule_is_the_taylor_term_at_the_input():
+    softmax = nn.Softmax(dim=-1)
+    x, relevance = _random(2, 4), _random(2, 4)
+    z = softmax(x)
+    found = SoftmaxRule().relevance(view_of(softmax), x, z, relevance)
+    for row in range(2):
+        jacobian = torch.autograd.functional.jacobian(lambda t: torch.softmax(t, -1), x[row])  # d s_j / d x_i at [j, i]
+        expected = x[row] * (jacobian.T @ (relevance[row] / z[row]))  # R_i = x_i sum_j (ds_j/dx_i) R_j / s_j
+        assert (found[row] - expected).abs().max() < 1e-12
+    masked = x.clone()
+    masked[0, 1] = float("-inf")
+    assert SoftmaxRule().relevance(view_of(softmax), masked, softmax(masked), relevance)[0, 1] == 0
+
+
+def test_product_rules_share_every_term_between_its_two_factors():
+    scores, context = AttentionScores(0.5), AttentionContext()
+    q, k, relevance, eps = _random(2, 3, 4), _random(2, 5, 4), _random(2, 3, 5), 1e-3
+    z = scores(q, k)
+    r_q, r_k = UniformProduct(eps).relevance_pair(scores.forward, q, k, z, relevance)
+    share = relevance / stab(z, eps)
+    terms = 0.5 * q.unsqueeze(2) * k.unsqueeze(1) * share.unsqueeze(-1)  # (B, L, S, d): each term q_id k_sd / 2 ... / stab(z_ls)
+    assert (r_q - 0.5 * terms.sum(2)).abs().max() < 1e-12
+    assert (r_k - 0.5 * terms.sum(1)).abs().max() < 1e-12
+    weights, v, relevance = torch.softmax(_random(2, 3, 5), -1), _random(2, 5, 4), _random(2, 3, 4)
+    z = context(weights, v)
+    share = relevance / stab(z, eps)
+    terms = weights.unsqueeze(-1) * v.unsqueeze(1) * share.unsqueeze(2)  # (B, L, S, d): w_ls v_sd R_ld / stab(z_ld)
+    r_w, r_v = UniformProduct(eps).relevance_pair(context.forward, weights, v, z, relevance)
+    assert (r_w - 0.5 * terms.sum(-1)).abs().max() < 1e-12 and (r_v - 0.5 * terms.sum(1)).abs().max() < 1e-12
+    r_w, r_v = ConstantFirst(eps).relevance_pair(context.forward, weights, v, z, relevance)
+    assert r_w.abs().max() == 0 and (r_v - terms.sum(1)).abs().max() < 1e-12
+
+
+class BiasFree(nn.Module):
+    """Embeddings in, two bias-free encoder layers, a bias-free linear head on the mean token."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True, bias=False)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(8, 3, bias=False)
+
+    def forward(self, x):
+        return self.head(self.encoder(x).mean(1))
+
+
+def test_cp_lrp_is_conservative_without_biases_and_attnlrp_loses_only_at_the_softmax():
+    torch.manual_seed(0)
+    model = BiasFree().double().eval()
+    x = _random(2, 5, 8)
+    block = "encoder.layers.0"
+    res = LRP(model, "cp_lrp").attribute(x, target=1, layers=[block])
+    eps_free = LRP(model, Composite(types=[((nn.Linear,), Epsilon(0)), ((nn.LayerNorm,), LayerNormRule(0)),
+                                           *_cp_rules(0.0)], addition_rule=Norm(0), name="cp_lrp_0")).attribute(
+        x, target=1, layers=[block])
+    for found in (res, eps_free):
+        total = found.attributions.flatten(1).sum(1)
+        tolerance = 1e-4 if found is res else 1e-10  # epsilon 1e-6 absorbs a little; 0 nothing
+        assert (total - found.outputs).abs().max() < tolerance * found.outputs.abs().max()
+        # the relevance at a hidden block is what arrives below it
+        assert (found.layers[block].flatten(1).sum(1) - total).abs().max() < tolerance * found.outputs.abs().max()
+    attn = LRP(model, Composite(types=[((nn.Linear,), Epsilon(0)), ((nn.LayerNorm,), LayerNormRule(0)),
+                                       (nn.Softmax, SoftmaxRule()), ((AttentionScores, AttentionContext), UniformProduct(0))],
+                                addition_rule=Norm(0), name="attnlrp_0")).attribute(x, target=1)
+    for row in attn.info["conservation"].rows:
+        if "softmax" not in row.name:
+            assert (row.entering - row.leaving).abs().max() < 1e-10, row.name
+    assert any("softmax" in row.name and (row.entering - row.leaving).abs().max() > 1e-6
+               for row in attn.info["conservation"].rows)
+
+
+def _cp_rules(epsilon: float) -> list:
+    from attrib.lrp.rules import Blocked
+
+    return [(nn.Softmax, Blocked()), (AttentionContext, ConstantFirst(epsilon)), (AttentionScores, UniformProduct(epsilon))]
+
+
+def test_both_composites_run_on_torchvisions_vit_and_leave_it_as_it_was():
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=8,
+                                                 mlp_dim=16, num_classes=3).double().eval()
+    with torch.no_grad():  # torchvision starts the head at zero, which would leave no relevance to pass
+        model.heads.head.weight.normal_(0, 0.5)
+    x = _random(2, 3, 16, 16)
+    with torch.no_grad():
+        before = model(x)
+    names = [name for name, _ in model.named_modules()]
+    for composite in ("attnlrp", "cp_lrp"):
+        res = LRP(model, composite).attribute(x, target=1)
+        rows = {row.name for row in res.info["conservation"].rows}
+        assert "encoder.layers.encoder_layer_1.self_attention.softmax" in rows
+        assert torch.isfinite(res.attributions).all() and res.attributions.abs().sum() > 0
+        assert (res.outputs - before[:, 1]).abs().max() < 1e-12
+    with torch.no_grad():
+        assert (model(x) - before).abs().max() == 0
+    assert [name for name, _ in model.named_modules()] == names  # the explicit attention is gone again
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
+    with pytest.raises(ValueError, match=r"LRP has no rule for layer 'encoder.layers.encoder_layer_0.ln_1' \(LayerNorm\)"):
+        LRP(model, Composite(types=[((nn.Linear, nn.Conv2d), Epsilon())])).attribute(x, target=1)
+    with explicit_attention(model):  # the taps are layers LRP can record
+        tap = "encoder.layers.encoder_layer_1.self_attention.heads"
+        res = LRP(model, "cp_lrp").attribute(x, target=1, layers=[tap])
+    assert res.layers[tap].shape == (2, 5, 8)
