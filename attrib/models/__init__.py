@@ -1,4 +1,4 @@
-"""Models shipped with attrib (offline): the digits CNN and the sentence-sentiment CNN."""
+"""Models shipped with attrib (offline): the digits CNN, a tiny ViT on the same digits and the sentence-sentiment CNN."""
 from .digits import (
     DigitsNet,
     load_digits_model,
@@ -6,6 +6,7 @@ from .digits import (
     preprocess,
     sample_digits,
 )
+from .digits_vit import digits_vit_record, load_digits_vit, make_digits_vit
 from .text import (
     MAX_LENGTH,
     TextCNN,
@@ -24,9 +25,12 @@ __all__ = [
     "TextCNN",
     "Vocabulary",
     "check_sentences",
+    "digits_vit_record",
     "load_digits_model",
+    "load_digits_vit",
     "load_text_model",
     "load_vocabulary",
+    "make_digits_vit",
     "pixel_bounds",
     "preprocess",
     "sample_digits",
