@@ -28,6 +28,7 @@ from .module_types import CONVOLUTIONS
 from .normalization import normalized_range
 from .quadrature import uniform_nodes
 from .sums import trapezoid_sum
+from .attention import attention_as_modules
 from .sweep import interpolate, step_major
 from .targets import normalize_target, target_scores
 from .types import Baselines, Inputs, LayerSpec, TargetType
@@ -169,7 +170,7 @@ def conductance_ascent(
         return aggregated_conductance(model, placed(image), name, target, n_steps, baselines, create_graph,
                                       additional_forward_args)
 
-    with preserved(model):
+    with preserved(model), attention_as_modules(model):  # the fused attention kernels have no double backward
         image = given[ascend].clone().requires_grad_(True)
         # the conductance at the input chooses the filter and is the first iteration's objective (one pass for both)
         conductance = conductance_map(model, placed(image), name, target, n_steps, baselines, steps > 0, additional_forward_args)

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import types
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Iterator
 
 import torch
@@ -205,6 +205,17 @@ def explicit_attention(model: nn.Module) -> Iterator[list[str]]:
                 del module.__dict__[DEPTH]
                 _take_down(module)
         torch.backends.mha.set_fastpath_enabled(fast)
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether ``model`` holds an ``nn.MultiheadAttention``."""
+    return any(isinstance(module, nn.MultiheadAttention) for module in model.modules())
+
+
+def attention_as_modules(model: nn.Module) -> AbstractContextManager:
+    """:func:`explicit_attention` if the model has attention, else nothing: for methods that need
+    its inner steps as modules (LRP) or a double backward through it (the fused kernels have none)."""
+    return explicit_attention(model) if has_attention(model) else nullcontext()
 
 
 def head_scores(attributions: Tensor, num_heads: int, batch_first: bool = True) -> Tensor:

@@ -103,8 +103,11 @@ def _settle(args, size: int) -> None:
 def _load(args):
     from .cli_inputs import load_model
 
-    return load_model(args.model, args.weights, channels=args.channels, size=args.input_size, mean=args.mean,
-                      std=args.std, output=args.output)
+    loaded = load_model(args.model, args.weights, channels=args.channels, size=args.input_size, mean=args.mean,
+                        std=args.std, output=args.output)
+    if getattr(args, "composite", "") is None:  # not given: the model's own (attnlrp for a ViT), else the command's
+        args.composite = loaded.composite or args.default_composite
+    return loaded
 
 
 @contextmanager
@@ -375,6 +378,34 @@ def _lrp(image: _Image):
     image.entry["lrp_layers"] = [{"layer": r.name, "rule": r.rule, "entering": float(r.entering[0]),
                                   "leaving": float(r.leaving[0])} for r in report.rows]
     return result.tensor[0]
+
+
+def _heads_problem(setup: _Setup) -> str | None:
+    from .attention import has_attention
+
+    return None if has_attention(setup.model) else "the model has no nn.MultiheadAttention, so no heads to split"
+
+
+@register_method("heads", "conductance per head", check=_heads_problem)
+def _heads(image: _Image) -> None:
+    from . import HeadConductance
+
+    with image.timed("heads"):
+        result = HeadConductance(image.model).attribute(image.x, target=image.target, baselines=image.baselines,
+                                                        n_steps=image.args.n_steps)
+    maps = {name: value[0] for name, value in result.attributions.items()}
+    patch = getattr(image.model, "patch_size", None)
+    grid = image.x.shape[-1] // patch if patch and image.x.dim() == 4 else None
+    tokens = next(iter(maps.values())).shape[-1]
+    if grid is not None and tokens != grid * grid + 1:
+        grid = None  # not a class token and a square of patches: drawn as heads x tokens
+    image.entry["heads"] = {name: {"per_head": value.sum(-1).tolist(), "class_token": value[:, 0].tolist()}
+                            for name, value in maps.items()}
+    from attrib.viz import figures
+
+    image.figure("heads", "conductance of every attention head per token (before the output projection; red adds to the "
+                 "explained class); the heads of a block carry the part of F(x) - F(x') that goes through attention, the "
+                 "residual connection the rest", figures.head_conductance(image.x[0], maps, grid, **image.shown))
 
 
 @register_method("ig", "integrated gradients", panel=True)
@@ -736,8 +767,9 @@ class _CompositeNames:
 
 
 def _composite_option(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--composite", default=default, choices=_CompositeNames(), metavar="NAME",
-                   help="LRP composite, one of %(choices)s (default %(default)s)")
+    p.add_argument("--composite", default=None, choices=_CompositeNames(), metavar="NAME",
+                   help=f"LRP composite, one of %(choices)s (default {default}; attnlrp for digits-vit)")
+    p.set_defaults(default_composite=default)
 
 
 def _model_options(p: argparse.ArgumentParser, images: bool = True) -> None:
@@ -747,10 +779,11 @@ def _model_options(p: argparse.ArgumentParser, images: bool = True) -> None:
         p.add_argument("--target", type=int, default=None,
                        help="class to explain (default: the predicted one; negative counts from the last)")
         p.add_argument("--quiet", action="store_true", help="no progress bars")
-        p.add_argument("--model", default="digits", help="digits (embedded), text (embedded sentiment CNN: the positional "
-                                                         "arguments are sentences), a torchvision name, or package.module:factory")
+        p.add_argument("--model", default="digits", help="digits (embedded CNN), digits-vit (embedded tiny ViT), text "
+                                                         "(embedded sentiment CNN: the positional arguments are sentences), "
+                                                         "a torchvision name, or package.module:factory")
     else:
-        p.add_argument("model", help="digits, text, a torchvision name, or package.module:factory")
+        p.add_argument("model", help="digits, digits-vit, text, a torchvision name, or package.module:factory")
     p.add_argument("--weights", default=None, help="a state-dict file, or DEFAULT (embedded / local torch cache; never downloaded)")
     custom = p.add_argument_group("custom models (package.module:factory); these override what the factory declares")
     custom.add_argument("--channels", type=int, default=None, help="input channels (default 3)")

@@ -39,6 +39,7 @@ class Loaded:
     notes: list[str] = field(default_factory=list)
     bounds: tuple | str | None = "imagenet"
     output: str | int | None = None  # the element of a dict/tuple output that is explained
+    composite: str | None = None  # the LRP composite that fits it, when --composite is not given
 
 
 def _floats(name: str, values: Any, channels: int) -> tuple[float, ...]:
@@ -197,6 +198,8 @@ def load_model(spec: str, weights: str | None = None, *, channels: int | None = 
                          f"{spec} has its own")
     if spec == "digits":
         return _digits(weights)
+    if spec == "digits-vit":
+        return _digits_vit(weights)
     if ":" in spec:
         return _custom(spec, weights, options)
     return _torchvision(spec, weights)
@@ -214,6 +217,21 @@ def _digits(weights: str | None) -> Loaded:
         model, source = DigitsNet(), str(weights)
         _apply(model, _state_dict(weights), source)
     return Loaded(model.eval(), "digits", 1, SIZE, (MEAN,), (STD,), 10, source, bounds=pixel_bounds())
+
+
+def _digits_vit(weights: str | None) -> Loaded:
+    """The embedded tiny ViT on the digits (or the same architecture with the user's weights)."""
+    from .models import load_digits_vit, make_digits_vit, pixel_bounds
+    from .models.digits import MEAN, SIZE, STD
+
+    model: nn.Module
+    if weights in (None, "DEFAULT"):
+        model, source = load_digits_vit(), "embedded (a tiny ViT trained on sklearn digits)"
+    else:
+        model, source = make_digits_vit(), str(weights)
+        _apply(model, _state_dict(weights), source)
+    return Loaded(model.eval(), "digits-vit", 1, SIZE, (MEAN,), (STD,), 10, source, bounds=pixel_bounds(),
+                  composite="attnlrp")
 
 
 def _custom(spec: str, weights: str | None, options: dict[str, Any]) -> Loaded:
@@ -253,7 +271,7 @@ def _torchvision(spec: str, weights: str | None) -> Loaded:
 
     names = set(torchvision.models.list_models(module=torchvision.models))
     if spec not in names:
-        raise InputError(f"--model: unknown model {spec!r}; use digits, a torchvision name such as vgg16 or resnet18, "
+        raise InputError(f"--model: unknown model {spec!r}; use digits, digits-vit, text, a torchvision name such as vgg16 or resnet18, "
                          "or package.module:factory")
     if weights == "DEFAULT":
         path = cached_torchvision_weights(spec)
@@ -308,7 +326,7 @@ def load_pictures(sources: list[str], loaded: Loaded) -> list[Picture]:
     from .images import decode, open_image, resize_crop
 
     if not sources:
-        if loaded.name == "digits":
+        if loaded.name in ("digits", "digits-vit"):
             from .models import preprocess, sample_digits
 
             images, labels = sample_digits()

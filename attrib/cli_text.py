@@ -34,10 +34,8 @@ class Sentence:
 
 
 def _refuse_image_options(args) -> None:
-    from .cli_common import LRP_COMPOSITE
-
     given = [name for name, default in IMAGE_OPTIONS.items() if getattr(args, name, default) != default]
-    if getattr(args, "composite", LRP_COMPOSITE) != LRP_COMPOSITE:
+    if getattr(args, "composite", None) is not None:
         given.append("composite")
     if given:
         option = given[0].replace("_", "-")

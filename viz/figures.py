@@ -270,3 +270,41 @@ def figure_pixels(fig) -> np.ndarray:
 def save(fig, path: str | Path) -> None:
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
+
+
+def head_conductance(image, heads: Mapping[str, object], grid: int | None, mean=None, std=None, title: str | None = None):
+    """Conductance per attention head: one row per attention module, one panel per head. ``heads``
+    maps a module's name to its (H, L) conductance (class token first, then the patches); with ``grid``
+    (patches per side) the patch tokens are drawn on the image, else as a heads x tokens heatmap.
+    One symmetric colour scale for all panels; the class token's value is in each title."""
+    rows = list(heads.items())
+    values = [_array(v) for _, v in rows]
+    limit = max(float(np.abs(v).max()) for v in values) or 1.0
+    count = max(v.shape[0] for v in values)
+    if grid is None:
+        fig, axes = plt.subplots(len(rows), 1, figsize=(8, 1.2 + 0.5 * count * len(rows)), squeeze=False)
+        for ax, (name, _), value in zip(axes[:, 0], rows, values):
+            drawn = ax.imshow(value, cmap="bwr", vmin=-limit, vmax=limit, aspect="auto")
+            ax.set_ylabel("head")
+            ax.set_title(name, fontsize=8)
+        _colorbar(fig, drawn, "conductance")
+        fig.suptitle(title or "conductance per head and token", fontsize=10)
+        return fig
+    picture = to_display(image, mean, std)
+    limit = max(float(np.abs(v[:, 1:]).max()) for v in values) or 1.0  # the patches' scale: the class token is in the titles
+    fig, axes = plt.subplots(len(rows), count, figsize=(1.9 * count + 0.8, 2.0 * len(rows) + 0.6), squeeze=False)
+    for r, ((name, _), value) in enumerate(zip(rows, values)):
+        for h in range(count):
+            ax = axes[r, h]
+            ax.axis("off")
+            if h >= value.shape[0]:
+                continue
+            patches = value[h, 1:].reshape(grid, grid)
+            ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+            upsampled = np.kron(patches, np.ones((picture.shape[0] // grid, picture.shape[1] // grid)))
+            drawn = ax.imshow(upsampled, cmap="bwr", vmin=-limit, vmax=limit, alpha=0.65)
+            ax.set_title(f"{name.split('.')[-2] if '.' in name else name} head {h}\nclass token {value[h, 0]:+.3f}", fontsize=7)
+    _colorbar(fig, drawn, "conductance at the patch tokens", ax=axes.ravel().tolist())
+    fig.suptitle(title or "conductance per attention head (patch tokens on the image; the class token's value in each title)",
+                 fontsize=10)
+    return fig

@@ -4,13 +4,12 @@ model, and a :class:`~attrib.lrp.run.Run` does the forward pass and the relevanc
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from typing import Any, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from ..attention import explicit_attention
+from ..attention import attention_as_modules
 from ..checks import as_args, as_given, check_input_tuple, check_model
 from ..errors import InputError, InputTypeError
 from ..hooks import resolve_layers
@@ -21,10 +20,6 @@ from .composites import COMPOSITES, Composite
 from .plan import ViewCache, make_plan
 from .report import ConservationReport, per_example_sum
 from .run import Run
-
-
-def _has_attention(model: nn.Module) -> bool:
-    return any(isinstance(module, nn.MultiheadAttention) for module in model.modules())
 from .trace import RelevanceTrace
 
 
@@ -90,7 +85,7 @@ class LRP:
         """
         model = self.model
         check_model(model)
-        with explicit_attention(model) if _has_attention(model) else nullcontext():  # heads as modules with rules
+        with attention_as_modules(model):  # attention's steps as modules with rules
             return self._attribute(inputs, target, layers, attribute_to_layer_input, start, start_layer, neuron_selector,
                                    additional_forward_args, conservation)
 
