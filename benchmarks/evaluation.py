@@ -21,6 +21,7 @@ from tqdm import tqdm
 import attrib
 from attrib import evaluate as ev
 from attrib.models import DigitsNet, load_digits_model, preprocess
+from attrib.models.digits import digits_split as held_out_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYERS = ["features.0", "features.2", "features.5", "features.7"]
@@ -33,13 +34,8 @@ KS = (5, 10, 15, 20)
 
 
 def digits_split():
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)
-    labels = torch.tensor(data.target)
-    train, test = train_test_split(torch.arange(len(labels)).numpy(), test_size=0.25, random_state=0, stratify=labels.numpy())
+    """The shipped models' held-out split, preprocessed: (train x, train y, test x, test y)."""
+    images, labels, train, test = held_out_split()
     return preprocess(images[train]), labels[train], preprocess(images[test]), labels[test]
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from attrib import IntegratedGradients
 from attrib.models import load_digits_vit, make_digits_vit, pixel_bounds, preprocess, sample_digits
+from attrib.models.digits import digits_split
 from attrib.models.digits_vit import digits_vit_record
 
 PARAMETERS = 139_978   # 1*64*16+64 (conv_proj) + 64 (class token) + 65*64 (positions) + 4*33_472 (blocks) + 128 + 650
@@ -32,15 +33,10 @@ def test_shipped_weights_load_with_weights_only_and_match_the_record():
 
 
 def test_held_out_accuracy_recomputed_on_the_cnn_split_is_the_recorded_one():
-    datasets = pytest.importorskip("sklearn.datasets")
-    model_selection = pytest.importorskip("sklearn.model_selection")
-    data = datasets.load_digits()
-    labels = torch.tensor(data.target)
-    _, test = model_selection.train_test_split(torch.arange(len(labels)).numpy(), test_size=0.25, random_state=0,
-                                               stratify=labels.numpy())
-    test = torch.as_tensor(test)
+    pytest.importorskip("sklearn")
+    images, labels, _, test = digits_split()
     with torch.no_grad():
-        predicted = load_digits_vit()(preprocess(torch.tensor(data.images[test.numpy()], dtype=torch.float32))).argmax(1)
+        predicted = load_digits_vit()(preprocess(images[test])).argmax(1)
     accuracy = float((predicted == labels[test]).float().mean())
     record = digits_vit_record()["accuracy"]
     assert len(test) == record["n_held_out"] == 450

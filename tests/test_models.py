@@ -14,18 +14,13 @@ from attrib.models import (
     preprocess,
     sample_digits,
 )
-from attrib.models.digits import MEAN, SIZE, STD
+from attrib.models.digits import MEAN, SIZE, STD, digits_split
 
-sklearn_datasets = pytest.importorskip("sklearn.datasets")
-model_selection = pytest.importorskip("sklearn.model_selection")
+pytest.importorskip("sklearn")
 
 
 def held_out():
-    data = sklearn_datasets.load_digits()
-    labels = torch.tensor(data.target)
-    train, test = model_selection.train_test_split(torch.arange(len(labels)).numpy(), test_size=0.25, random_state=0,
-                                                   stratify=labels.numpy())
-    return torch.tensor(data.images, dtype=torch.float32), labels, torch.as_tensor(train), torch.as_tensor(test)
+    return digits_split()
 
 
 def test_held_out_accuracy_at_least_95_percent():

@@ -57,6 +57,20 @@ def preprocess(digits: Tensor) -> Tensor:
     return (scaled - MEAN) / STD
 
 
+def digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """scikit-learn's 1797 digits (8x8, grey levels 0-16, float32), their labels, and the indices of the
+    stratified 75/25 split (``random_state=0``) every shipped digits model was trained and held out on:
+    ``(images, labels, train_index, test_index)``. Needs scikit-learn (the ``dev`` extra)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32)
+    labels = torch.tensor(data.target, dtype=torch.long)
+    train, test = train_test_split(torch.arange(len(labels)).numpy(), test_size=0.25, random_state=0, stratify=labels.numpy())
+    return images, labels, torch.as_tensor(train), torch.as_tensor(test)
+
+
 def pixel_bounds() -> tuple[float, float]:
     """The normalised values of grey level 0 and 16 (the valid range, for the ascent)."""
     return (0.0 - MEAN) / STD, (1.0 - MEAN) / STD

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .digits import SIZE, DigitsNet
+from .digits import SIZE, DigitsNet, digits_split
 
 
 def main() -> None:
@@ -21,17 +21,9 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args()
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)
-    labels = torch.tensor(data.target, dtype=torch.long)
-    index = torch.arange(len(labels))
-    train_idx, test_idx = train_test_split(index.numpy(), test_size=0.25, random_state=0, stratify=labels.numpy())
-    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    images, labels, train_idx, test_idx = digits_split()
 
     def upscale(raw):
         return F.interpolate(raw.unsqueeze(1) / 16.0, size=(SIZE, SIZE), mode="bilinear", align_corners=False)

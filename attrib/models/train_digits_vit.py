@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor
 
-from .digits import pixel_bounds, preprocess, sample_digits
+from .digits import digits_split, pixel_bounds, preprocess, sample_digits
 from .digits_vit import HEADS, HIDDEN, LAYERS, MLP, PATCH, RECORD, WEIGHTS, make_digits_vit
 
 THREADS = 1
@@ -48,18 +48,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent))
     parser.add_argument("--epochs", type=int, default=60)
     args = parser.parse_args()
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
     started = time.perf_counter()
     torch.manual_seed(0)
     torch.set_num_threads(THREADS)
-    data = load_digits()
-    images = torch.tensor(data.images, dtype=torch.float32)
-    labels = torch.tensor(data.target, dtype=torch.long)
-    index = torch.arange(len(labels))
-    train_idx, test_idx = train_test_split(index.numpy(), test_size=0.25, random_state=0, stratify=labels.numpy())
-    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    images, labels, train_idx, test_idx = digits_split()
     train_x, test_x = preprocess(images[train_idx]), preprocess(images[test_idx])
     train_y, test_y = labels[train_idx], labels[test_idx]
 
