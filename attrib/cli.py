@@ -682,6 +682,7 @@ def _print_audit(rows: list[tuple[str, dict]], tolerance: float) -> int:
 def layers(args) -> int:
     import torch
 
+    from .cli_common import print_layer_shapes
     from .cli_inputs import SHAPE_ERRORS, first_line
     from .errors import InputError
 
@@ -690,30 +691,12 @@ def layers(args) -> int:
 
         return print_layers(args)
     loaded = _load(args)
-    shapes: dict[str, tuple] = {}
-
-    def record(name: str):
-        def hook(module, args, output) -> None:
-            if isinstance(output, torch.Tensor):
-                shapes.setdefault(name, tuple(output.shape[1:]))
-        return hook
-
-    handles = [module.register_forward_hook(record(name))
-               for name, module in loaded.model.named_modules() if name and not list(module.children())]
     size = (1, loaded.channels, loaded.size, loaded.size)
     try:
-        with torch.no_grad():
-            loaded.model(torch.zeros(size))
+        print_layer_shapes(loaded.model, torch.zeros(size), f"input {size[1:]}")
     except SHAPE_ERRORS as error:
         raise InputError(f"--model: {args.model} does not accept input of shape {size} ({first_line(error)}); give its input "
                          "with --channels and --input-size (or declare them in the factory's attrib_input)") from None
-    finally:
-        for handle in handles:
-            handle.remove()
-    modules = dict(loaded.model.named_modules())
-    print(f"input {size[1:]}")
-    for name, shape in shapes.items():
-        print(f"{name:<32} {type(modules[name]).__name__:<20} {shape}")
     return 0
 
 

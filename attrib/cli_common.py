@@ -57,3 +57,30 @@ def _check_numbers(args) -> None:
         raise InputError(f"--tolerance: must be a finite number >= 0, got {args.tolerance}")
     if getattr(args, "distance", None) is not None and not (math.isfinite(args.distance) and 0 <= args.distance <= 2):
         raise InputError(f"--distance: must be a number from 0 to 2 (the shape distance's range), got {args.distance}")
+
+
+def print_layer_shapes(model, inputs, header: str) -> None:
+    """``attrib layers``: every leaf module's name, type and output shape (per example) in one forward
+    pass of ``inputs`` without a graph, after ``header``; the hooks are removed whatever happens."""
+    import torch
+
+    shapes: dict[str, tuple] = {}
+
+    def record(name: str):
+        def hook(module, args, output) -> None:  # returns None: the output flows on unchanged
+            if isinstance(output, torch.Tensor):
+                shapes.setdefault(name, tuple(output.shape[1:]))
+        return hook
+
+    handles = [module.register_forward_hook(record(name))
+               for name, module in model.named_modules() if name and not list(module.children())]
+    try:
+        with torch.no_grad():
+            model(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    modules = dict(model.named_modules())
+    print(header)
+    for name, shape in shapes.items():
+        print(f"{name:<32} {type(modules[name]).__name__:<20} {shape}")

@@ -207,31 +207,31 @@ def load_model(spec: str, weights: str | None = None, *, channels: int | None = 
 
 def _digits(weights: str | None) -> Loaded:
     """The embedded digits CNN (or the same architecture with the user's weights)."""
-    from .models import load_digits_model, pixel_bounds
-    from .models.digits import MEAN, SIZE, STD, DigitsNet
+    from .models import DigitsNet, load_digits_model
 
-    model: nn.Module
-    if weights in (None, "DEFAULT"):
-        model, source = load_digits_model(), "embedded (trained on sklearn digits)"
-    else:
-        model, source = DigitsNet(), str(weights)
-        _apply(model, _state_dict(weights), source)
-    return Loaded(model.eval(), "digits", 1, SIZE, (MEAN,), (STD,), 10, source, bounds=pixel_bounds())
+    return _embedded_digits("digits", load_digits_model, DigitsNet, "embedded (trained on sklearn digits)", weights)
 
 
 def _digits_vit(weights: str | None) -> Loaded:
     """The embedded tiny ViT on the digits (or the same architecture with the user's weights)."""
-    from .models import load_digits_vit, make_digits_vit, pixel_bounds
+    from .models import load_digits_vit, make_digits_vit
+
+    return _embedded_digits("digits-vit", load_digits_vit, make_digits_vit, "embedded (a tiny ViT trained on sklearn digits)",
+                            weights, composite="attnlrp")
+
+
+def _embedded_digits(name: str, load: Callable[[], nn.Module], make: Callable[[], nn.Module], embedded: str,
+                     weights: str | None, composite: str | None = None) -> Loaded:
+    """A model shipped for the digits: its own weights, or the user's in the same architecture."""
+    from .models import pixel_bounds
     from .models.digits import MEAN, SIZE, STD
 
-    model: nn.Module
     if weights in (None, "DEFAULT"):
-        model, source = load_digits_vit(), "embedded (a tiny ViT trained on sklearn digits)"
+        model, source = load(), embedded
     else:
-        model, source = make_digits_vit(), str(weights)
+        model, source = make(), str(weights)
         _apply(model, _state_dict(weights), source)
-    return Loaded(model.eval(), "digits-vit", 1, SIZE, (MEAN,), (STD,), 10, source, bounds=pixel_bounds(),
-                  composite="attnlrp")
+    return Loaded(model.eval(), name, 1, SIZE, (MEAN,), (STD,), 10, source, bounds=pixel_bounds(), composite=composite)
 
 
 def _custom(spec: str, weights: str | None, options: dict[str, Any]) -> Loaded:

@@ -272,30 +272,12 @@ def _explain(run: _Run, sentence: Sentence, index: int) -> dict:
 
 def print_layers(args) -> int:
     """``attrib layers text``: every module's name, type and output shape for one sentence."""
-    import torch
+    from .cli_common import print_layer_shapes
 
     _refuse_image_options(args)
     model, vocabulary, *_ = _load(args)
     ids, _ = vocabulary.encode(["the plot was not good at all"])
-    shapes: dict[str, tuple] = {}
-
-    def record(name: str):
-        def hook(module, inputs, output) -> None:  # returns None: the output flows on unchanged
-            shapes.setdefault(name, tuple(output.shape[1:]))
-        return hook
-
-    handles = [module.register_forward_hook(record(name))
-               for name, module in model.named_modules() if name and not list(module.children())]
-    try:
-        with torch.no_grad():
-            model(ids)
-    finally:
-        for handle in handles:
-            handle.remove()
-    modules = dict(model.named_modules())
-    print(f"input {tuple(ids.shape[1:])} token ids (every sentence padded to that many slots)")
-    for name, shape in shapes.items():
-        print(f"{name:<32} {type(modules[name]).__name__:<20} {shape}")
+    print_layer_shapes(model, ids, f"input {tuple(ids.shape[1:])} token ids (every sentence padded to that many slots)")
     return 0
 
 

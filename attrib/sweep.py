@@ -146,20 +146,6 @@ def _streamed_gradients(
     return {name: grads[name] for name in others}
 
 
-def endpoint_scores(
-    model: nn.Module, inputs: tuple[Tensor, ...], baselines: tuple[Tensor, ...], target: TargetType,
-    additional_forward_args: Sequence[Any] = (),
-) -> tuple[Tensor, Tensor]:
-    """F(x) and F(x') from one forward pass without a graph; also validates the target early."""
-    n = inputs[0].shape[0]
-    example = torch.arange(n, device=inputs[0].device).repeat(2)
-    with torch.no_grad():
-        stacked = [torch.cat([x, b]) for x, b in zip(inputs, baselines)]
-        output = model(*stacked, *expand_args(additional_forward_args, example, n))
-        scores = target_scores(output, target, example)
-    return scores[:n].detach(), scores[n:].detach()
-
-
 def sweep(
     model: nn.Module,
     inputs: tuple[Tensor, ...],
@@ -439,11 +425,8 @@ class StraightPath:
 
     def _scores_at_ends(self) -> tuple[Tensor, Tensor]:
         if self._ends is None:
-            if self.interpolate_at is None:
-                self._ends = endpoint_scores(self.model, self.inputs, self.baselines, self.target, self.args)
-            else:
-                scores, _ = self.values_at_ends()
-                self._ends = scores[:self.batch], scores[self.batch:]
+            scores, _ = self.values_at_ends()
+            self._ends = scores[:self.batch], scores[self.batch:]
         return self._ends
 
     @property
