@@ -25,7 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .cli_common import LRP_COMPOSITE, _check, _check_numbers, _file_safe, _share, _target
+from .cli_common import LRP_COMPOSITE, _check, _check_numbers, _file_safe, _share, _target, lrp_composite
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,7 +60,9 @@ def _lrp_row(name: str, report) -> dict:
     worst = report.worst(0)
     note = (f"{100 * arrived / start:.1f}% of F(x) reaches the input" if start else "F(x) = 0")
     if abs(arrived - start) > 1e-6 * max(abs(start), 1e-12):
-        note += (f"; the rest is absorbed by biases and the rules' epsilon (most at {worst.name}: "
+        constants = any(row.kind in ("add constant", "cat constant") for row in report.rows)
+        keepers = "biases, constants (a position embedding, a class token)" if constants else "biases"
+        note += (f"; the rest is absorbed by {keepers} and the rules' epsilon (most at {worst.name}: "
                  f"{float(worst.difference[0]):+.3g}), which LRP does by design")
     return _share(f"LRP {name}", "input", arrived, start, "F(x)", short="reaches the input: share of F(x)", note=note)
 
@@ -107,6 +109,8 @@ def _load(args):
                         std=args.std, output=args.output)
     if getattr(args, "composite", "") is None:  # not given: the model's own (attnlrp for a ViT), else the command's
         args.composite = loaded.composite or args.default_composite
+    if getattr(args, "composite", None) is not None:  # built once, with the model's pixel bounds for z^B
+        args.rules = lrp_composite(args.composite, loaded.bounds)
     return loaded
 
 
@@ -167,6 +171,7 @@ class _Setup:
     shape: tuple
     module: Any
     composite: str
+    rules: Any  # the composite built for the model (its bounds)
 
     @cached_property
     def lrp_problem(self) -> str | None:  # one trial run, shared by the methods that use LRP
@@ -174,7 +179,7 @@ class _Setup:
         from .lrp import LRP
 
         try:
-            LRP(self.model, self.composite).attribute(self.x, target=0, conservation=False)
+            LRP(self.model, self.rules).attribute(self.x, target=0, conservation=False)
         except InputError as error:
             return f"LRP ({self.composite}): {error}"
         return None
@@ -254,7 +259,8 @@ def _plan(args, loaded, pictures, layer: str | None, methods: list[str], explici
     from .errors import InputError
 
     x = pictures[0].tensor
-    setup = _Setup(loaded.model, x, layer, *_layer_shape(loaded.model, x, layer), args.composite)
+    setup = _Setup(loaded.model, x, layer, *_layer_shape(loaded.model, x, layer), args.composite,
+                   getattr(args, "rules", None))
     reasons = {name: reason for name in methods if (reason := _refusal(EXPLAIN_METHODS[name], setup)) is not None}
     if explicit and reasons:
         raise InputError(f"--methods: {next(iter(reasons.values()))}")
@@ -286,10 +292,10 @@ def _deconv_problem(setup: _Setup) -> str | None:
     return reason
 
 
-def _completeness(method: str, result, tolerance: float) -> dict:
+def _completeness(method: str, result, tolerance: float, note: str = "") -> dict:
     """The check row of an input method with a baseline: its attributions sum to F(x) - F(x')."""
     return _check(method, "input", float(result.attributions.sum()), float(result.outputs - result.baseline_outputs),
-                  "F(x) - F(x')", tolerance)
+                  "F(x) - F(x')", tolerance, note)
 
 
 def _layer_conductance(image: _Image) -> None:
@@ -362,8 +368,25 @@ def _deeplift(image: _Image):
 
     with image.timed("deeplift"):
         result = DeepLift(image.model).attribute(image.x, target=image.target, baselines=image.baselines)
-    image.entry["checks"].append(_completeness("DeepLIFT", result, image.args.tolerance))
+    image.entry["checks"].append(_completeness("DeepLIFT", result, image.args.tolerance, _deeplift_note(image.model)))
     return result.tensor[0]
+
+
+def _deeplift_note(model) -> str:
+    """Why DeepLIFT's sum may miss F(x) - F(x') on a transformer: what its rescale rule does not cover."""
+    from torch import nn
+
+    from .attention import has_attention
+
+    norms = (nn.LayerNorm, nn.GroupNorm) + ((nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    parts = [what for what, found in [("the products of attention (queries x keys, weights x values)", has_attention(model)),
+                                      ("normalisation layers' division by the spread",
+                                       any(isinstance(m, norms) for m in model.modules()))] if found]
+    if not parts:
+        return ""
+    return ("DeepLIFT's rescale rule covers elementwise nonlinearities and softmax; " + " and ".join(parts)
+            + " are differentiated at x, not rescaled, so its sum need not equal F(x) - F(x') on this model (LRP's "
+            "transformer composites and integrated gradients are the methods for it)")
 
 
 @register_method("lrp", "LRP", panel=True, check=_lrp_problem)
@@ -372,7 +395,7 @@ def _lrp(image: _Image):
 
     composite = image.args.composite
     with image.timed("lrp"):
-        result = LRP(image.model, composite).attribute(image.x, target=image.target)
+        result = LRP(image.model, image.args.rules).attribute(image.x, target=image.target)
     report = result.info["conservation"]
     image.entry["checks"].append(_lrp_row(composite, report))
     image.entry["lrp_layers"] = [{"layer": r.name, "rule": r.rule, "entering": float(r.entering[0]),
@@ -406,6 +429,48 @@ def _heads(image: _Image) -> None:
     image.figure("heads", "conductance of every attention head per token (before the output projection; red adds to the "
                  "explained class); the heads of a block carry the part of F(x) - F(x') that goes through attention, the "
                  "residual connection the rest", figures.head_conductance(image.x[0], maps, grid, **image.shown))
+
+
+def _rollout_grid(model, x) -> tuple[int, int] | None:
+    """The patch grid of a ViT-like image model (``patch_size`` and square patches), or None."""
+    patch = getattr(model, "patch_size", None)
+    if not isinstance(patch, int) or x.dim() != 4 or x.shape[-1] % patch or x.shape[-2] % patch:
+        return None
+    return x.shape[-2] // patch, x.shape[-1] // patch
+
+
+def _rollout_problem(setup: _Setup) -> str | None:
+    from .errors import InputError
+    from .rollout import attention_rollout
+
+    problem = _heads_problem(setup)
+    if problem is not None:
+        return problem
+    grid = _rollout_grid(setup.model, setup.x)
+    if grid is None:
+        return ("attention rollout maps tokens to pixels for a ViT-like model (a patch_size that divides the image); "
+                "this one has none")
+    try:
+        tokens = attention_rollout(setup.model, setup.x[:1]).shape[-1]
+    except InputError as error:
+        return f"attention rollout: {error}"
+    if tokens != grid[0] * grid[1]:
+        return (f"attention rollout: {tokens} tokens besides the class token, but the image has {grid[0]} x {grid[1]} "
+                "patches")
+    return None
+
+
+@register_method("rollout", "attention rollout", panel=True, signed=False, check=_rollout_problem)
+def _rollout(image: _Image):
+    from .rollout import attention_rollout, patches_to_image
+
+    grid = _rollout_grid(image.model, image.x)
+    assert grid is not None  # checked before the run
+    with image.timed("rollout"):
+        scores = attention_rollout(image.model, image.x)
+    image.entry["rollout"] = {"grid": list(grid), "class_token_share": float(1.0 - scores[0].sum()),
+                              "patches": scores[0].tolist()}
+    return patches_to_image(scores, size=tuple(image.x.shape[-2:]), grid=grid)[0]
 
 
 @register_method("ig", "integrated gradients", panel=True)
@@ -447,14 +512,23 @@ def _deconv(image: _Image) -> None:
                  "(each min-max rescaled)", figures.reconstructions(image.x[0], maps, **image.shown))
 
 
-@register_method("graph", "path graph", check=_lrp_problem)
+def _graph_problem(setup: _Setup) -> str | None:
+    from .attention import has_attention
+
+    if has_attention(setup.model):
+        return ("path graphs follow channels of convolutional and linear layers; in a transformer every block mixes "
+                "tokens and hidden units, which these graphs do not model (use the per-head conductance and LRP instead)")
+    return _lrp_problem(setup)
+
+
+@register_method("graph", "path graph", check=_graph_problem)
 def _graph(image: _Image) -> None:
     from attrib import graphs
     from attrib.viz.graph import draw_graph
 
     args = image.args
     with image.timed("graph"):
-        flow = graphs.build_graph(image.model, image.x, target=image.target, k=args.k, composite=args.composite,
+        flow = graphs.build_graph(image.model, image.x, target=image.target, k=args.k, composite=args.rules,
                                   conductance_steps=None)
         paths = graphs.k_best_paths(flow, 5)
     image.entry["paths"] = [{"nodes": [graphs.node_id(n) for n in p.nodes], "score": p.score, "carried": p.carried}
@@ -513,7 +587,10 @@ def _grid_figure(image: _Image, panels: list[ExplainMethod]) -> None:
     from attrib.viz import figures
 
     signed = {method.label: False for method in panels if not method.signed}
-    image.figure("grid", "attributions (blue < 0 < red; Grad-CAM, which is never negative, from 0; each panel on its own "
+    unsigned = " and ".join(signed)
+    never = (f"; {unsigned}, which {'is' if len(signed) == 1 else 'are'} never negative, from 0" if signed else "")
+    blind = "; attention rollout does not depend on the class" if "attention rollout" in signed else ""
+    image.figure("grid", f"attributions (blue < 0 < red{never}{blind}; each panel on its own "
                  "scale, clipped at the 99th percentile of its |a|, as its colour bar says)",
                  figures.method_grid(image.x[0], image.grid, signed=signed, **image.shown))
 
@@ -606,6 +683,18 @@ def explain(args) -> int:
     return 0
 
 
+def _running(model, x, layers: list[str]) -> list[str]:
+    """The layers that run in the model's forward pass (nn.MultiheadAttention's out_proj, for one, is
+    only read as weights)."""
+    import torch
+
+    from .hooks import capture
+
+    with capture(model, layers) as cap, torch.no_grad():
+        model(x.clone())
+        return [name for name in layers if name in cap.captured]
+
+
 def audit(args) -> int:
 
     from . import DeepLift, IntegratedGradients, LayerConductance
@@ -617,7 +706,8 @@ def audit(args) -> int:
     loaded = _load(args)
     pictures = load_pictures(args.images, loaded)
     targets = [_target(args, check_forward(loaded, picture)) for picture in pictures]
-    layers = [n for n, m in loaded.model.named_modules() if isinstance(m, LINEAR_LAYERS)]
+    layers = _running(loaded.model, pictures[0].tensor,
+                      [n for n, m in loaded.model.named_modules() if isinstance(m, LINEAR_LAYERS)])
     cuts = cut_layers(loaded.model, pictures[0].tensor, layers)
     tolerance = args.tolerance
     rows = []
@@ -628,28 +718,41 @@ def audit(args) -> int:
         rows.append((picture.name, _check("integrated gradients", "input", float(result.attributions.sum()), change,
                                           "F(x) - F(x')", tolerance)))
         result = DeepLift(loaded.model).attribute(x, target=target, baselines=base)
-        rows.append((picture.name, _check("DeepLIFT", "input", float(result.attributions.sum()), change, "F(x) - F(x')", tolerance)))
+        rows.append((picture.name, _check("DeepLIFT", "input", float(result.attributions.sum()), change, "F(x) - F(x')", tolerance,
+                                          _deeplift_note(loaded.model))))
         result = LayerConductance(loaded.model, layers).attribute(x, target=target, baselines=base, n_steps=args.n_steps)
         for name in layers:
             value = float(result[name].sum())
             rows.append((picture.name, _check("layer conductance", name, value, change, "F(x) - F(x')", tolerance) if cuts[name]
                          else _share("layer conductance", name, value, change)))
-        rows += [(picture.name, row) for row in _audit_lrp(loaded.model, args.composite, x, target, tolerance)]
+        rows += [(picture.name, row) for row in _audit_lrp(loaded.model, args.composite, args.rules, x, target, tolerance)]
     return 1 if _print_audit(rows, tolerance) else 0
 
 
-def _audit_lrp(model, composite: str, x, target: int, tolerance: float) -> list[dict]:
+def _audit_lrp(model, composite: str, rules, x, target: int, tolerance: float) -> list[dict]:
     """LRP's rows: conservation checked at each layer without a bias, the share absorbed at the others."""
     from .lrp import LRP
 
-    report = LRP(model, composite).attribute(x, target=target).info["conservation"]
+    from .attention import explicit_attention
+
+    report = LRP(model, rules).attribute(x, target=target).info["conservation"]
     start = float(report.start[0])
-    modules = dict(model.named_modules())
+    with explicit_attention(model):  # LRP's rows name the attention's parts (q_proj, ...), which exist only then
+        modules = dict(model.named_modules())
     rows = []
     for row in report.rows:
         difference = float(row.difference[0])
         module = modules.get(row.name.split("#")[0])
-        if "+" in row.name or getattr(module, "bias", None) is not None:  # a bias absorbs relevance by design
+        if row.kind in ("add constant", "cat constant"):  # a position embedding, a class token: kept by design
+            rows.append(_share(f"LRP {composite}", row.name, -difference, start, "F(x)",
+                               "kept by a constant (not computed from the input): share of F(x)",
+                               "a constant added or concatenated (a position embedding, a class token) keeps its share "
+                               "of the relevance, as a bias does"))
+        elif row.rule.startswith("SoftmaxRule"):  # AttnLRP's softmax: its Taylor rule's bias term keeps a share
+            rows.append(_share(f"LRP {composite}", row.name, -difference, start, "F(x)",
+                               "kept by the softmax rule's bias term: share of F(x)",
+                               "AttnLRP's softmax rule (a Taylor expansion with bias) keeps the bias term's share by design"))
+        elif "+" in row.name or getattr(module, "bias", None) is not None:  # a bias absorbs relevance by design
             rows.append(_share(f"LRP {composite}", row.name, -difference, start, "F(x)",
                                "absorbed by its bias and epsilon: share of F(x)",
                                "the layer has a bias, which LRP lets absorb relevance by design"))
@@ -664,18 +767,24 @@ def _print_audit(rows: list[tuple[str, dict]], tolerance: float) -> int:
     checked = [check for _, check in rows if check["passed"] is not None]
     failed = sum(not check["passed"] for check in checked)
     print(f"{'image':<12} {'check':<{width}}  {'relative error':>14}  ok")
+    noted: set[str] = set()
     for name, check in rows:
         label = f"{check['method']} @ {check['where']}"
         if check["passed"] is None:
             print(f"{name:<12} {label:<{width}}  {'share ' + format(check['share'], '.3f'):>14}  -  ({check['short']})")
         else:
             print(f"{name:<12} {label:<{width}}  {check['relative_error']:>14.3e}  {'yes' if check['passed'] else 'NO'}")
+            if not check["passed"] and check.get("note") and check["note"] not in noted:  # why, once per reason
+                noted.add(check["note"])
+                print(f"{'':<12}   ({check['note']})")
     bypassed = sum(check["passed"] is None and check["method"] == "layer conductance" for _, check in rows)
     biased = len(rows) - len(checked) - bypassed
     print(f"{failed} of {len(checked)} checks above the tolerance {tolerance:g}"
           + (f"; {bypassed} conductance rows are at layers that are not cuts (skip connections or branches bypass them), "
              "so they are shares of F(x) - F(x'), not checks" if bypassed else "")
-          + (f"; {biased} LRP rows are layers with a bias, which absorbs relevance by design (shares of F(x))" if biased else ""))
+          + (f"; {biased} LRP rows are shares of F(x), not checks: layers with a bias, constants (a position embedding, a "
+             "class token) and rules that keep a share by design, which absorb relevance, and what reaches the input"
+             if biased else ""))
     return failed
 
 

@@ -7,6 +7,26 @@ from .errors import InputError
 LRP_COMPOSITE = "epsilon_plus"  # explain's default --composite
 
 
+def lrp_composite(name: str, bounds):
+    """The composite ``name`` built for a model whose inputs are bounded by ``bounds`` (``"imagenet"``,
+    ``(low, high)`` in normalised units, or None): a composite that takes ``low``/``high`` (a z^B rule
+    on the first layer) gets the model's own pixel range, not the ImageNet default of its factory."""
+    import inspect
+
+    import torch
+
+    from .lrp import COMPOSITES
+    from .normalization import normalized_range
+
+    factory = COMPOSITES[name]
+    parameters = inspect.signature(factory).parameters
+    if bounds is None or "low" not in parameters or "high" not in parameters:
+        return factory()
+    low, high = (normalized_range() if bounds == "imagenet"
+                 else tuple(torch.as_tensor(b, dtype=torch.float64) for b in bounds))
+    return factory(low=low, high=high)
+
+
 def _relative(value: float, reference: float) -> float:
     return abs(value - reference) / max(abs(reference), 1e-12)
 

@@ -19,10 +19,11 @@ gradients in its Riemann-Stieltjes form, trapezoid rule; checked against ``Integ
 method="stieltjes_trapezoid")`` on a few digits), gradient x input, and attention rollout (per patch; on
 pixels each patch's score on its 16 pixels). An extra row, gradient x (input - blank), separates the
 ordering power of the gradient from the choice of reference (plain gradient x input multiplies by the
-normalised input, whose 0 is the dataset's mean grey level, not the blank digit). Two more extra rows
-give AttnLRP and CP-LRP the z^B rule (bounded by the grey levels 0 and 16) on the patch embedding instead
-of the composites' epsilon rule, whose ratio x w / z is unstable where a patch's pre-activation z is
-near 0 (see the conservation diagnostics).
+normalised input, whose 0 is the dataset's mean grey level, not the blank digit). AttnLRP and CP-LRP
+run as ``attrib explain --model digits-vit`` runs them: the composites built with the digits' bounds
+(``low``/``high`` from the grey levels 0 and 16), which puts the z^B rule on the patch embedding. Two
+more extra rows keep the composites' epsilon rule there (no bounds given), whose ratio x w / z is
+unstable where a patch's pre-activation z is near 0 (see the conservation diagnostics).
 
     python benchmarks/faithfulness.py [--images 450] [--steps 50] [--patch-steps 64] [--pixel-steps 32] [--threads 1]
 
@@ -31,7 +32,6 @@ Writes benchmarks/results/issue17/faithfulness.json, .md and faithfulness_curves
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import platform
@@ -55,7 +55,7 @@ from attrib import (  # noqa: E402
     attention_rollout,
     patches_to_image,
 )
-from attrib.lrp import COMPOSITES, Composite, ZBox  # noqa: E402
+from attrib.lrp import COMPOSITES, Composite  # noqa: E402
 from attrib.models import load_digits_vit, pixel_bounds, preprocess  # noqa: E402
 from attrib.models.digits_vit import PATCH  # noqa: E402
 
@@ -69,21 +69,21 @@ METHODS = {  # key: label
     "attention_rollout": "attention rollout",
     "random": "random order",
     "gradient_x_input_minus_blank": "gradient × (input − blank) (extra)",
-    "attnlrp_zbox": "AttnLRP, z^B on conv_proj (extra)",
-    "cp_lrp_zbox": "CP-LRP, z^B on conv_proj (extra)",
+    "attnlrp_epsilon": "AttnLRP, ε on conv_proj (extra)",
+    "cp_lrp_epsilon": "CP-LRP, ε on conv_proj (extra)",
 }
 COMPARED = ("attnlrp", "cp_lrp")  # against input_x_gradient
-LRPS = ("attnlrp", "cp_lrp", "attnlrp_zbox", "cp_lrp_zbox")
-EXTRAS = ("random", "gradient_x_input_minus_blank", "attnlrp_zbox", "cp_lrp_zbox")
+LRPS = ("attnlrp", "cp_lrp", "attnlrp_epsilon", "cp_lrp_epsilon")
+EXTRAS = ("random", "gradient_x_input_minus_blank", "attnlrp_epsilon", "cp_lrp_epsilon")
 
 
 def composite(name: str) -> Composite:
-    """The shipped composite, or (``..._zbox``) the same with the z^B rule on the first layer (``conv_proj``),
-    bounded by the digits' grey levels 0 and 16 (``pixel_bounds``)."""
-    if name.endswith("_zbox"):
-        low, high = pixel_bounds()
-        return dataclasses.replace(COMPOSITES[name[:-len("_zbox")]](), first=ZBox(low, high))
-    return COMPOSITES[name]()
+    """The composite as the CLI builds it for the digits (z^B on ``conv_proj``, bounded by the grey
+    levels 0 and 16, ``pixel_bounds``), or (``..._epsilon``) without bounds: epsilon on the first layer."""
+    if name.endswith("_epsilon"):
+        return COMPOSITES[name[:-len("_epsilon")]]()
+    low, high = pixel_bounds()
+    return COMPOSITES[name](low=low, high=high)
 UNITS = ("patches", "pixels")
 
 
@@ -326,7 +326,9 @@ def markdown(r: dict) -> str:
         f"{m['steps']} steps, the same baseline (the input layer's conductance is integrated gradients in Riemann-Stieltjes "
         f"form: it equals `IntegratedGradients(..., method='stieltjes_trapezoid')` to "
         f"{d['conductance_at_input_vs_ig_stieltjes_max_relative']:.1e} of the largest value on 10 digits); LRP: the "
-        "composites as shipped (ε = 1e-6, the first layer by the ε rule), starting from the logit; gradient × input: "
+        "composites as `attrib explain --model digits-vit` builds them (ε = 1e-6; z^B on conv_proj, bounded by the grey "
+        "levels 0 and 16; the class token and the position embedding keep their shares, as constants), starting from "
+        "the logit; gradient × input: "
         "the gradient times the normalised input (whose 0 is the mean grey level, not the blank digit); attention "
         "rollout: the paper's (mean over heads, 0.5 A + 0.5 I, no discarding). Random: one random order per digit "
         "(seed 0).",

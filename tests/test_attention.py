@@ -130,3 +130,31 @@ def test_explicit_attention_restores_the_model_when_the_block_raises_and_refuses
         HeadConductance(model, attention=["encoder.ln"])
     with pytest.raises(ValueError, match=r"num_heads: 3 does not divide the embedding width 8"):
         head_scores(torch.zeros(1, 5, 8), 3)
+
+
+def test_vit_b_16_every_block_head_and_mlp_neuron_in_one_sweep_matches_captum_and_converges():
+    """The vit_b_16 architecture itself (12 blocks of 12 heads, 768 wide; random init, 32 px: 4 patches and the class
+    token): every block, every head and every MLP neuron from one sweep; Captum on a block and an MLP; every
+    block's completeness error shrinks as the quadrature refines (the blocks are cuts; the model is smooth)."""
+    torch.manual_seed(0)
+    model = torchvision.models.vit_b_16(weights=None, image_size=32).double().eval()
+    with torch.no_grad():  # torchvision starts the head and the class token at zero
+        model.heads.head.weight.normal_(0, 0.02)
+        model.class_token.normal_(0, 0.02)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    blocks = [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
+    mlps = [f"{block}.mlp.1" for block in blocks]
+    res = HeadConductance(model, layers=blocks + mlps).attribute(x, target=3, n_steps=16, method="riemann_trapezoid")
+    assert len(res.attributions) == 36 and res[f"{blocks[5]}.self_attention"].shape == (1, 12, 5)
+    assert res[mlps[5]].shape == (1, 5, 3072)
+    modules = dict(model.named_modules())
+    for name in (blocks[6], mlps[3]):
+        expected = captum_attr.LayerConductance(model, modules[name]).attribute(x, target=3, n_steps=16,
+                                                                                method="riemann_trapezoid")
+        assert (res[name] - expected).abs().max() < 1e-12 * expected.abs().max(), name
+    errors = {}
+    for n_steps in (16, 64):
+        found = HeadConductance(model, layers=blocks).attribute(x, target=3, n_steps=n_steps)
+        change = found.outputs - found.baseline_outputs
+        errors[n_steps] = max(float((found[b].sum() - change).abs() / change.abs()) for b in blocks)
+    assert errors[64] < errors[16] / 2  # measured: 0.41 and 0.15 (a random ViT bends the path sharply)

@@ -133,7 +133,7 @@ def test_a_linear_layer_with_the_default_methods_runs_the_rest_and_says_why_not(
     out = tmp_path / "r"
     assert cli.main(["explain", "--layer", "classifier.0", "--out", str(out), "--quiet", "--steps", "2", "--max-k", "3"]) == 0
     data = json.loads((out / "report.json").read_text())
-    assert sorted(data["skipped"]) == ["ascent", "deconv", "gradcam", "heads"]
+    assert sorted(data["skipped"]) == ["ascent", "deconv", "gradcam", "heads", "rollout"]
     assert "conductance" in data["methods"] and "lrp" in data["methods"]
     html = (out / "index.html").read_text()
     for method in data["skipped"]:
@@ -311,7 +311,7 @@ def test_odd_names_bad_numbers_and_odd_models_are_handled(tmp_path):
     done = run(["explain", "--model", "cli_models:mlp", "--out", "m", "--quiet", "--steps", "1"], tmp_path)
     assert done.returncode == 0, done.stderr
     data = json.loads((tmp_path / "m" / "report.json").read_text())
-    assert data["layer"] is None and set(data["skipped"]) == {"conductance", "ascent", "gradcam", "deconv", "heads"}
+    assert data["layer"] is None and set(data["skipped"]) == {"conductance", "ascent", "gradcam", "deconv", "heads", "rollout"}
     assert {"ig", "deeplift", "lrp"} <= set(data["methods"])
 
 

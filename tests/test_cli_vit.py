@@ -35,3 +35,47 @@ def test_digits_vit_explains_with_attnlrp_and_conductance_per_head(tmp_path):
     assert any(f["file"].endswith("_heads.png") for f in image["figures"])
     assert main(["explain", "--model", "digits", "--methods", "heads", "--quiet", "--out", str(tmp_path / "cnn")]) == 2
     assert torch.isfinite(res.outputs).all()
+
+
+def test_digits_vit_report_has_attention_rollout_and_lrp_with_zbox_at_the_digits_bounds(tmp_path):
+    from attrib import attention_rollout
+    from attrib.models import pixel_bounds
+
+    out = tmp_path / "report"
+    assert main(["explain", "--model", "digits-vit", "--methods", "rollout,lrp", "--quiet", "--out", str(out)]) == 0
+    image = json.loads((out / "report.json").read_text())["images"][0]
+    images, _ = sample_digits()
+    expected = attention_rollout(load_digits_vit(), preprocess(images[3:4]))[0]
+    rollout = image["rollout"]
+    assert rollout["grid"] == [8, 8]
+    assert max(abs(a - b) for a, b in zip(rollout["patches"], expected.tolist())) < 1e-6
+    assert abs(rollout["class_token_share"] + sum(rollout["patches"]) - 1) < 1e-5  # rows of the rollout sum to 1
+    first = image["lrp_layers"][0]
+    low, high = pixel_bounds()
+    assert first["layer"] == "conv_proj" and first["rule"].startswith("ZBox(")
+    assert f"{low:.4f}" in first["rule"] and f"{high:.4f}" in first["rule"]
+    assert any(f["file"].endswith("_grid.png") for f in image["figures"])
+    # a model without attention: rollout named explicitly is refused before any work
+    assert main(["explain", "--model", "digits", "--methods", "rollout", "--quiet", "--out", str(tmp_path / "cnn")]) == 2
+    assert not (tmp_path / "cnn").exists()
+
+
+def test_a_box_composite_gets_the_models_own_bounds_on_the_digits_cnn(tmp_path):
+    from attrib.models import pixel_bounds
+
+    out = tmp_path / "report"
+    assert main(["explain", "--model", "digits", "--methods", "lrp", "--composite", "epsilon_gamma_box", "--quiet",
+                 "--out", str(out)]) == 0  # refused before: ImageNet's three-channel bounds on a one-channel digit
+    first = json.loads((out / "report.json").read_text())["images"][0]["lrp_layers"][0]
+    assert first["rule"].startswith("ZBox(") and f"{pixel_bounds()[0]:.4f}" in first["rule"]
+
+
+def test_audit_of_the_digits_vit_shows_what_the_class_token_and_position_embedding_keep(capsys):
+    assert main(["audit", "--model", "digits-vit"]) == 1  # DeepLIFT is not complete on attention
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if line.rstrip().endswith(" NO")]
+    assert failed and all("DeepLIFT @ input" in line for line in failed)
+    assert "the products of attention" in out  # the reason, printed under the first failure
+    for row in ("cat (class_token)", "encoder.add (encoder.pos_embedding)"):
+        assert f"LRP attnlrp @ {row}" in out and "kept by a constant" in out
+    assert "self_attention.out_proj" in out  # the attention's parts are audited as LRP sees them

@@ -124,16 +124,22 @@ def test_both_composites_run_on_torchvisions_vit_and_leave_it_as_it_was():
     torch.manual_seed(0)
     model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2, hidden_dim=8,
                                                  mlp_dim=16, num_classes=3).double().eval()
-    with torch.no_grad():  # torchvision starts the head at zero, which would leave no relevance to pass
+    with torch.no_grad():  # torchvision starts the head and the class token at zero: no relevance would pass or stay
         model.heads.head.weight.normal_(0, 0.5)
+        model.class_token.normal_()
     x = _random(2, 3, 16, 16)
     with torch.no_grad():
         before = model(x)
     names = [name for name, _ in model.named_modules()]
     for composite in ("attnlrp", "cp_lrp"):
         res = LRP(model, composite).attribute(x, target=1)
-        rows = {row.name for row in res.info["conservation"].rows}
+        report = res.info["conservation"]
+        rows = {row.name: row for row in report.rows}
         assert "encoder.layers.encoder_layer_1.self_attention.softmax" in rows
+        # where relevance is absorbed, row by row: also by the class token and the position embedding
+        assert (sum(row.difference for row in report.rows) - report.total_difference).abs().max() < 1e-10
+        assert rows["cat (class_token)"].difference.abs().min() > 0
+        assert rows["encoder.add (encoder.pos_embedding)"].difference.abs().min() > 0
         assert torch.isfinite(res.attributions).all() and res.attributions.abs().sum() > 0
         assert (res.outputs - before[:, 1]).abs().max() < 1e-12
     with torch.no_grad():
@@ -147,3 +153,67 @@ def test_both_composites_run_on_torchvisions_vit_and_leave_it_as_it_was():
         tap = "encoder.layers.encoder_layer_1.self_attention.heads"
         res = LRP(model, "cp_lrp").attribute(x, target=1, layers=[tap])
     assert res.layers[tap].shape == (2, 5, 8)
+
+
+class _Tokens(nn.Module):
+    """Tokens from a linear map, a learned position embedding added, a class token in front, a linear read-out."""
+
+    def __init__(self, cat: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 4, bias=False)
+        self.pos = nn.Parameter(torch.randn(3, 4))
+        self.cls = nn.Parameter(torch.randn(1, 1, 4))
+        self.cat = cat
+        self.out = nn.Linear(16 if cat else 12, 2, bias=False)
+
+    def forward(self, x):
+        tokens = self.embed(x) + self.pos
+        if self.cat:
+            tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1)
+        return self.out(tokens.flatten(1))
+
+
+@pytest.mark.parametrize("cat", [False, True])
+def test_a_position_embedding_and_a_class_token_keep_their_shares_and_the_report_shows_them(cat):
+    torch.manual_seed(1)
+    model = _Tokens(cat).double().eval()
+    x = _random(2, 3, 4)
+    composite = Composite(types=[(nn.Linear, Epsilon(0))], addition_rule=Norm(1e-6), name="eps0")
+    res = LRP(model, composite).attribute(x, target=1, layers=["embed"])
+    with torch.no_grad():
+        embedded = model.embed(x)
+        tokens = embedded + model.pos
+        read = torch.cat([model.cls.expand(2, -1, -1), tokens], 1) if cat else tokens
+    # LRP-0 without a bias at the read-out: R_j = a_j w_j for the target's row
+    at_read = read * model.out.weight[1].reshape(read.shape[1:])
+    at_tokens = at_read[:, 1:] if cat else at_read
+    expected = embedded * at_tokens / stab(tokens, 1e-6)  # the position embedding keeps pos * R / stab(z)
+    assert (res.layers["embed"] - expected).abs().max() < 1e-12
+    rows = {row.name: row for row in res.info["conservation"].rows}
+    added = rows["add (pos)"]
+    assert added.kind == "add constant"
+    # what leaves is the embedding's share: the position embedding's share (and epsilon's) stays
+    assert (added.difference - (expected - at_tokens).detach().flatten(1).sum(1)).abs().max() < 1e-12
+    assert ((model.pos * at_tokens / stab(tokens, 1e-6)).flatten(1).sum(1) + added.difference).abs().max() < 1e-5
+    if cat:
+        joined = rows["cat (cls)"]
+        assert joined.kind == "cat constant"
+        assert (joined.difference + at_read[:, 0].detach().sum(1)).abs().max() < 1e-12
+    # every bit of relevance is accounted for by the rows
+    report = res.info["conservation"]
+    assert (sum(row.difference for row in report.rows) - report.total_difference).abs().max() < 1e-12
+    assert all(p.requires_grad for p in model.parameters())  # frozen only while the forward pass ran
+
+
+def test_the_transformer_composites_put_zbox_on_the_first_layer_only_when_given_bounds():
+    import inspect
+
+    from attrib.lrp import COMPOSITES, ZBox
+
+    for name in ("attnlrp", "cp_lrp"):
+        assert {"low", "high"} <= set(inspect.signature(COMPOSITES[name]).parameters)
+        assert COMPOSITES[name]().first is None
+        first = COMPOSITES[name](low=-1.0, high=2.0).first
+        assert isinstance(first, ZBox) and (first.low, first.high) == (-1.0, 2.0)
+        with pytest.raises(ValueError, match="low and high: give both or neither"):
+            COMPOSITES[name](low=-1.0)

@@ -13,7 +13,14 @@
   composite maps it to ``Norm``; a leaf called with several tensors from the inputs' graph under any
   other rule is refused when it runs (:meth:`attrib.lrp.run.Run.pre_hook`). Functional average pooling
   (``F.adaptive_avg_pool2d`` in DenseNet and MobileNetV2) gets the ``Norm`` rule the same way.
-  Concatenation needs nothing: its gradient already hands each branch its own share.
+  Concatenation of computed tensors needs nothing: its gradient already hands each branch its own share.
+- **Constants added or concatenated** (a position embedding ``x + pos_embedding``, a class token
+  ``torch.cat([cls, x])``): parameters are frozen while the run's forward pass goes, so anything not
+  computed from the inputs is a constant. Under ``split_additions``, ``computed + constant`` is shared
+  like a bias, ``R_x = x R / stab(x + c)``, the constant keeping its share; a concatenation with
+  constant parts hands each computed part its slice and the constant parts keep theirs. Both are rows
+  of the conservation report (kind ``"add constant"`` / ``"cat constant"``), so what a position
+  embedding or a class token absorbs is shown, not lost silently. A Python number added is not caught.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from torch.overrides import TorchFunctionMode
 
 ADDITIONS = {torch.add, Tensor.add, Tensor.__add__}
 INPLACE_ADDITIONS = {Tensor.add_, Tensor.__iadd__}
+CONCATENATIONS = {torch.cat, torch.concat, torch.concatenate}
 FUNCTIONAL_POOLS = {  # and the module type whose rule they take
     F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d, F.avg_pool3d: nn.AvgPool3d,
     F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
@@ -39,6 +47,11 @@ def on_graph(value: object) -> bool:
     return isinstance(value, Tensor) and value.requires_grad and value.grad_fn is not None
 
 
+def constant(value: object) -> bool:
+    """A floating-point tensor not computed from the inputs (a parameter, buffer, or made from them)."""
+    return isinstance(value, Tensor) and value.is_floating_point() and not on_graph(value)
+
+
 class Receiver(Protocol):
     """What takes the caught operations (:class:`attrib.lrp.run.Run`).
 
@@ -49,6 +62,8 @@ class Receiver(Protocol):
     depth: int  # > 0 while a hooked leaf module runs: operations inside it are that module's own
 
     def addition(self, a: Tensor, b: Tensor, inplace: bool) -> Tensor: ...
+
+    def concatenation(self, parts: list[Tensor], dim: int) -> Tensor: ...
 
     def functional(self, func: Callable, args: tuple, kwargs: dict) -> Tensor: ...
 
@@ -68,11 +83,16 @@ class FunctionalOps(TorchFunctionMode):
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if self.run.depth == 0 and torch.is_grad_enabled():
-            if (
-                self.additions and (func in ADDITIONS or func in INPLACE_ADDITIONS) and len(args) == 2
-                and not kwargs and on_graph(args[0]) and on_graph(args[1])
-            ):
-                return self.run.addition(args[0], args[1], inplace=func in INPLACE_ADDITIONS)
+            if self.additions and (func in ADDITIONS or func in INPLACE_ADDITIONS) and len(args) == 2 and not kwargs:
+                a, b = args
+                inplace = func in INPLACE_ADDITIONS
+                if on_graph(a) and (on_graph(b) or constant(b)) or (not inplace and constant(a) and on_graph(b)):
+                    return self.run.addition(a, b, inplace=inplace)
+            if func in CONCATENATIONS and args and isinstance(args[0], (list, tuple)) and "out" not in kwargs:
+                parts = list(args[0])
+                if any(on_graph(t) for t in parts) and any(constant(t) for t in parts):
+                    dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
+                    return self.run.concatenation(parts, dim)
             if func in FUNCTIONAL_POOLS and args and on_graph(args[0]):
                 return self.run.functional(func, args, kwargs)
         return func(*args, **kwargs)

@@ -18,6 +18,7 @@ be the sum of those inputs, in proportion like an addition; under any other rule
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence, Union
 
@@ -141,12 +142,11 @@ COMPOSITES: dict[str, Callable[..., Composite]] = {}
 def register_composite(name: str):
     """Register a composite factory under ``name`` (the CLI lists :data:`COMPOSITES`)."""
     def decorate(factory: Callable[..., Composite]) -> Callable[..., Composite]:
+        @functools.wraps(factory)  # keeps the factory's signature: the CLI asks whether it takes bounds
         def named(*args, **kwargs) -> Composite:
             composite = factory(*args, **kwargs)
             composite.name = name
             return composite
-        named.__doc__ = factory.__doc__
-        named.__name__ = factory.__name__
         COMPOSITES[name] = named
         return named
     return decorate
@@ -212,24 +212,33 @@ def _transformer_types(epsilon: float) -> list:
     return [(CONVOLUTIONS + (nn.Linear,), Epsilon(epsilon)), (norms, LayerNormRule(epsilon))]
 
 
+def _first_box(low, high) -> ZBox | None:
+    """z^B on the first layer when the input's bounds are given (pixels), else nothing (the types' rule)."""
+    if (low is None) != (high is None):
+        raise InputError("low and high: give both or neither")
+    return None if low is None else ZBox(low, high)
+
+
 @register_composite("attnlrp")
-def attnlrp(epsilon: float = 1e-6) -> Composite:
+def attnlrp(epsilon: float = 1e-6, low=None, high=None) -> Composite:
     """AttnLRP (Achtibat et al., 2024): LRP-epsilon on Linear and Conv layers, LayerNorm with its
     normalisation as a constant, softmax by its Taylor rule, the two products of attention by the
     uniform rule, GELU/SiLU and other activations by the identity. Attention modules run as
-    :func:`attrib.explicit_attention` while LRP runs."""
+    :func:`attrib.explicit_attention` while LRP runs. ``low``/``high``: the input's bounds (an
+    image's normalised pixel range), which put the z^B rule on the first layer (a ViT's ``conv_proj``);
+    without them the first layer keeps epsilon (token models start at an embedding)."""
     from ..attention import AttentionContext, AttentionScores
 
     return Composite(types=[*_transformer_types(epsilon), (nn.Softmax, SoftmaxRule()),
-                            ((AttentionScores, AttentionContext), UniformProduct(epsilon))])
+                            ((AttentionScores, AttentionContext), UniformProduct(epsilon))], first=_first_box(low, high))
 
 
 @register_composite("cp_lrp")
-def cp_lrp(epsilon: float = 1e-6) -> Composite:
+def cp_lrp(epsilon: float = 1e-6, low=None, high=None) -> Composite:
     """CP-LRP (Ali et al., 2022): as ``attnlrp``, but the attention weights are constants: no relevance
     passes through the softmax (to queries and keys), and the weighted sum of the values gives them all
-    of its relevance (LRP-epsilon, linear in the values)."""
+    of its relevance (LRP-epsilon, linear in the values). ``low``/``high``: as for ``attnlrp``."""
     from ..attention import AttentionContext, AttentionScores
 
     return Composite(types=[*_transformer_types(epsilon), (nn.Softmax, Blocked()), (AttentionContext, ConstantFirst(epsilon)),
-                            (AttentionScores, UniformProduct(epsilon))])
+                            (AttentionScores, UniformProduct(epsilon))], first=_first_box(low, high))

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..errors import InputError, InputTypeError
-from ..hooks import LayerReuseError
+from ..hooks import LayerReuseError, frozen_parameters
 from ..module_types import BATCHNORMS, LINEAR_LAYERS
 from .canonizers import FUNCTIONAL_POOLS, FunctionalOps, on_graph
 from .composites import Composite
@@ -134,10 +134,12 @@ class SumStep(Step):
     >>> step.propagate(relevance)   # (R_a, R_b) for a + b, shared as a and b contributed to it
     """
 
-    def __init__(self, run: Run, row: LayerBalance, operands: Sequence[Tensor], epsilon: float) -> None:
+    def __init__(self, run: Run, row: LayerBalance, operands: Sequence[Tensor], epsilon: float,
+                 graph: Sequence[bool] | None = None) -> None:
         super().__init__(run, row, FunctionView(lambda t: t, "add"), Norm(epsilon), operands[0], None)
         self.others = [_saved(operand) for operand in operands[1:]]
         self.epsilon = epsilon
+        self.graph = tuple(graph) if graph is not None else (True,) * len(operands)  # False: a constant keeps its share
 
     def propagate(self, relevance: Tensor) -> tuple[Tensor, ...]:
         first = self._input()
@@ -147,8 +149,28 @@ class SumStep(Step):
         share = divide(relevance, sum(others, first), self.epsilon, scratch=True)
         shares = tuple((operand * share).sum_to_size(operand.shape) for operand in others)
         result = (share.mul_(first).sum_to_size(first.shape),) + shares
-        self.run.account(self, relevance, result)
+        self.run.account(self, relevance, tuple(r for r, on in zip(result, self.graph) if on))
         return result
+
+
+class ConcatStep(Step):
+    """``torch.cat`` of computed tensors and constants (a class token): each computed part gets its
+    slice of the relevance; the constants' slices stay with them (absorbed, shown in the report).
+
+    >>> step.propagate(relevance)   # (R_x,) for torch.cat([cls, x], dim=1): relevance[:, 1:]
+    """
+
+    def __init__(self, run: Run, row: LayerBalance, sizes: Sequence[int], dim: int, graph: Sequence[bool]) -> None:
+        self.run, self.row = run, row
+        self.sizes, self.dim, self.graph = list(sizes), dim, tuple(graph)
+        self.output = None
+        self.records = []
+
+    def propagate(self, relevance: Tensor) -> tuple[Tensor, ...]:
+        pieces = relevance.split(self.sizes, dim=self.dim)
+        kept = tuple(piece for piece, on in zip(pieces, self.graph) if on)
+        self.run.account(self, relevance, kept)
+        return kept
 
 
 class ProductStep(Step):
@@ -230,6 +252,7 @@ class Run:
         self.per_layer = True  # sum the relevance entering and leaving every layer for the report
         self.final_pass = False  # the last backward pass: steps may overwrite what they kept
         self.first_taken = False  # whether the first linear layer on the input's graph has run
+        self.tensor_names: dict[int, str] | None = None  # parameters and buffers by id, for constants' rows
 
     # ------------------------------------------------------------------ forward
     def _label(self, name: str) -> str:
@@ -424,7 +447,9 @@ class Run:
         return self._label(f"{parent}.{what}" if parent else what)
 
     def addition(self, a: Tensor, b: Tensor, inplace: bool) -> Tensor:
-        """A residual addition between two computed tensors (called by FunctionalOps)."""
+        """A residual addition between two computed tensors, or of a computed tensor and a constant
+        (a position embedding), which keeps its share like a bias (called by FunctionalOps)."""
+        graph = (on_graph(a), on_graph(b))
         saved_a = a.detach()
         if inplace:
             saved_a = saved_a.clone()
@@ -436,13 +461,36 @@ class Run:
             self.saved_inputs[id(a)] = a
         self.saved_inputs[id(b)] = b
         rule = self.composite.addition_rule
-        row = LayerBalance(self._functional_label("add"), "add", repr(rule))
+        label = self._functional_label("add")
+        if not all(graph):
+            label += self._constants([b if graph[0] else a])
+        row = LayerBalance(label, "add" if all(graph) else "add constant", repr(rule))
         self.rows.append(row)
-        step = SumStep(self, row, (saved_a, b.detach()), rule.epsilon)
+        step = SumStep(self, row, (saved_a, b.detach()), rule.epsilon, graph)
         if inplace:
             return RelayInPlace.apply(step, a, b)
         step.output = saved_a + b.detach()
         return Relay.apply(step, a, b)
+
+    def _constants(self, tensors: list[Tensor]) -> str:
+        """`` (name, ...)``: the model's parameters or buffers that the constants are (or are views of),
+        for the report's row; empty if none is."""
+        if self.tensor_names is None:
+            self.tensor_names = {id(t): n for n, t in [*self.model.named_parameters(), *self.model.named_buffers()]}
+        names = [self.tensor_names.get(id(t if t._base is None else t._base)) for t in tensors]
+        known = [name for name in names if name is not None]
+        return f" ({', '.join(known)})" if known else ""
+
+    def concatenation(self, parts: list[Tensor], dim: int) -> Tensor:
+        """``torch.cat`` of computed tensors and constants (called by FunctionalOps)."""
+        graph = [on_graph(part) for part in parts]
+        label = self._functional_label("cat") + self._constants([part for part, on in zip(parts, graph) if not on])
+        row = LayerBalance(label, "cat constant", "constant parts keep their slices")
+        self.rows.append(row)
+        output = torch.cat([part.detach() for part in parts], dim)
+        step = ConcatStep(self, row, [part.shape[dim] for part in parts], dim, graph)
+        step.output = output
+        return Relay.apply(step, *[part for part, on in zip(parts, graph) if on])
 
     def functional(self, func: Callable, args: tuple, kwargs: dict) -> Tensor:
         """A functional average pooling between modules: the Norm rule."""
@@ -501,6 +549,7 @@ class Run:
         try:
             with torch.enable_grad(), ExitStack() as stack:
                 fed = [x.clone() for x in inputs]
+                stack.enter_context(frozen_parameters(self.model))  # on the graph: computed from the inputs
                 self.hooks(stack)
                 stack.enter_context(FunctionalOps(self, self.composite.split_additions))
                 return self.model(*fed, *args)
