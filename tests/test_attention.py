@@ -10,7 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from attrib import HeadConductance, LayerConductance, explicit_attention, head_scores
+from attrib import HeadConductance, IntegratedGradients, LayerConductance, explicit_attention, head_scores
 
 captum_attr = pytest.importorskip("captum.attr")
 TOL = 1e-8
@@ -152,6 +152,9 @@ def test_vit_b_16_every_block_head_and_mlp_neuron_in_one_sweep_matches_captum_an
         expected = captum_attr.LayerConductance(model, modules[name]).attribute(x, target=3, n_steps=16,
                                                                                 method="riemann_trapezoid")
         assert (res[name] - expected).abs().max() < 1e-12 * expected.abs().max(), name
+    ig = IntegratedGradients(model).attribute(x, target=3, n_steps=16, method="riemann_trapezoid")
+    expected = captum_attr.IntegratedGradients(model).attribute(x, target=3, n_steps=16, method="riemann_trapezoid")
+    assert (ig.attributions - expected).abs().max() < 1e-12 * expected.abs().max()
     errors = {}
     for n_steps in (16, 64):
         found = HeadConductance(model, layers=blocks).attribute(x, target=3, n_steps=n_steps)

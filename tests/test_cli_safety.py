@@ -75,7 +75,10 @@ def test_kill_midway_leaves_no_partial_folder_and_the_old_report_intact(tmp_path
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     process = subprocess.Popen([sys.executable, "-m", "attrib.cli", "explain", "--out", "report", "--quiet", "--steps", "200"],
                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={"PYTHONPATH": str(TESTS), "PATH": "/usr/bin:/bin"})
+                               env={"PYTHONPATH": str(TESTS), "PATH": "/usr/bin:/bin"},
+                               # a shell's background job ignores SIGINT, and its children inherit that; a user's Ctrl-C
+                               # reaches a foreground run, which this one stands for
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while not list(tmp_path.glob(".report.partial-*")) and time.time() < deadline:
         time.sleep(0.05)

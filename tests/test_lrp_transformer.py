@@ -217,3 +217,30 @@ def test_the_transformer_composites_put_zbox_on_the_first_layer_only_when_given_
         assert isinstance(first, ZBox) and (first.low, first.high) == (-1.0, 2.0)
         with pytest.raises(ValueError, match="low and high: give both or neither"):
             COMPOSITES[name](low=-1.0)
+
+
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="nn.RMSNorm needs torch >= 2.4")
+def test_attnlrp_on_rmsnorm_gelu_and_silu_is_the_dense_epsilon_rule_with_identities():
+    """RMSNorm (no centring, no bias) and GELU/SiLU pass relevance unchanged under AttnLRP; the Linear layers
+    share it by LRP-0 (epsilon 0, no biases): the whole map against a dense re-implementation."""
+    from attrib.lrp import COMPOSITES
+
+    torch.manual_seed(3)
+    l1, norm, l2, l3 = nn.Linear(6, 5, bias=False), nn.RMSNorm(5), nn.Linear(5, 4, bias=False), nn.Linear(4, 3, bias=False)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    model = nn.Sequential(l1, norm, nn.GELU(), l2, nn.SiLU(), l3).double().eval()
+    x = _random(2, 6)
+    res = LRP(model, COMPOSITES["attnlrp"](epsilon=0.0)).attribute(x, target=2)
+    with torch.no_grad():
+        z1 = l1(x)
+        a1 = torch.nn.functional.gelu(norm(z1))
+        z2 = l2(a1)
+        a2 = torch.nn.functional.silu(z2)
+        relevance = a2 * l3.weight[2]                  # LRP-0 at the last layer, starting from the score
+        relevance = a1 * ((relevance / z2) @ l2.weight)  # SiLU: identity; then LRP-0 through l2
+        expected = x * ((relevance / z1) @ l1.weight)    # GELU and RMSNorm: identities; then LRP-0 through l1
+    assert (res.attributions - expected).abs().max() < 1e-12 * expected.abs().max()
+    rows = {row.name: row for row in res.info["conservation"].rows}
+    for name in ("1", "2", "4"):  # RMSNorm, GELU, SiLU
+        assert (rows[name].entering - rows[name].leaving).abs().max() < 1e-12, name
