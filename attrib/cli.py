@@ -107,8 +107,10 @@ def _load(args):
 
     loaded = load_model(args.model, args.weights, channels=args.channels, size=args.input_size, mean=args.mean,
                         std=args.std, output=args.output)
-    if getattr(args, "composite", "") is None:  # not given: the model's own (attnlrp for a ViT), else the command's
-        args.composite = loaded.composite or args.default_composite
+    if getattr(args, "composite", "") is None:  # not given: the model's own, attnlrp for attention, else the command's
+        from .attention import has_attention
+
+        args.composite = loaded.composite or ("attnlrp" if has_attention(loaded.model) else args.default_composite)
     if getattr(args, "composite", None) is not None:  # built once, with the model's pixel bounds for z^B
         args.rules = lrp_composite(args.composite, loaded.bounds)
     return loaded
@@ -860,7 +862,8 @@ class _CompositeNames:
 
 def _composite_option(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--composite", default=None, choices=_CompositeNames(), metavar="NAME",
-                   help=f"LRP composite, one of %(choices)s (default {default}; attnlrp for digits-vit)")
+                   help=f"LRP composite, one of %(choices)s (default {default}; attnlrp for a model with "
+                        "nn.MultiheadAttention)")
     p.set_defaults(default_composite=default)
 
 

@@ -135,3 +135,19 @@ class Picky(nn.Module):
 
 def picky():
     return Picky()
+
+
+def tiny_vit():
+    """torchvision's VisionTransformer at 16 px (4 patches of 8): a custom model with attention."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
+                                                 mlp_dim=16, num_classes=3)
+    with torch.no_grad():  # torchvision starts the classifier and the class token at zero
+        model.heads.head.weight.normal_(0, 0.5)
+        model.class_token.normal_()
+    return model
+
+
+tiny_vit.attrib_input = {"size": 16}

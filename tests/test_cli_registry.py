@@ -84,7 +84,7 @@ def test_help_and_errors_list_the_registries(capsys):
         cli.main(["explain", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
     assert f"comma-separated from {', '.join(cli.EXPLAIN_METHODS)} (default" in help_text
-    assert f"one of {', '.join(sorted(COMPOSITES))} (default epsilon_plus; attnlrp for digits-vit)" in help_text
+    assert f"one of {', '.join(sorted(COMPOSITES))} (default epsilon_plus; attnlrp for a model with nn.MultiheadAttention)" in help_text
     assert list(cli.EXPLAIN_METHODS) == ["conductance", "ascent", "gradcam", "deeplift", "lrp", "heads", "rollout", "ig",
                                          "guided", "deconv", "graph"]
     with pytest.raises(InputError, match="choose from " + ", ".join(cli.EXPLAIN_METHODS)):

@@ -79,3 +79,24 @@ def test_audit_of_the_digits_vit_shows_what_the_class_token_and_position_embeddi
     for row in ("cat (class_token)", "encoder.add (encoder.pos_embedding)"):
         assert f"LRP attnlrp @ {row}" in out and "kept by a constant" in out
     assert "self_attention.out_proj" in out  # the attention's parts are audited as LRP sees them
+
+
+def test_a_custom_model_with_attention_gets_attnlrp_with_its_own_bounds_unless_told(tmp_path, monkeypatch):
+    import sys
+    from pathlib import Path
+
+    from attrib.normalization import normalized_range
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    sys.modules.pop("cli_models", None)
+    out = tmp_path / "vit"
+    assert main(["explain", "--model", "cli_models:tiny_vit", "--methods", "lrp,rollout", "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["lrp_composite"] == "attnlrp"
+    image = report["images"][0]
+    first = image["lrp_layers"][0]
+    low, _ = normalized_range()  # ImageNet's normalisation, the default of a custom model
+    assert first["layer"] == "conv_proj" and first["rule"].startswith("ZBox(") and f"{float(low[0]):.4f}" in first["rule"]
+    assert image["rollout"]["grid"] == [2, 2]
+    assert main(["explain", "--model", "cli_models:tiny_vit", "--methods", "lrp", "--composite", "epsilon", "--quiet",
+                 "--out", str(tmp_path / "eps")]) == 2  # told: epsilon has no LayerNorm rule, refused naming the layer
