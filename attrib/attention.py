@@ -265,8 +265,8 @@ class HeadConductance:
         self.layers = [n for n, _ in resolve_layers(model, layers, elements=True)] if layers else []
         given = [n for n in self.layers if n in found]
         if given:
-            raise InputError(f"layers: {given[0]!r} is an nn.MultiheadAttention, whose heads are explained under its name "
-                             f"already (choose them with attention=); for its output as one layer, name {given[0] + '[0]'!r}")
+            raise InputError(f"layers: {given[0]!r} is an nn.MultiheadAttention, whose output is a tuple; for that output as "
+                             f"one layer name {given[0] + '[0]'!r}, and choose whose heads are split with attention=")
         self.interpolate_at = interpolate_at
 
     def attribute(self, inputs, target=None, baselines=None, n_steps: int = 50, **options):

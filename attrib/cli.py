@@ -781,12 +781,13 @@ def _print_audit(rows: list[tuple[str, dict]], tolerance: float) -> int:
                 print(f"{'':<12}   ({check['note']})")
     bypassed = sum(check["passed"] is None and check["method"] == "layer conductance" for _, check in rows)
     biased = len(rows) - len(checked) - bypassed
+    constants = any("kept by a constant" in check.get("short", "") for _, check in rows)
     print(f"{failed} of {len(checked)} checks above the tolerance {tolerance:g}"
           + (f"; {bypassed} conductance rows are at layers that are not cuts (skip connections or branches bypass them), "
              "so they are shares of F(x) - F(x'), not checks" if bypassed else "")
-          + (f"; {biased} LRP rows are shares of F(x), not checks: layers with a bias, constants (a position embedding, a "
-             "class token) and rules that keep a share by design, which absorb relevance, and what reaches the input"
-             if biased else ""))
+          + (f"; {biased} LRP rows are shares of F(x), not checks: layers with a bias"
+             + (", constants (a position embedding, a class token)" if constants else "")
+             + " and rules that keep a share by design, which absorb relevance, and what reaches the input" if biased else ""))
     return failed
 
 

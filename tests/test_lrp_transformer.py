@@ -244,3 +244,77 @@ def test_attnlrp_on_rmsnorm_gelu_and_silu_is_the_dense_epsilon_rule_with_identit
     rows = {row.name: row for row in res.info["conservation"].rows}
     for name in ("1", "2", "4"):  # RMSNorm, GELU, SiLU
         assert (rows[name].entering - rows[name].leaving).abs().max() < 1e-12, name
+
+
+class _Normalised(nn.Module):
+    """A small CNN behind an input normalisation, written either as ``(x - mean) / std`` or ``x * scale + shift``."""
+
+    def __init__(self, as_addition: bool) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+        self.register_buffer("mean", torch.tensor([0.4, 0.5, 0.6]).reshape(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.2, 0.25, 0.3]).reshape(1, 3, 1, 1))
+        self.as_addition = as_addition
+
+    def forward(self, x):
+        if self.as_addition:
+            return self.net(x * (1 / self.std) + (-self.mean / self.std))
+        return self.net((x - self.mean) / self.std)
+
+
+def test_a_constant_added_before_the_first_layer_is_not_a_bias_and_the_model_is_left_as_it_was():
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64)
+    maps = [LRP(_Normalised(addition).double().eval(), "epsilon").attribute(x, target=1).attributions for addition in (0, 1)]
+    assert (maps[0] - maps[1]).abs().max() < 1e-12 * maps[0].abs().max()  # however the normalisation is written
+
+
+class _Writes(nn.Module):
+    def __init__(self, target: str) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.register_buffer("calls", torch.zeros(()))
+        self.p = nn.Parameter(torch.zeros(3))
+        self.target = target
+
+    def forward(self, x):
+        self.calls.add_(1)  # a buffer the model updates itself: its business, as in any forward pass
+        h = self.l1(x)
+        if self.target == "parameter":
+            q = self.p
+            q += h.mean(0)  # writes into its own parameter
+        return self.l2(h + self.p)
+
+
+def test_a_forward_that_updates_a_buffer_runs_and_one_that_writes_a_parameter_is_refused_by_name():
+    x = _random(2, 3)
+    model = _Writes("buffer").double()
+    res = LRP(model, "epsilon").attribute(x, target=0)
+    assert float(model.calls) == 1 and all(p.requires_grad and p.is_leaf for p in model.parameters())
+    assert "add (p)" in {row.name for row in res.info["conservation"].rows}
+    with pytest.raises(ValueError, match=r"wrote into the parameter 'p' in place"):
+        LRP(_Writes("parameter").double(), "epsilon").attribute(x, target=0)
+
+
+class _Windows(nn.Module):
+    """A layer run on a batch-major split of the batch (as Swin runs attention on windows), and a legacy empty
+    part concatenated (skipped by torch.cat)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner, self.out = nn.Linear(6, 5), nn.Linear(20, 2)
+
+    def forward(self, x):
+        windows = self.inner(x.reshape(x.shape[0] * 2, 2, 6)).reshape(x.shape[0], 4, 5)
+        return self.out(torch.cat([torch.tensor([], dtype=x.dtype), windows.flatten(1)], 1))
+
+
+def test_rows_of_a_layer_run_on_windows_are_per_example_and_still_account_for_everything():
+    torch.manual_seed(5)
+    model = _Windows().double().eval()
+    x = _random(3, 4, 6)
+    report = LRP(model, "epsilon").attribute(x, target=1).info["conservation"]
+    assert {row.name for row in report.rows} == {"inner", "out"}
+    for row in report.rows:
+        assert row.entering.shape == (3,) and row.leaving.shape == (3,), row.name
+    assert (sum(row.difference for row in report.rows) - report.total_difference).abs().max() < 1e-12

@@ -16,11 +16,14 @@
   Concatenation of computed tensors needs nothing: its gradient already hands each branch its own share.
 - **Constants added or concatenated** (a position embedding ``x + pos_embedding``, a class token
   ``torch.cat([cls, x])``): parameters are frozen while the run's forward pass goes, so anything not
-  computed from the inputs is a constant. Under ``split_additions``, ``computed + constant`` is shared
-  like a bias, ``R_x = x R / stab(x + c)``, the constant keeping its share; a concatenation with
-  constant parts hands each computed part its slice and the constant parts keep theirs. Both are rows
-  of the conservation report (kind ``"add constant"`` / ``"cat constant"``), so what a position
-  embedding or a class token absorbs is shown, not lost silently. A Python number added is not caught.
+  computed from the inputs is a constant. Under ``split_additions``, ``computed + constant`` (``+``,
+  ``+=``, ``torch.add`` without ``alpha``; the constant broadcasting to the computed tensor) after the
+  first linear layer is shared like a bias, ``R_x = x R / stab(x + c)``, the constant keeping its
+  share; before that layer (an input normalisation written as an addition) it passes relevance on as
+  before. ``torch.cat``/``concat`` with constant parts hands each computed part its slice and the
+  constant parts keep theirs. Both are rows of the conservation report (kind ``"add constant"`` /
+  ``"cat constant"``), so what a position embedding or a class token keeps is shown, not lost silently.
+  Not caught: Python numbers, subtraction, ``alpha=``, ``stack``/``hstack``/``pad`` with constants.
 """
 from __future__ import annotations
 
@@ -52,6 +55,13 @@ def constant(value: object) -> bool:
     return isinstance(value, Tensor) and value.is_floating_point() and not on_graph(value)
 
 
+def _absorbs(computed: Tensor, other: object) -> bool:
+    """``other`` is a constant that broadcasts to ``computed`` (a bias-like addend: the sum has
+    ``computed``'s shape, so its rows stay the examples)."""
+    return (isinstance(other, Tensor) and constant(other)
+            and torch.broadcast_shapes(computed.shape, other.shape) == computed.shape)
+
+
 class Receiver(Protocol):
     """What takes the caught operations (:class:`attrib.lrp.run.Run`).
 
@@ -60,6 +70,7 @@ class Receiver(Protocol):
     """
 
     depth: int  # > 0 while a hooked leaf module runs: operations inside it are that module's own
+    first_taken: bool  # whether the first linear layer on the inputs' graph has run
 
     def addition(self, a: Tensor, b: Tensor, inplace: bool) -> Tensor: ...
 
@@ -86,11 +97,15 @@ class FunctionalOps(TorchFunctionMode):
             if self.additions and (func in ADDITIONS or func in INPLACE_ADDITIONS) and len(args) == 2 and not kwargs:
                 a, b = args
                 inplace = func in INPLACE_ADDITIONS
-                if on_graph(a) and (on_graph(b) or constant(b)) or (not inplace and constant(a) and on_graph(b)):
+                if on_graph(a) and on_graph(b):
                     return self.run.addition(a, b, inplace=inplace)
-            if func in CONCATENATIONS and args and isinstance(args[0], (list, tuple)) and "out" not in kwargs:
-                parts = list(args[0])
-                if any(on_graph(t) for t in parts) and any(constant(t) for t in parts):
+                if self.run.first_taken and (on_graph(a) and _absorbs(a, b) or not inplace and on_graph(b) and _absorbs(b, a)):
+                    return self.run.addition(a, b, inplace=inplace)
+            given = args[0] if args else kwargs.get("tensors")
+            if func in CONCATENATIONS and isinstance(given, (list, tuple)) and "out" not in kwargs:
+                parts = list(given)
+                if (any(on_graph(t) for t in parts) and any(constant(t) for t in parts)
+                        and all(isinstance(t, Tensor) for t in parts) and len({t.dim() for t in parts}) == 1):
                     dim = args[1] if len(args) > 1 else kwargs.get("dim", kwargs.get("axis", 0))
                     return self.run.concatenation(parts, dim)
             if func in FUNCTIONAL_POOLS and args and on_graph(args[0]):

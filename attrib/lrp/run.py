@@ -14,15 +14,15 @@ inside :meth:`Run.forward` and is removed in ``finally``; no parameter or buffer
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
-from typing import Any, Callable, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from ..errors import InputError, InputTypeError
-from ..hooks import LayerReuseError, frozen_parameters
+from ..hooks import LayerReuseError
 from ..module_types import BATCHNORMS, LINEAR_LAYERS
 from .canonizers import FUNCTIONAL_POOLS, FunctionalOps, on_graph
 from .composites import Composite
@@ -220,6 +220,28 @@ def _is_sum(operands: Sequence[Tensor], output: object) -> bool:
     return bool(((output - total).abs() <= rounding).all())
 
 
+@contextmanager
+def _parameters_frozen(model: nn.Module) -> Iterator[None]:
+    """``requires_grad`` off for every parameter while the block runs, each flag restored after (buffers and
+    values are the model's business, untouched). A forward pass that writes into a parameter in place
+    (allowed once it needs no gradient) is refused afterwards, naming it: the model changes itself."""
+    params = list(model.parameters())
+    saved = [(param, param.requires_grad, param._version) for param in params]
+    for param in params:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        written = [param for param, _, version in saved if param._version != version or not param.is_leaf]
+        for param, flag, _ in saved:
+            if param.is_leaf:
+                param.requires_grad_(flag)
+    if written:
+        names = {id(p): n for n, p in model.named_parameters()}
+        raise InputError(f"model: its forward pass wrote into the parameter {names.get(id(written[0]), '?')!r} in place, "
+                         "so every call changes the model; LRP refuses to run on it")
+
+
 class Run:
     """Hooks and bookkeeping for one forward pass and the backward passes that follow it.
 
@@ -253,6 +275,7 @@ class Run:
         self.final_pass = False  # the last backward pass: steps may overwrite what they kept
         self.first_taken = False  # whether the first linear layer on the input's graph has run
         self.tensor_names: dict[int, str] | None = None  # parameters and buffers by id, for constants' rows
+        self.batch = 0  # the examples' count (rows of the inputs), set by forward
 
     # ------------------------------------------------------------------ forward
     def _label(self, name: str) -> str:
@@ -549,7 +572,8 @@ class Run:
         try:
             with torch.enable_grad(), ExitStack() as stack:
                 fed = [x.clone() for x in inputs]
-                stack.enter_context(frozen_parameters(self.model))  # on the graph: computed from the inputs
+                self.batch = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+                stack.enter_context(_parameters_frozen(self.model))  # on the graph: computed from the inputs
                 self.hooks(stack)
                 stack.enter_context(FunctionalOps(self, self.composite.split_additions))
                 return self.model(*fed, *args)
@@ -561,10 +585,19 @@ class Run:
             self.saved_inputs.clear()
 
     # ----------------------------------------------------------------- backward
+    def _per_example(self, tensor: Tensor) -> Tensor:
+        """(B,) sums; a layer that runs on a batch-major split of the batch (Swin's windows: B * windows
+        rows) is folded back to the examples."""
+        sums = per_example_sum(tensor)
+        rows = sums.shape[0]
+        if self.batch and rows != self.batch and rows % self.batch == 0:
+            sums = sums.reshape(self.batch, rows // self.batch).sum(1)
+        return sums
+
     def account(self, step: Step, relevance: Tensor, result: tuple[Tensor, ...]) -> None:
         if self.per_layer:
-            entering = per_example_sum(relevance)
-            leaving = entering if result[0] is relevance else torch.stack([per_example_sum(r) for r in result]).sum(0)
+            entering = self._per_example(relevance)
+            leaving = entering if result[0] is relevance else torch.stack([self._per_example(r) for r in result]).sum(0)
             step.row.add(entering, leaving)
         for name, side in step.records:
             self.records[name] = (relevance if side == "out" else result[0]).detach()
