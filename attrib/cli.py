@@ -1,4 +1,4 @@
-"""The ``attrib`` command: ``explain``, ``audit``, ``layers``, ``bench``.
+"""The ``attrib`` command: ``explain``, ``audit``, ``layers``, ``run`` (:mod:`attrib.cli_run`), ``bench``.
 
 Bad input (a missing or unreadable file, an unknown model, layer or method, a target out of range,
 weights that do not fit, an ``--out`` attrib must not replace) ends the run with one line on stderr
@@ -880,6 +880,11 @@ def _model_options(p: argparse.ArgumentParser, images: bool = True) -> None:
                                                          "a torchvision name, or package.module:factory")
     else:
         p.add_argument("model", help="digits, digits-vit, text, a torchvision name, or package.module:factory")
+    _weights_options(p)
+
+
+def _weights_options(p: argparse.ArgumentParser) -> None:
+    """--weights and a custom model's input options."""
     p.add_argument("--weights", default=None, help="a state-dict file, or DEFAULT (embedded / local torch cache; never downloaded)")
     custom = p.add_argument_group("custom models (package.module:factory); these override what the factory declares")
     custom.add_argument("--channels", type=int, default=None, help="input channels (default 3)")
@@ -931,6 +936,10 @@ def parser() -> argparse.ArgumentParser:
     p = commands.add_parser("layers", help="layer names and output shapes (what --layer takes)")
     _model_options(p, images=False)
     p.set_defaults(run=layers)
+
+    from .cli_run import add_parser as add_run_parser
+
+    add_run_parser(commands, _weights_options, _composite_option)
 
     p = commands.add_parser("bench", help="run the benchmark scripts (repository checkout)")
     p.add_argument("--dir", default="benchmarks", help="folder with the benchmark scripts")

@@ -1,5 +1,6 @@
 """Models shipped with attrib (offline): the digits CNN, a tiny ViT on the same digits and the sentence-sentiment CNN."""
 from .digits import (
+    DigitsDataset,
     DigitsNet,
     load_digits_model,
     pixel_bounds,
@@ -21,6 +22,7 @@ from .text import (
 
 __all__ = [
     "MAX_LENGTH",
+    "DigitsDataset",
     "DigitsNet",
     "TextCNN",
     "Vocabulary",

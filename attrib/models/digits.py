@@ -13,6 +13,7 @@ from importlib import resources
 
 import torch
 import torch.nn.functional as F
+import torch.utils.data
 from torch import Tensor, nn
 
 from ..errors import InputError
@@ -69,6 +70,33 @@ def digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     labels = torch.tensor(data.target, dtype=torch.long)
     train, test = train_test_split(torch.arange(len(labels)).numpy(), test_size=0.25, random_state=0, stratify=labels.numpy())
     return images, labels, torch.as_tensor(train), torch.as_tensor(test)
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's digits as the shipped models read them: ``dataset[i]`` is ``(x, label)`` with ``x``
+    the normalised ``(1, 32, 32)`` image. ``split``: ``"all"`` (1797, in scikit-learn's order),
+    ``"train"`` or ``"test"`` (the stratified 75/25 split of :func:`digits_split`). Needs scikit-learn.
+
+    >>> DigitsDataset("test")[0][0].shape   # torch.Size([1, 32, 32])
+    """
+
+    def __init__(self, split: str = "all") -> None:
+        if split not in ("all", "train", "test"):
+            raise InputError(f"split must be 'all', 'train' or 'test', got {split!r}")
+        try:
+            images, labels, train, test = digits_split()
+        except ImportError:
+            raise InputError("the digits dataset needs scikit-learn (pip install scikit-learn)") from None
+        index = {"all": torch.arange(len(labels)), "train": train, "test": test}[split]
+        self.split = split
+        self.images = preprocess(images[index])
+        self.labels = labels[index]
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.images[index], int(self.labels[index])
 
 
 def pixel_bounds() -> tuple[float, float]:

@@ -1,0 +1,190 @@
+"""``attrib run``: a whole dataset explained in resumable shards, in one process or under ``torchrun``
+(:mod:`attrib.dataset_run`).
+
+>>> attrib run --model digits --dataset digits --method conductance --out runs/digits
+>>> torchrun --nproc_per_node=2 -m attrib run --model digits --dataset digits --method conductance --out runs/digits
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+METHODS = ("conductance", "ig", "lrp", "saliency", "input_x_gradient", "deeplift")
+
+
+class FolderDataset:
+    """Image files in class sub-folders (``root/<class>/<file>``, classes in sorted order, as
+    torchvision's ImageFolder), decoded faithfully (:mod:`attrib.images`) and sized and normalised for
+    the model; ``dataset[i]`` is ``(x, class index)``."""
+
+    EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+    def __init__(self, root: str | Path, loaded: Any) -> None:
+        root = Path(root)
+        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not classes:
+            raise InputError(f"--dataset: {root} has no class sub-folders (root/<class>/<image files>)")
+        self.classes = classes
+        self.files = [(path, index) for index, name in enumerate(classes)
+                      for path in sorted((root / name).rglob("*")) if path.suffix.lower() in self.EXTENSIONS]
+        if not self.files:
+            raise InputError(f"--dataset: no image files under {root}'s class folders")
+        self.loaded = loaded
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        from .cli_inputs import _to_tensor
+        from .images import decode, open_image, resize_crop
+
+        path, label = self.files[index]
+        array, _ = decode(open_image(path), self.loaded.channels)
+        array, _ = resize_crop(array, self.loaded.size)
+        return _to_tensor(array, self.loaded)[0], label
+
+
+def _dataset(spec: str, loaded: Any) -> Any:
+    """``digits`` (``digits:train``, ``digits:test``), a folder of class sub-folders, or
+    ``package.module:factory`` returning a map-style dataset of ``(input, label)``."""
+    if spec in ("digits", "digits:all", "digits:train", "digits:test"):
+        if loaded.name not in ("digits", "digits-vit") and loaded.size != 32:
+            raise InputError(f"--dataset: the digits are 1 x 32 x 32; --model {loaded.name} reads "
+                             f"{loaded.channels} x {loaded.size} x {loaded.size}")
+        from .models import DigitsDataset
+
+        return DigitsDataset(spec.partition(":")[2] or "all")
+    if Path(spec).is_dir():
+        return FolderDataset(spec, loaded)
+    if ":" in spec and not Path(spec).exists():
+        import importlib
+
+        module_name, _, attribute = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attribute)
+        except (ImportError, AttributeError) as error:
+            raise InputError(f"--dataset: cannot load {spec!r} ({error})") from None
+        return factory()
+    raise InputError(f"--dataset: {spec!r} is not digits, a folder, or package.module:factory")
+
+
+def _method(args: Any, loaded: Any, x: Any) -> tuple[Any, dict]:
+    """The method object and its attribute() options."""
+    from . import DeepLift, InputXGradient, IntegratedGradients, LayerConductance, Saliency
+    from .lrp import LRP
+
+    model = loaded.model
+    if args.method == "conductance":
+        layers = _layers(args, model, x)
+        options: dict = {"n_steps": args.n_steps}
+        if args.memory_budget is not None:
+            options["memory_budget"] = args.memory_budget
+        return LayerConductance(model, layers), options
+    if args.method == "ig":
+        options = {"n_steps": args.n_steps}
+        if args.memory_budget is not None:
+            options["memory_budget"] = args.memory_budget
+        return IntegratedGradients(model), options
+    if args.method == "lrp":
+        return LRP(model, args.rules), {}
+    if args.method == "deeplift":
+        return DeepLift(model), {}
+    if args.method == "saliency":
+        return Saliency(model), {}
+    return InputXGradient(model), {}
+
+
+def _layers(args: Any, model: Any, x: Any) -> list[str]:
+    """``--layers``, or every convolution that runs (the paper's per-layer conductance)."""
+    import torch
+
+    from .hooks import capture, resolve_layers
+    from .module_types import CONVOLUTIONS
+
+    if args.layers:
+        try:
+            return [name for name, _ in resolve_layers(model, [n.strip() for n in args.layers.split(",") if n.strip()])]
+        except InputError as error:
+            raise InputError(f"--layers: {str(error).split(': ', 1)[-1]}") from None
+    names = [n for n, m in model.named_modules() if isinstance(m, CONVOLUTIONS)]
+    with capture(model, names) as cap, torch.no_grad():
+        model(x)
+        running = [n for n in names if n in cap.captured]
+    if not running:
+        raise InputError("--layers: the model runs no convolution; name the layers to explain")
+    return running
+
+
+def _target(text: str) -> str | int:
+    if text in ("label", "predicted"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected label, predicted or a class index, got {text!r}") from None
+
+
+def run(args: Any) -> int:
+    import torch
+
+    from .cli import _load
+    from .dataset_run import run_dataset
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads: must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    for name in ("n_steps", "batch_size", "shard_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise InputError(f"--workers: must be >= 0, got {args.workers}")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit: must be >= 1, got {args.limit}")
+    if args.method != "conductance" and args.layers:
+        raise InputError(f"--layers: only conductance explains layers; --method {args.method} explains the input")
+    loaded = _load(args)
+    dataset = _dataset(args.dataset, loaded)
+    if len(dataset) == 0:
+        raise InputError(f"--dataset: {args.dataset} has no examples")
+    x = dataset[0][0].unsqueeze(0)
+    method, options = _method(args, loaded, x)
+    result = run_dataset(method, dataset, args.out, target=args.target, batch_size=args.batch_size, num_workers=args.workers,
+                         shard_size=args.shard_size, maps=not args.no_maps, attribute_kwargs=options, limit=args.limit,
+                         progress=not args.quiet)
+    import os
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        count = result.manifest["config"]["count"]
+        print(f"wrote {Path(args.out)}: {count} examples in {result.shards} shards ({len(result.computed)} computed by "
+              f"this process, {len(result.skipped)} found done) in {result.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def add_parser(commands: Any, model_options, composite_option) -> None:
+    p = commands.add_parser("run", help="explain a whole dataset in resumable shards (one process, or under torchrun)")
+    p.add_argument("--model", default="digits", help="digits, digits-vit, a torchvision name, or package.module:factory")
+    model_options(p)
+    p.add_argument("--dataset", default="digits", help="digits (or digits:train, digits:test), a folder of class "
+                                                       "sub-folders of images, or package.module:factory")
+    p.add_argument("--method", default="conductance", choices=METHODS, help="what to compute (default conductance)")
+    p.add_argument("--layers", default=None, help="conductance: comma-separated layers (default every convolution)")
+    p.add_argument("--n-steps", type=int, default=50, dest="n_steps", help="integration steps (conductance, ig)")
+    p.add_argument("--target", type=_target, default="label", help="label (default), predicted, or a class index")
+    p.add_argument("--batch-size", type=int, default=32, dest="batch_size", help="examples per batch")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes per rank")
+    p.add_argument("--shard-size", type=int, default=256, dest="shard_size", help="examples per shard (the resume unit)")
+    p.add_argument("--limit", type=int, default=None, help="the first N examples only")
+    p.add_argument("--no-maps", action="store_true", dest="no_maps", help="store per-channel sums and deltas, not the maps")
+    p.add_argument("--memory-budget", type=int, default=None, dest="memory_budget",
+                   help="bytes for one chunk of the integration (conductance, ig)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (bit-identical results across process counts need the same number)")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier run of the same command (resumed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    composite_option(p, "epsilon_plus")
+    p.set_defaults(run=run)

@@ -1,0 +1,636 @@
+"""Dataset-scale attribution runs: sharded, resumable, in one process or under ``torchrun``.
+
+``run_dataset(method, dataset, out)`` explains every example of a map-style dataset (``dataset[i]`` is
+``(input, label)``, as torchvision's datasets give) with any method of the library, and writes the
+per-example results to ``out`` in **shards**:
+
+- **Sharding.** The indices ``0..N-1`` are cut into consecutive shards of ``shard_size`` examples;
+  shard ``s`` belongs to rank ``s % world_size``. Every index is in exactly one shard (no padding, no
+  duplicates), and which examples a shard holds does not depend on how many processes run. Within a
+  shard the examples are batched in order (``batch_size``), so a shard's numbers are the same whichever
+  rank computes it, and the results are bit-identical to a single-process run (with the same number of
+  threads per process: CPU kernels may sum in another order with more threads).
+- **Shards on disk** (``out/shards/00012/``): one ``.npy`` file per array (memory-mappable; loading never
+  unpickles) and ``shard.json`` with each file's SHA-256 and the run's configuration hash. A shard is
+  written in a hidden folder beside it (``.00012.partial-<rank>-<pid>``), every file flushed and synced,
+  and renamed into place: a shard folder that exists is complete.
+- **Resuming.** Rerunning the same command skips the shards already on disk (their checksums are
+  verified) and removes the hidden partial folders left by a killed run. ``out/manifest.json`` holds
+  the configuration (model weights' hash, method and its settings, dataset fingerprint, targets,
+  batching); a run whose configuration differs refuses to mix with the old shards, naming what
+  changed. A shard whose files do not match their checksums, or that another configuration wrote, is
+  an error naming it.
+- **Processes.** Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is created here (gloo on CPU,
+  NCCL when the model is on a GPU, one GPU per local rank) unless the caller made one. Every rank shows
+  a progress bar of its own shards; rank 0's counts the examples done by all ranks.
+
+Per example (row) a shard holds ``index``, ``label``, ``target``, ``output`` (the explained score) and,
+where the method has them, ``baseline_output``; per map (a layer's name, or ``input``) the attribution
+(``maps=True``), its per-channel sums ``filters`` (N, C) and the completeness ``delta``.
+
+>>> run = run_dataset(LayerConductance(model, ["features.3", "features.7"]), DigitsDataset(), "runs/digits",
+...                   attribute_kwargs={"n_steps": 32})
+>>> run.array("filters", "features.7").shape      # (1797, 32): per example, per filter
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .errors import InputError, InputTypeError
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+SHARD_META = "shard.json"
+TOOL = "attrib run"
+TARGETS = ("label", "predicted")
+
+
+# ----------------------------------------------------------------------------------------- processes
+@dataclass(frozen=True)
+class World:
+    """This process's place: ``rank`` of ``size`` (``local_rank`` on its node); ``owned``: the process
+    group was created by :func:`world` (and is destroyed by the run)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    owned: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world(device: torch.device | None = None) -> World:
+    """The process group of a ``torchrun`` launch (created here if ``WORLD_SIZE`` > 1 and none exists:
+    gloo, or NCCL for a CUDA device), or a single process."""
+    import torch.distributed as dist
+
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    owned = False
+    if size > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        owned = True
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), local, owned)
+    return World(0, 1, local, False)
+
+
+def _barrier(place: World) -> None:
+    if place.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def shard_indices(count: int, shard_size: int) -> list[range]:
+    """Consecutive shards of ``shard_size`` indices covering ``0..count-1`` (the last may be shorter)."""
+    return [range(start, min(start + shard_size, count)) for start in range(0, count, shard_size)]
+
+
+def shards_of(rank: int, size: int, shards: int) -> list[int]:
+    """The shards rank ``rank`` of ``size`` computes: ``s % size == rank`` (disjoint, every shard once)."""
+    return list(range(rank, shards, size))
+
+
+# ------------------------------------------------------------------------------------ configuration
+def _digest_tensor(tensor: Tensor) -> str:
+    data = tensor.detach().to("cpu").contiguous()
+    if data.dtype == torch.bfloat16:
+        data = data.float()
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16] + f":{tuple(data.shape)}:{data.dtype}"
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the model's parameters and buffers (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if not isinstance(tensor, Tensor):
+            continue
+        data = tensor.detach().to("cpu").contiguous()
+        if data.dtype == torch.bfloat16:
+            data = data.float()
+        digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _describe(value: Any, depth: int = 0) -> Any:
+    """A JSON-able description of a setting: tensors by their hash, modules by their type."""
+    if isinstance(value, Tensor):
+        return {"tensor": _digest_tensor(value)}
+    if isinstance(value, nn.Module):
+        return {"module": type(value).__name__}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)) and depth < 4:
+        return [_describe(v, depth + 1) for v in value]
+    if isinstance(value, dict) and depth < 4:
+        return {str(k): _describe(v, depth + 1) for k, v in value.items()}
+    text = repr(value)
+    return {"object": type(value).__name__} if " at 0x" in text else text  # no address: it changes every run
+
+
+def method_description(method: Any) -> dict:
+    """The method's class and its settings (every attribute but the model), for the manifest."""
+    if not hasattr(method, "attribute"):
+        raise InputTypeError(f"method: expected an attrib method (with .attribute), got {type(method).__name__}")
+    settings = {name: _describe(value) for name, value in sorted(vars(method).items())
+                if not name.startswith("_") and not isinstance(value, nn.Module)}
+    return {"class": f"{type(method).__module__}.{type(method).__qualname__}", "settings": settings}
+
+
+def _model_of(method: Any) -> nn.Module:
+    model = getattr(method, "model", None) or getattr(method, "forward_func", None)
+    if not isinstance(model, nn.Module):
+        raise InputTypeError(f"method: {type(method).__name__} has no .model that is an nn.Module")
+    return model
+
+
+def _example(dataset: Any, index: int) -> tuple[Tensor, int]:
+    item = dataset[index]
+    if not (isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor)):
+        raise InputTypeError(f"dataset: item {index} is {type(item).__name__}; expected (input tensor, label), as "
+                             "torchvision's datasets give")
+    label = item[1]
+    if isinstance(label, Tensor):
+        label = label.item() if label.numel() == 1 else None
+    if isinstance(label, bool) or not isinstance(label, int):
+        raise InputTypeError(f"dataset: item {index} has label {item[1]!r}; expected an int class index")
+    return item[0], label
+
+
+def dataset_fingerprint(dataset: Any, count: int) -> dict:
+    """The dataset's type, size and a hash of its first, middle and last examples and labels."""
+    digest = hashlib.sha256()
+    for index in sorted({0, count // 2, count - 1}):
+        x, label = _example(dataset, index)
+        digest.update(_digest_tensor(x).encode() + str(label).encode())
+    return {"class": f"{type(dataset).__module__}.{type(dataset).__qualname__}", "size": count,
+            "sampled": digest.hexdigest()}
+
+
+def _config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------- files
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _write_synced(path: Path, write) -> None:
+    with open(path, "wb") as handle:
+        write(handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _sync_folder(path: Path) -> None:
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:  # a platform without directory descriptors
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _file_name(kind: str, key: str, keys: Sequence[str]) -> str:
+    return f"{kind}.npy" if key == "" else f"{kind}__{keys.index(key)}.npy"
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    _write_synced(partial, lambda handle: handle.write(json.dumps(data, indent=1, sort_keys=True).encode()))
+    os.replace(partial, path)
+    _sync_folder(path.parent)
+
+
+# --------------------------------------------------------------------------------------------- run
+@dataclass
+class DatasetRun:
+    """A run's folder, read back: the manifest and every shard's arrays, memory-mapped.
+
+    >>> run = load_run("runs/digits")
+    >>> run.array("output").shape, run.keys         # (N,); the maps' names (layers, or 'input')
+    >>> run.array("delta", "features.7")            # (N,) completeness per example at that layer
+    """
+
+    folder: Path
+    manifest: dict
+    seconds: float = 0.0
+    computed: list[int] = field(default_factory=list)  # shards this process computed in this call
+    skipped: list[int] = field(default_factory=list)  # shards this process found complete on disk
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.manifest["keys"])
+
+    @property
+    def shards(self) -> int:
+        return int(self.manifest["shards"])
+
+    def shard_folder(self, shard: int) -> Path:
+        return self.folder / "shards" / f"{shard:05d}"
+
+    def array(self, kind: str, key: str = "") -> np.ndarray:
+        """One array over every example, in index order (``kind``: index, label, target, output,
+        baseline_output; or map, filters, delta with ``key`` a map's name)."""
+        if key and key not in self.keys:
+            raise InputError(f"key: {key!r} is not a map of this run; its maps are {', '.join(self.keys)}")
+        name = _file_name(kind, key, self.keys)
+        parts = []
+        for shard in range(self.shards):
+            path = self.shard_folder(shard) / name
+            if not path.exists():
+                raise InputError(f"{kind}: shard {shard:05d} has no {name} (the run is not complete, or did not store it)")
+            parts.append(np.load(path, mmap_mode="r", allow_pickle=False))
+        return np.concatenate(parts) if len(parts) > 1 else np.asarray(parts[0])
+
+
+def load_run(folder: str | Path) -> DatasetRun:
+    """A finished run's folder (every shard verified against its checksums)."""
+    folder = Path(folder)
+    manifest = _read_manifest(folder)
+    if manifest is None:
+        raise InputError(f"folder: {folder} has no {MANIFEST}; it is not the folder of an attrib run")
+    run = DatasetRun(folder, manifest)
+    missing = [s for s in range(run.shards) if not _verified(run.shard_folder(s), manifest["config_hash"], s)]
+    if missing:
+        raise InputError(f"folder: {len(missing)} of {run.shards} shards are not done (first: {missing[0]:05d}); rerun the "
+                         "same command to finish them")
+    return run
+
+
+def _read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"out: {path} cannot be read as an attrib manifest ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("tool") != TOOL:
+        raise InputError(f"out: {path} was not written by {TOOL}; choose another folder")
+    return manifest
+
+
+def _verified(folder: Path, config_hash: str, shard: int) -> bool:
+    """Whether the shard is complete on disk: False if absent; an error if corrupt or foreign."""
+    meta_path = folder / SHARD_META
+    if not folder.exists():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        raise InputError(f"shard {shard:05d} ({folder}) has no readable {SHARD_META}: it is corrupt; remove the folder "
+                         "and rerun to recompute it") from None
+    if meta.get("config_hash") != config_hash or meta.get("shard") != shard:
+        raise InputError(f"shard {shard:05d} ({folder}) was written by another run (configuration "
+                         f"{str(meta.get('config_hash'))[:12]}, shard {meta.get('shard')}); it does not belong here")
+    for name, digest in meta.get("files", {}).items():
+        path = folder / name
+        if not path.exists() or _sha256(path) != digest:
+            raise InputError(f"shard {shard:05d} ({folder}): {name} does not match its checksum: the shard is corrupt; "
+                             "remove the folder and rerun to recompute it")
+    return True
+
+
+def _check_out(out: Path) -> None:
+    """``out`` is new, empty, or a run's folder (with its manifest): anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out: {out} exists and is not a folder")
+    if out.is_dir() and not (out / MANIFEST).exists():
+        if any(out.iterdir()):
+            raise InputError(f"out: {out} is a folder with other files in it, not an attrib run; choose a new folder")
+
+
+def _prepare(out: Path, config: dict, place: World) -> dict:
+    """The manifest, written by rank 0 if new; an old one must describe the same run."""
+    config_hash = _config_hash(config)
+    if place.rank == 0:
+        _check_out(out)
+        old = _read_manifest(out)
+        if old is None:
+            (out / "shards").mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(out / MANIFEST, {"tool": TOOL, "format": FORMAT, "config": config,
+                                                "config_hash": config_hash, "keys": [], "shards": 0})
+    _barrier(place)
+    manifest = _read_manifest(out)
+    assert manifest is not None  # written above by rank 0
+    if manifest["config_hash"] != config_hash:
+        changed = [key for key in sorted(set(config) | set(manifest["config"]))
+                   if config.get(key) != manifest["config"].get(key)]
+        raise InputError(f"out: {out} holds a run with another configuration ({', '.join(changed)} changed); its shards "
+                         "cannot be mixed with this run's: choose a new folder, or remove that one")
+    return manifest
+
+
+def _maps(result: Any) -> dict[str, Tensor]:
+    """An Attribution's maps by name: each layer, or ``input`` (several inputs: ``input0``, ...)."""
+    found = result.attributions
+    if isinstance(found, dict):
+        return {str(name): value for name, value in found.items()}
+    if isinstance(found, tuple):
+        return {f"input{i}": value for i, value in enumerate(found)}
+    return {"input": found}
+
+
+def _deltas(result: Any, keys: list[str]) -> dict[str, Tensor]:
+    delta = getattr(result, "delta", None)
+    if delta is None:
+        return {}
+    if isinstance(delta, dict):
+        return {str(name): value for name, value in delta.items()}
+    return {key: delta for key in keys}
+
+
+def _filters(value: Tensor) -> Tensor:
+    """Per example, per channel: the sum over every position (a (N, C) map is itself)."""
+    value = value.detach()
+    if value.dim() <= 2:
+        return value.reshape(value.shape[0], -1).to(torch.float64)
+    return value.reshape(value.shape[0], value.shape[1], -1).sum(-1, dtype=torch.float64)
+
+
+class _Collected:
+    """One shard's rows, gathered batch by batch."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[np.ndarray]] = {}
+
+    def add(self, name: str, value: Tensor | np.ndarray) -> None:
+        array = value.detach().to("cpu").numpy() if isinstance(value, Tensor) else value
+        self.rows.setdefault(name, []).append(np.ascontiguousarray(array))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {name: np.concatenate(parts) for name, parts in self.rows.items()}
+
+
+def _explain_batch(method: Any, x: Tensor, labels: Tensor, target_mode: str | int, kwargs: dict,
+                   store_maps: bool, keys: list[str] | None) -> tuple[dict[str, np.ndarray], list[str]]:
+    model = _model_of(method)
+    if target_mode == "label":
+        targets = labels
+    elif target_mode == "predicted":
+        with torch.no_grad():
+            targets = model(x).argmax(1).to("cpu")
+    else:
+        targets = torch.full_like(labels, int(target_mode))
+    result = method.attribute(x, target=targets.to(x.device), **kwargs)
+    maps = _maps(result)
+    names = list(maps)
+    if keys is not None and names != keys:
+        raise InputError(f"method: its maps changed between batches ({names} after {keys})")
+    rows: dict[str, np.ndarray] = {"target": targets.numpy().astype(np.int64)}
+    outputs = getattr(result, "outputs", None)
+    if isinstance(outputs, Tensor):
+        rows["output"] = outputs.detach().to("cpu").numpy()
+    baseline = getattr(result, "baseline_outputs", None)
+    if isinstance(baseline, Tensor):
+        rows["baseline_output"] = baseline.detach().to("cpu").numpy()
+    for key, value in maps.items():
+        if store_maps:
+            rows[_file_name("map", key, names)] = value.detach().to("cpu").numpy()
+        rows[_file_name("filters", key, names)] = _filters(value).to("cpu").numpy()
+    for key, value in _deltas(result, names).items():
+        if key in names and isinstance(value, Tensor):
+            rows[_file_name("delta", key, names)] = value.detach().to("cpu").numpy().reshape(-1)
+    return rows, names
+
+
+def _write_shard(folder: Path, shard: int, arrays: dict[str, np.ndarray], keys: list[str], config_hash: str, rank: int,
+                 threads: int) -> None:
+    partial = folder.parent / f".{folder.name}.partial-{rank}-{os.getpid()}"
+    partial.mkdir()
+    try:
+        files = {}
+        for name, array in sorted(arrays.items()):
+            path = partial / (name if name.endswith(".npy") else f"{name}.npy")
+            _write_synced(path, lambda handle, a=array: np.save(handle, a, allow_pickle=False))
+            files[path.name] = _sha256(path)
+        meta = {"tool": TOOL, "shard": shard, "config_hash": config_hash, "files": files, "rows": int(len(arrays["index"])),
+                "keys": keys, "rank": rank, "threads": threads}
+        _write_synced(partial / SHARD_META, lambda handle: handle.write(json.dumps(meta, indent=1, sort_keys=True).encode()))
+        _sync_folder(partial)
+        os.rename(partial, folder)
+        _sync_folder(folder.parent)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+
+
+def _remove_partials(shards_folder: Path, mine: set[int]) -> None:
+    """The hidden folders a killed run left for this rank's shards (this tool's names only)."""
+    for path in shards_folder.glob(".*.partial-*"):
+        number = path.name[1:].split(".partial-")[0]
+        if number.isdigit() and int(number) in mine and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class _Progress:
+    """A tqdm bar per rank; rank 0's counts every rank's examples (through the process group's store)."""
+
+    def __init__(self, place: World, total: int, mine: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.place, self.store = place, None
+        if place.distributed:
+            try:
+                import torch.distributed as dist
+
+                self.store = dist.PrefixStore("attrib_run_progress", dist.distributed_c10d._get_default_store())
+            except (AttributeError, RuntimeError):  # a torch without the default store: rank 0 counts its own
+                self.store = None
+        label = "all ranks" if place.rank == 0 and self.store is not None else f"rank {place.rank}"
+        shown = total if place.rank == 0 and self.store is not None else mine
+        self.bar = tqdm(total=shown, desc=f"attrib run ({label})", unit="example", position=place.rank,
+                        disable=not enabled, leave=place.rank == 0, dynamic_ncols=True)
+
+    def done(self, count: int) -> None:
+        if self.store is not None:
+            total = self.store.add("done", count)
+            if self.place.rank == 0:
+                self.bar.n = total
+                self.bar.refresh()
+            return
+        self.bar.update(count)
+
+    def close(self) -> None:
+        if self.store is not None and self.place.rank == 0:
+            self.bar.n = int(self.store.add("done", 0))
+            self.bar.refresh()
+        self.bar.close()
+
+
+def run_dataset(
+    method: Any,
+    dataset: Any,
+    out: str | Path,
+    *,
+    target: str | int = "label",
+    batch_size: int = 32,
+    num_workers: int = 0,
+    shard_size: int = 256,
+    maps: bool = True,
+    attribute_kwargs: dict | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+    device: str | torch.device | None = None,
+) -> DatasetRun:
+    """Explain every example of ``dataset`` with ``method`` (any attrib method object: conductance of
+    many layers, integrated gradients, LRP, ...), writing shards to ``out``; see the module's text.
+
+    ``target``: ``"label"`` (the dataset's), ``"predicted"`` or a class index. ``attribute_kwargs``: passed
+    to ``method.attribute`` for every batch (``n_steps``, ``baselines``, ``memory_budget``, ...).
+    ``maps=False`` stores per-channel sums and deltas only. ``limit``: the first ``limit`` examples.
+    ``device``: where the inputs go (default: the model's; under ``torchrun`` with CUDA, ``cuda:LOCAL_RANK``,
+    where the model is moved). Returns this process's :class:`DatasetRun`, after every rank finished.
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    kwargs = dict(attribute_kwargs or {})
+    for name in ("target", "inputs"):
+        if name in kwargs:
+            raise InputError(f"attribute_kwargs: {name!r} is set by the run (target=...); remove it")
+    if not (isinstance(target, int) and not isinstance(target, bool)) and target not in TARGETS:
+        raise InputError(f"target must be 'label', 'predicted' or a class index, got {target!r}")
+    for name, value in (("batch_size", batch_size), ("shard_size", shard_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise InputError(f"num_workers must be an int >= 0, got {num_workers!r}")
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise InputTypeError(f"dataset: expected a map-style dataset (len and [i]), got {type(dataset).__name__}")
+    count = len(dataset) if limit is None else min(int(limit), len(dataset))
+    if count < 1:
+        raise InputError("dataset: it has no examples" if limit is None else f"limit must be >= 1, got {limit!r}")
+    model = _model_of(method)
+    param = next(iter(model.parameters()), None)
+    model_device = param.device if param is not None else torch.device("cpu")
+    place = world(torch.device(device) if device is not None else model_device)
+    if device is None and model_device.type == "cuda" and place.distributed:
+        device = torch.device("cuda", place.local_rank)
+        model.to(device)
+    device = torch.device(device) if device is not None else model_device
+    threads = torch.get_num_threads()
+    try:
+        config = {
+            "model": model_fingerprint(model), "method": method_description(method),
+            "attribute_kwargs": _describe(kwargs), "dataset": dataset_fingerprint(dataset, count), "count": count,
+            "target": target, "batch_size": batch_size, "shard_size": shard_size, "maps": bool(maps),
+        }
+        manifest = _prepare(out, config, place)
+        config_hash = manifest["config_hash"]
+        ranges = shard_indices(count, shard_size)
+        mine = shards_of(place.rank, place.size, len(ranges))
+        shards_folder = out / "shards"
+        _remove_partials(shards_folder, set(mine))
+        run = DatasetRun(out, manifest)
+        todo: list[int] = []
+        for shard in mine:
+            (run.skipped if _verified(shards_folder / f"{shard:05d}", config_hash, shard) else todo).append(shard)
+        bar = _Progress(place, count, sum(len(ranges[s]) for s in mine), progress)
+        try:
+            bar.done(sum(len(ranges[s]) for s in run.skipped))
+            keys = _compute(method, dataset, ranges, todo, shards_folder, config_hash, place, threads, device, target,
+                            kwargs, maps, batch_size, num_workers, bar)
+        finally:
+            bar.close()
+        run.computed = todo
+        _finish(out, place, keys, len(ranges))
+        run.manifest = _read_manifest(out) or manifest
+        run.seconds = time.perf_counter() - started
+        return run
+    finally:
+        if place.owned:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _compute(method, dataset, ranges, todo, shards_folder, config_hash, place, threads, device, target, kwargs, maps,
+             batch_size, num_workers, bar) -> list[str] | None:
+    """Every shard in ``todo``, written as it completes; the maps' names (None if nothing was computed)."""
+    from torch.utils.data import DataLoader, Subset
+
+    keys: list[str] | None = None
+    for shard in todo:
+        indices = list(ranges[shard])
+        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                            collate_fn=_collate)
+        collected = _Collected()
+        position = 0
+        for x, labels in loader:
+            rows, keys = _explain_batch(method, x.to(device), labels, target, kwargs, maps, keys)
+            collected.add("index", np.asarray(indices[position:position + len(labels)], dtype=np.int64))
+            collected.add("label", labels.numpy().astype(np.int64))
+            for name, value in rows.items():
+                collected.add(name, value)
+            position += len(labels)
+            bar.done(len(labels))
+        assert keys is not None  # a shard has at least one example
+        _write_shard(shards_folder / f"{shard:05d}", shard, collected.arrays(), keys, config_hash, place.rank, threads)
+    return keys
+
+
+def _collate(batch: list) -> tuple[Tensor, Tensor]:
+    inputs, labels = [], []
+    for item in batch:
+        if not (isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor)):
+            raise InputTypeError(f"dataset: an item is {type(item).__name__}; expected (input tensor, label)")
+        inputs.append(item[0])
+        label = item[1]
+        labels.append(int(label.item()) if isinstance(label, Tensor) else int(label))
+    shapes = {tuple(x.shape) for x in inputs}
+    if len(shapes) > 1:
+        raise InputError(f"dataset: examples of different shapes in one batch ({sorted(shapes)[:2]}); resize them to one "
+                         "size (a transform), or use batch_size=1")
+    return torch.stack(inputs), torch.tensor(labels, dtype=torch.long)
+
+
+def _finish(out: Path, place: World, keys: list[str] | None, shards: int) -> None:
+    """After every rank: rank 0 records the maps' names and the shard count in the manifest."""
+    if place.distributed:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * place.size
+        dist.all_gather_object(gathered, keys)
+        keys = next((k for k in gathered if k is not None), None)
+    if place.rank == 0:
+        manifest = _read_manifest(out)
+        assert manifest is not None
+        if keys is None:  # nothing computed in this call: the shards say
+            meta = json.loads((out / "shards" / f"{0:05d}" / SHARD_META).read_text())
+            keys = list(meta.get("keys") or [])
+        if manifest.get("keys") and keys and manifest["keys"] != keys:
+            raise InputError(f"method: its maps are {keys}, but the run's earlier shards have {manifest['keys']}")
+        manifest.update(keys=keys, shards=shards)
+        _write_json_atomic(out / MANIFEST, manifest)
+    _barrier(place)
+
+
+def iter_shards(run: DatasetRun) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """Each shard's arrays (memory-mapped), in shard order."""
+    for shard in range(run.shards):
+        folder = run.shard_folder(shard)
+        yield shard, {path.stem: np.load(path, mmap_mode="r", allow_pickle=False) for path in sorted(folder.glob("*.npy"))}

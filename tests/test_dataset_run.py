@@ -1,0 +1,172 @@
+"""Dataset-scale runs (``attrib.run_dataset`` / ``attrib run``): sharding without duplicates, shards that are
+complete or absent, resuming after a killed rank to the same bits as an uninterrupted single-process run, and
+refusing corrupt shards, foreign shards and a changed configuration. The multi-process runs use torchrun with
+gloo on the CPU (2 processes, 1 thread each)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from attrib import LayerConductance
+from attrib.dataset_run import load_run, run_dataset, shard_indices, shards_of
+from attrib.errors import InputError
+from attrib.models import DigitsDataset, load_digits_model
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["--model", "digits", "--dataset", "digits", "--layers", "features.2,features.7", "--threads", "1", "--quiet"]
+
+
+def _attrib(args: list[str], cwd: Path, processes: int = 1) -> subprocess.Popen:
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+                if processes > 1 else [sys.executable])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(launcher + ["-m", "attrib", "run", *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finished(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    _, stderr = process.communicate(timeout=timeout)
+    return process.returncode, stderr
+
+
+def _arrays(folder: Path) -> dict[str, np.ndarray]:
+    run = load_run(folder)
+    found = {kind: run.array(kind) for kind in ("index", "label", "target", "output", "baseline_output")}
+    for key in run.keys:
+        for kind in ("map", "filters", "delta"):
+            found[f"{kind}:{key}"] = run.array(kind, key)
+    return found
+
+
+def _same(a: dict, b: dict) -> None:
+    assert sorted(a) == sorted(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and np.array_equal(a[name], b[name]), name  # bit for bit
+
+
+def test_shards_cover_every_index_once_whatever_the_number_of_processes():
+    for count, size in [(1797, 256), (10, 3), (7, 7), (1, 5)]:
+        ranges = shard_indices(count, size)
+        for world in (1, 2, 3, 8):
+            taken = [i for rank in range(world) for shard in shards_of(rank, world, len(ranges)) for i in ranges[shard]]
+            assert sorted(taken) == list(range(count))  # disjoint, complete, no padding
+
+
+def test_two_processes_under_torchrun_equal_one_process_bit_for_bit(tmp_path):
+    args = COMMON + ["--limit", "120", "--shard-size", "25", "--n-steps", "8"]
+    one = _attrib(args + ["--out", "one"], tmp_path)
+    code, stderr = _finished(one)
+    assert code == 0, stderr
+    two = _attrib(args + ["--out", "two"], tmp_path, processes=2)
+    code, stderr = _finished(two)
+    assert code == 0, stderr
+    _same(_arrays(tmp_path / "one"), _arrays(tmp_path / "two"))
+    ranks = [json.loads((tmp_path / "two" / "shards" / f"{s:05d}" / "shard.json").read_text())["rank"] for s in range(5)]
+    assert ranks == [0, 1, 0, 1, 0]
+    # and the library's numbers: the first shard against LayerConductance on the same examples
+    torch.set_num_threads(1)
+    model, data = load_digits_model(), DigitsDataset()
+    x = torch.stack([data[i][0] for i in range(25)])
+    labels = torch.tensor([data[i][1] for i in range(25)])
+    expected = LayerConductance(model, ["features.2", "features.7"]).attribute(x, target=labels, n_steps=8)
+    run = load_run(tmp_path / "two")
+    assert np.array_equal(run.array("map", "features.7")[:25], expected["features.7"].numpy())
+    assert np.array_equal(run.array("delta", "features.2")[:25], expected.delta["features.2"].numpy())
+
+
+def _worker_pids(rank: int) -> list[int]:
+    """Processes running `attrib run` with this RANK (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"attrib" in command and b"run" in command and f"RANK={rank}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's process through /proc")
+@pytest.mark.parametrize("killed", ["rank 1", "the whole job"])
+def test_a_run_killed_midway_resumes_to_the_uninterrupted_results(tmp_path, killed):
+    args = COMMON + ["--limit", "240", "--shard-size", "10", "--n-steps", "24"]
+    reference = _attrib(args + ["--out", "reference"], tmp_path)
+    code, stderr = _finished(reference)
+    assert code == 0, stderr
+    job = _attrib(args + ["--out", "killed"], tmp_path, processes=2)
+    shards = tmp_path / "killed" / "shards"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # rank 1 has finished a shard and is working on the next
+        done = [json.loads(p.read_text())["rank"] for p in shards.glob("*/shard.json")] if shards.exists() else []
+        if done.count(1) >= 2:
+            break
+        time.sleep(0.05)
+    if killed == "rank 1":
+        pids = _worker_pids(1)
+        assert pids, "rank 1 was not found"
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+    else:
+        os.killpg(job.pid, signal.SIGKILL)  # torchrun and both ranks at once
+    code, _ = _finished(job)
+    assert code != 0  # torchrun reports the lost rank and stops the other, or was killed itself
+    left = sorted(p.name for p in shards.iterdir() if not p.name.startswith("."))
+    assert 0 < len(left) < 24  # some shards done, not all
+    resumed = _attrib(args + ["--out", "killed"], tmp_path, processes=2)
+    code, stderr = _finished(resumed)
+    assert code == 0, stderr
+    assert "found done" in stderr and not list(shards.glob(".*"))  # skipped the finished shards; no partial folders left
+    _same(_arrays(tmp_path / "reference"), _arrays(tmp_path / "killed"))
+
+
+def _small_run(folder: Path, n_steps: int = 4, limit: int = 30) -> None:
+    torch.set_num_threads(1)
+    run_dataset(LayerConductance(load_digits_model(), ["features.7"]), DigitsDataset(), folder, shard_size=10, limit=limit,
+                attribute_kwargs={"n_steps": n_steps}, progress=False)
+
+
+def test_corrupt_foreign_and_changed_runs_are_refused_naming_what(tmp_path):
+    out = tmp_path / "run"
+    _small_run(out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    _small_run(out)  # the same run again: every shard found done, nothing written
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    with pytest.raises(InputError, match=r"another configuration \(attribute_kwargs changed\)"):
+        _small_run(out, n_steps=5)
+    other = tmp_path / "other"
+    _small_run(other, n_steps=5)
+    target = out / "shards" / "00001"
+    saved = target.rename(tmp_path / "saved")
+    (other / "shards" / "00001").rename(target)  # a shard of another run, moved in
+    with pytest.raises(InputError, match=r"shard 00001 .* was written by another run"):
+        _small_run(out)
+    import shutil
+
+    shutil.rmtree(target)
+    saved.rename(target)
+    data = bytearray((target / "map__0.npy").read_bytes())
+    data[-1] ^= 1  # one bit of one value
+    (target / "map__0.npy").write_bytes(bytes(data))
+    with pytest.raises(InputError, match=r"shard 00001 .*map__0.npy does not match its checksum"):
+        _small_run(out)
+    with pytest.raises(InputError, match=r"map__0.npy does not match its checksum"):
+        load_run(out)
+    stranger = tmp_path / "stranger"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="other files in it, not an attrib run"):
+        _small_run(stranger)
+    assert (stranger / "notes.txt").read_text() == "mine" and len(list(stranger.iterdir())) == 1
