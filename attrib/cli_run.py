@@ -153,9 +153,12 @@ def run(args: Any) -> int:
         raise InputError(f"--dataset: {args.dataset} has no examples")
     x = dataset[0][0].unsqueeze(0)
     method, options = _method(args, loaded, x)
+    ablation = [n.strip() for n in args.ablation_layers.split(",") if n.strip()] if args.ablation_layers else []
     result = run_dataset(method, dataset, args.out, target=args.target, batch_size=args.batch_size, num_workers=args.workers,
                          shard_size=args.shard_size, maps=not args.no_maps, attribute_kwargs=options, limit=args.limit,
-                         progress=not args.quiet)
+                         progress=not args.quiet, ablation_layers=ablation, graph_k=args.graph_k,
+                         graph_paths=args.graph_paths, graph_composite=args.composite, top_k=args.top_k,
+                         summary=not args.no_summary)
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
@@ -184,6 +187,13 @@ def add_parser(commands: Any, model_options, composite_option) -> None:
                    help="bytes for one chunk of the integration (conductance, ig)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per process (bit-identical results across process counts need the same number)")
+    p.add_argument("--top-k", type=int, default=5, dest="top_k", help="summary: channels per example counted as its top")
+    p.add_argument("--ablation-layers", default=None, dest="ablation_layers",
+                   help="comma-separated layers whose every filter is ablated per example (ablation agreement)")
+    p.add_argument("--graph-k", type=int, default=None, dest="graph_k",
+                   help="build each example's LRP path graph with K channels per layer (class-level graphs)")
+    p.add_argument("--graph-paths", type=int, default=5, dest="graph_paths", help="best paths kept per example's graph")
+    p.add_argument("--no-summary", action="store_true", dest="no_summary", help="shards only: no per-class summary")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier run of the same command (resumed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     composite_option(p, "epsilon_plus")

@@ -386,8 +386,55 @@ class _Collected:
         return {name: np.concatenate(parts) for name, parts in self.rows.items()}
 
 
+@dataclass(frozen=True)
+class Extras:
+    """Per-example computations beside the method: ablation scores of every filter of
+    ``ablation_layers`` (:func:`attrib.evaluate.ablation_scores`) and the LRP path graph
+    (:func:`attrib.graphs.build_graph` with ``graph_k`` channels per layer, its ``graph_paths`` best paths)."""
+
+    ablation_layers: tuple[str, ...] = ()
+    ablation_mode: str = "zero"
+    graph_k: int | None = None
+    graph_paths: int = 5
+    graph_composite: str = "epsilon_plus"
+
+    def describe(self) -> dict:
+        return {"ablation_layers": list(self.ablation_layers), "ablation_mode": self.ablation_mode,
+                "graph_k": self.graph_k, "graph_paths": self.graph_paths if self.graph_k else None,
+                "graph_composite": self.graph_composite if self.graph_k else None}
+
+
+def _extras(model: nn.Module, x: Tensor, targets: Tensor, extras: Extras) -> dict[str, np.ndarray]:
+    from .evaluate import ablation_scores
+
+    rows: dict[str, np.ndarray] = {}
+    for j, layer in enumerate(extras.ablation_layers):
+        rows[f"ablation__{j}"] = ablation_scores(model, x, layer, targets.to(x.device), extras.ablation_mode).to("cpu").numpy()
+    if extras.graph_k:
+        from attrib import graphs
+
+        edge_rows, sources, ends, weights, path_rows, paths, scores = [], [], [], [], [], [], []
+        for i in range(x.shape[0]):
+            flow = graphs.build_graph(model, x[i:i + 1], target=int(targets[i]), k=extras.graph_k,
+                                      composite=extras.graph_composite, conductance_steps=None)
+            for source, end, data in flow.graph.edges(data=True):
+                edge_rows.append(i)
+                sources.append(graphs.node_id(source))
+                ends.append(graphs.node_id(end))
+                weights.append(float(data["weight"]))
+            for path in graphs.k_best_paths(flow, extras.graph_paths):
+                path_rows.append(i)
+                paths.append(">".join(graphs.node_id(node) for node in path.nodes))
+                scores.append(float(path.score))
+        rows.update(graph_edge_row=np.asarray(edge_rows, dtype=np.int64), graph_edge_source=np.asarray(sources, dtype=str),
+                    graph_edge_target=np.asarray(ends, dtype=str), graph_edge_weight=np.asarray(weights, dtype=np.float64),
+                    graph_path_row=np.asarray(path_rows, dtype=np.int64), graph_path=np.asarray(paths, dtype=str),
+                    graph_path_score=np.asarray(scores, dtype=np.float64))
+    return rows
+
+
 def _explain_batch(method: Any, x: Tensor, labels: Tensor, target_mode: str | int, kwargs: dict,
-                   store_maps: bool, keys: list[str] | None) -> tuple[dict[str, np.ndarray], list[str]]:
+                   store_maps: bool, keys: list[str] | None, extras: Extras) -> tuple[dict[str, np.ndarray], list[str]]:
     model = _model_of(method)
     if target_mode == "label":
         targets = labels
@@ -415,6 +462,7 @@ def _explain_batch(method: Any, x: Tensor, labels: Tensor, target_mode: str | in
     for key, value in _deltas(result, names).items():
         if key in names and isinstance(value, Tensor):
             rows[_file_name("delta", key, names)] = value.detach().to("cpu").numpy().reshape(-1)
+    rows.update(_extras(model, x, targets, extras))
     return rows, names
 
 
@@ -496,6 +544,12 @@ def run_dataset(
     limit: int | None = None,
     progress: bool = True,
     device: str | torch.device | None = None,
+    ablation_layers: Sequence[str] = (),
+    graph_k: int | None = None,
+    graph_paths: int = 5,
+    graph_composite: str = "epsilon_plus",
+    top_k: int = 5,
+    summary: bool = True,
 ) -> DatasetRun:
     """Explain every example of ``dataset`` with ``method`` (any attrib method object: conductance of
     many layers, integrated gradients, LRP, ...), writing shards to ``out``; see the module's text.
@@ -504,7 +558,12 @@ def run_dataset(
     to ``method.attribute`` for every batch (``n_steps``, ``baselines``, ``memory_budget``, ...).
     ``maps=False`` stores per-channel sums and deltas only. ``limit``: the first ``limit`` examples.
     ``device``: where the inputs go (default: the model's; under ``torchrun`` with CUDA, ``cuda:LOCAL_RANK``,
-    where the model is moved). Returns this process's :class:`DatasetRun`, after every rank finished.
+    where the model is moved). ``ablation_layers``: also store, per example, the ablation score of every
+    filter of these layers (for the ablation-agreement statistics); ``graph_k``: also build each example's
+    LRP path graph (``graph_k`` channels per layer, under ``graph_composite``) and keep its edges and
+    ``graph_paths`` best paths (for the class-level graphs). ``summary``: after every shard is done, the
+    per-class aggregates (``top_k`` filters per example counted), merged across ranks, written by rank 0
+    (:mod:`attrib.dataset_summary`). Returns this process's :class:`DatasetRun`, after every rank finished.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -525,6 +584,7 @@ def run_dataset(
     if count < 1:
         raise InputError("dataset: it has no examples" if limit is None else f"limit must be >= 1, got {limit!r}")
     model = _model_of(method)
+    extras = _check_extras(model, ablation_layers, graph_k, graph_paths, graph_composite, top_k)
     param = next(iter(model.parameters()), None)
     model_device = param.device if param is not None else torch.device("cpu")
     place = world(torch.device(device) if device is not None else model_device)
@@ -538,6 +598,7 @@ def run_dataset(
             "model": model_fingerprint(model), "method": method_description(method),
             "attribute_kwargs": _describe(kwargs), "dataset": dataset_fingerprint(dataset, count), "count": count,
             "target": target, "batch_size": batch_size, "shard_size": shard_size, "maps": bool(maps),
+            "extras": extras.describe(),
         }
         manifest = _prepare(out, config, place)
         config_hash = manifest["config_hash"]
@@ -553,12 +614,16 @@ def run_dataset(
         try:
             bar.done(sum(len(ranges[s]) for s in run.skipped))
             keys = _compute(method, dataset, ranges, todo, shards_folder, config_hash, place, threads, device, target,
-                            kwargs, maps, batch_size, num_workers, bar)
+                            kwargs, maps, batch_size, num_workers, bar, extras)
         finally:
             bar.close()
         run.computed = todo
         _finish(out, place, keys, len(ranges))
         run.manifest = _read_manifest(out) or manifest
+        if summary:
+            from .dataset_summary import summarise
+
+            summarise(run, place, mine, top_k)
         run.seconds = time.perf_counter() - started
         return run
     finally:
@@ -568,8 +633,29 @@ def run_dataset(
             dist.destroy_process_group()
 
 
+def _check_extras(model: nn.Module, ablation_layers: Sequence[str], graph_k: int | None, graph_paths: int,
+                  graph_composite: str, top_k: int) -> Extras:
+    from .hooks import resolve_layers
+
+    if isinstance(ablation_layers, str):
+        ablation_layers = [ablation_layers]
+    layers = tuple(name for name, _ in resolve_layers(model, list(ablation_layers), argument="ablation_layers")) \
+        if ablation_layers else ()
+    for name, value, least in (("graph_paths", graph_paths, 1), ("top_k", top_k, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise InputError(f"{name} must be a positive int, got {value!r}")
+    if graph_k is not None:
+        if isinstance(graph_k, bool) or not isinstance(graph_k, int) or graph_k < 1:
+            raise InputError(f"graph_k must be a positive int or None, got {graph_k!r}")
+        from .lrp import COMPOSITES
+
+        if graph_composite not in COMPOSITES:
+            raise InputError(f"graph_composite: unknown {graph_composite!r}; known: {', '.join(sorted(COMPOSITES))}")
+    return Extras(layers, "zero", graph_k, graph_paths, graph_composite)
+
+
 def _compute(method, dataset, ranges, todo, shards_folder, config_hash, place, threads, device, target, kwargs, maps,
-             batch_size, num_workers, bar) -> list[str] | None:
+             batch_size, num_workers, bar, extras: Extras) -> list[str] | None:
     """Every shard in ``todo``, written as it completes; the maps' names (None if nothing was computed)."""
     from torch.utils.data import DataLoader, Subset
 
@@ -581,11 +667,11 @@ def _compute(method, dataset, ranges, todo, shards_folder, config_hash, place, t
         collected = _Collected()
         position = 0
         for x, labels in loader:
-            rows, keys = _explain_batch(method, x.to(device), labels, target, kwargs, maps, keys)
+            rows, keys = _explain_batch(method, x.to(device), labels, target, kwargs, maps, keys, extras)
             collected.add("index", np.asarray(indices[position:position + len(labels)], dtype=np.int64))
             collected.add("label", labels.numpy().astype(np.int64))
             for name, value in rows.items():
-                collected.add(name, value)
+                collected.add(name, value + position if name in ("graph_edge_row", "graph_path_row") else value)
             position += len(labels)
             bar.done(len(labels))
         assert keys is not None  # a shard has at least one example
@@ -629,8 +715,13 @@ def _finish(out: Path, place: World, keys: list[str] | None, shards: int) -> Non
     _barrier(place)
 
 
+def iter_shard(run: DatasetRun, shard: int) -> dict[str, np.ndarray]:
+    """One shard's arrays by name (``filters__0``, ``target``, ...), memory-mapped."""
+    folder = run.shard_folder(shard)
+    return {path.stem: np.load(path, mmap_mode="r", allow_pickle=False) for path in sorted(folder.glob("*.npy"))}
+
+
 def iter_shards(run: DatasetRun) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Each shard's arrays (memory-mapped), in shard order."""
     for shard in range(run.shards):
-        folder = run.shard_folder(shard)
-        yield shard, {path.stem: np.load(path, mmap_mode="r", allow_pickle=False) for path in sorted(folder.glob("*.npy"))}
+        yield shard, iter_shard(run, shard)

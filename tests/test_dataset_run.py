@@ -62,7 +62,8 @@ def test_shards_cover_every_index_once_whatever_the_number_of_processes():
 
 
 def test_two_processes_under_torchrun_equal_one_process_bit_for_bit(tmp_path):
-    args = COMMON + ["--limit", "120", "--shard-size", "25", "--n-steps", "8"]
+    args = COMMON + ["--limit", "120", "--shard-size", "25", "--n-steps", "8", "--ablation-layers", "features.7",
+                     "--graph-k", "3"]
     one = _attrib(args + ["--out", "one"], tmp_path)
     code, stderr = _finished(one)
     assert code == 0, stderr
@@ -70,6 +71,9 @@ def test_two_processes_under_torchrun_equal_one_process_bit_for_bit(tmp_path):
     code, stderr = _finished(two)
     assert code == 0, stderr
     _same(_arrays(tmp_path / "one"), _arrays(tmp_path / "two"))
+    # the per-class summary, merged across ranks in shard order: the same bytes
+    for name in ["aggregates.json"] + [f"class_{c}.graphml" for c in range(10)]:
+        assert (tmp_path / "one" / "summary" / name).read_bytes() == (tmp_path / "two" / "summary" / name).read_bytes(), name
     ranks = [json.loads((tmp_path / "two" / "shards" / f"{s:05d}" / "shard.json").read_text())["rank"] for s in range(5)]
     assert ranks == [0, 1, 0, 1, 0]
     # and the library's numbers: the first shard against LayerConductance on the same examples
@@ -170,3 +174,48 @@ def test_corrupt_foreign_and_changed_runs_are_refused_naming_what(tmp_path):
     with pytest.raises(InputError, match="other files in it, not an attrib run"):
         _small_run(stranger)
     assert (stranger / "notes.txt").read_text() == "mine" and len(list(stranger.iterdir())) == 1
+
+
+def test_the_summary_is_the_dense_statistics_of_the_shards(tmp_path):
+    """Per class: mean and std of every filter's conductance, top-k counts, ablation agreement and the class-level
+    graph, against numpy on the stored arrays and against the library run directly on the examples."""
+    from attrib import graphs
+    from attrib.evaluate import ablation_scores, pearson, spearman
+
+    torch.set_num_threads(1)
+    model, data = load_digits_model(), DigitsDataset()
+    out = tmp_path / "run"
+    run = run_dataset(LayerConductance(model, ["features.2", "features.7"]), data, out, shard_size=20, limit=60,
+                      attribute_kwargs={"n_steps": 8}, progress=False, ablation_layers=["features.7"], graph_k=3, top_k=4)
+    summary = json.loads((out / "summary" / "aggregates.json").read_text())
+    target = run.array("target")
+    for key in run.keys:
+        values = run.array("filters", key).astype(np.float64)
+        for c in np.unique(target):
+            found = summary["classes"][str(c)]
+            rows = values[target == c]
+            assert found["count"] == len(rows)
+            layer = found["layers"][key]
+            assert np.allclose(layer["mean"], rows.mean(0), rtol=1e-12, atol=1e-12)
+            assert np.allclose(layer["std"], rows.std(0), rtol=1e-9, atol=1e-12)
+            top = np.argsort(-rows, axis=1, kind="stable")[:, :4]
+            assert layer["top_k_counts"] == np.bincount(top.reshape(-1), minlength=rows.shape[1]).tolist()
+    c = int(target[0])
+    members = [i for i in range(60) if int(target[i]) == c]
+    x = torch.stack([data[i][0] for i in members])
+    ablation = ablation_scores(model, x, "features.7", torch.tensor([c] * len(members)))
+    ours = LayerConductance(model, ["features.7"]).attribute(x, target=c, n_steps=8)["features.7"].sum((2, 3))
+    agreement = summary["classes"][str(c)]["ablation_agreement"]["features.7"]
+    assert abs(agreement["pearson"]["mean"] - float(pearson(ours, ablation).mean())) < 1e-6
+    assert abs(agreement["spearman"]["mean"] - float(spearman(ours, ablation).mean())) < 1e-6
+    summed: dict = {}
+    for i in members:  # the class-level graph: every example's edges, summed
+        flow = graphs.build_graph(model, data[i][0][None], target=c, k=3, composite="epsilon_plus", conductance_steps=None)
+        for source, end, attributes in flow.graph.edges(data=True):
+            key = (graphs.node_id(source), graphs.node_id(end))
+            summed[key] = summed.get(key, 0.0) + attributes["weight"]
+    written = json.loads((out / "summary" / f"class_{c}.json").read_text())
+    edges = {(e["source"], e["target"]): e["weight"] for e in written["edges"]}
+    assert edges.keys() == summed.keys()
+    assert max(abs(edges[k] - summed[k]) for k in summed) < 1e-5 * max(abs(v) for v in summed.values())
+    assert (out / "summary" / "index.html").exists() and (out / "summary" / f"graph_{c}.png").exists()
