@@ -154,17 +154,25 @@ def run(args: Any) -> int:
     x = dataset[0][0].unsqueeze(0)
     method, options = _method(args, loaded, x)
     ablation = [n.strip() for n in args.ablation_layers.split(",") if n.strip()] if args.ablation_layers else []
-    result = run_dataset(method, dataset, args.out, target=args.target, batch_size=args.batch_size, num_workers=args.workers,
-                         shard_size=args.shard_size, maps=not args.no_maps, attribute_kwargs=options, limit=args.limit,
-                         progress=not args.quiet, ablation_layers=ablation, graph_k=args.graph_k,
-                         graph_paths=args.graph_paths, graph_composite=args.composite, top_k=args.top_k,
-                         summary=not args.no_summary)
+    try:
+        result = run_dataset(method, dataset, args.out, target=args.target, batch_size=args.batch_size,
+                             num_workers=args.workers, shard_size=args.shard_size, maps=not args.no_maps,
+                             attribute_kwargs=options, limit=args.limit, progress=not args.quiet, ablation_layers=ablation,
+                             graph_k=args.graph_k, graph_paths=args.graph_paths, graph_composite=args.composite,
+                             top_k=args.top_k, summary=not args.no_summary)
+    except KeyboardInterrupt:
+        shards = Path(args.out) / "shards"
+        done = len([p for p in shards.iterdir() if p.is_dir() and not p.name.startswith(".")]) if shards.is_dir() else 0
+        print(f"attrib run: {done} finished shards are kept in {args.out}; the same command resumes from them",
+              file=sys.stderr)
+        raise
     import os
 
     if int(os.environ.get("RANK", "0")) == 0:
         count = result.manifest["config"]["count"]
+        summary = "" if args.no_summary else f"; summary in {Path(args.out) / 'summary' / 'index.html'}"
         print(f"wrote {Path(args.out)}: {count} examples in {result.shards} shards ({len(result.computed)} computed by "
-              f"this process, {len(result.skipped)} found done) in {result.seconds:.1f} s", file=sys.stderr)
+              f"this process, {len(result.skipped)} found done) in {result.seconds:.1f} s{summary}", file=sys.stderr)
     return 0
 
 

@@ -331,9 +331,12 @@ def _prepare(out: Path, config: dict, place: World) -> dict:
         _check_out(out)
         old = _read_manifest(out)
         if old is None:
-            (out / "shards").mkdir(parents=True, exist_ok=True)
-            _write_json_atomic(out / MANIFEST, {"tool": TOOL, "format": FORMAT, "config": config,
-                                                "config_hash": config_hash, "keys": [], "shards": 0})
+            try:
+                (out / "shards").mkdir(parents=True, exist_ok=True)
+                _write_json_atomic(out / MANIFEST, {"tool": TOOL, "format": FORMAT, "config": config,
+                                                    "config_hash": config_hash, "keys": [], "shards": 0})
+            except OSError as error:
+                raise InputError(f"out: cannot write in {out}: {error.strerror or error}") from None
     _barrier(place)
     manifest = _read_manifest(out)
     assert manifest is not None  # written above by rank 0
@@ -520,7 +523,7 @@ class _Progress:
             if self.place.rank == 0:
                 self.bar.n = total
                 self.bar.refresh()
-            return
+                return
         self.bar.update(count)
 
     def close(self) -> None:
