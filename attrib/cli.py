@@ -25,7 +25,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .cli_common import LRP_COMPOSITE, _check, _check_numbers, _file_safe, _share, _target, lrp_composite
+from .cli_common import LRP_COMPOSITE, _check, _check_numbers, _file_safe, _share, _target
+from .cli_common import load_for_cli as _load
 
 
 class _Parser(argparse.ArgumentParser):
@@ -100,20 +101,6 @@ def _settle(args, size: int) -> None:
     for name in ("n_steps", "ascent_n_steps", "max_k", "k"):
         check_count(f"--{name.replace('_', '-')}", getattr(args, name))
     check_count("--steps", args.steps, minimum=0)
-
-
-def _load(args):
-    from .cli_inputs import load_model
-
-    loaded = load_model(args.model, args.weights, channels=args.channels, size=args.input_size, mean=args.mean,
-                        std=args.std, output=args.output)
-    if getattr(args, "composite", "") is None:  # not given: the model's own, attnlrp for attention, else the command's
-        from .attention import has_attention
-
-        args.composite = loaded.composite or ("attnlrp" if has_attention(loaded.model) else args.default_composite)
-    if getattr(args, "composite", None) is not None:  # built once, with the model's pixel bounds for z^B
-        args.rules = lrp_composite(args.composite, loaded.bounds)
-    return loaded
 
 
 @contextmanager

@@ -104,3 +104,20 @@ def print_layer_shapes(model, inputs, header: str) -> None:
     print(header)
     for name, shape in shapes.items():
         print(f"{name:<32} {type(modules[name]).__name__:<20} {shape}")
+
+
+def load_for_cli(args):
+    """The model the options name (``--model``, ``--weights``, a custom model's input options), with
+    ``args.composite`` settled (not given: the model's own, ``attnlrp`` for a model with attention, else the
+    command's default) and ``args.rules``, the composite built with the model's pixel bounds for z^B."""
+    from .cli_inputs import load_model
+
+    loaded = load_model(args.model, args.weights, channels=args.channels, size=args.input_size, mean=args.mean,
+                        std=args.std, output=args.output)
+    if getattr(args, "composite", "") is None:
+        from .attention import has_attention
+
+        args.composite = loaded.composite or ("attnlrp" if has_attention(loaded.model) else args.default_composite)
+    if getattr(args, "composite", None) is not None:
+        args.rules = lrp_composite(args.composite, loaded.bounds)
+    return loaded

@@ -131,7 +131,7 @@ def _target(text: str) -> str | int:
 def run(args: Any) -> int:
     import torch
 
-    from .cli import _load
+    from .cli_common import load_for_cli as _load
     from .dataset_run import run_dataset
 
     if args.threads is not None:
@@ -154,12 +154,22 @@ def run(args: Any) -> int:
     x = dataset[0][0].unsqueeze(0)
     method, options = _method(args, loaded, x)
     ablation = [n.strip() for n in args.ablation_layers.split(",") if n.strip()] if args.ablation_layers else []
+    from attrib.viz.dataset import write_summary_page
+
+    per_example = []
+    if args.graph_k is not None:
+        from attrib.graphs import PathGraphRows
+
+        try:
+            per_example.append(PathGraphRows(args.graph_k, args.graph_paths, args.composite))
+        except InputError as error:
+            raise InputError(f"--graph-k: {error}") from None
     try:
         result = run_dataset(method, dataset, args.out, target=args.target, batch_size=args.batch_size,
                              num_workers=args.workers, shard_size=args.shard_size, maps=not args.no_maps,
                              attribute_kwargs=options, limit=args.limit, progress=not args.quiet, ablation_layers=ablation,
-                             graph_k=args.graph_k, graph_paths=args.graph_paths, graph_composite=args.composite,
-                             top_k=args.top_k, summary=not args.no_summary)
+                             per_example=per_example, top_k=args.top_k, summary=not args.no_summary,
+                             summary_page=write_summary_page)
     except KeyboardInterrupt:
         shards = Path(args.out) / "shards"
         done = len([p for p in shards.iterdir() if p.is_dir() and not p.name.startswith(".")]) if shards.is_dir() else 0

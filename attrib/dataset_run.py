@@ -252,6 +252,11 @@ class DatasetRun:
     def shard_folder(self, shard: int) -> Path:
         return self.folder / "shards" / f"{shard:05d}"
 
+    def shard_arrays(self, shard: int) -> dict[str, np.ndarray]:
+        """One shard's arrays by name (``filters__0``, ``target``, ...), memory-mapped."""
+        folder = self.shard_folder(shard)
+        return {path.stem: np.load(path, mmap_mode="r", allow_pickle=False) for path in sorted(folder.glob("*.npy"))}
+
     def array(self, kind: str, key: str = "") -> np.ndarray:
         """One array over every example, in index order (``kind``: index, label, target, output,
         baseline_output; or map, filters, delta with ``key`` a map's name)."""
@@ -392,19 +397,18 @@ class _Collected:
 @dataclass(frozen=True)
 class Extras:
     """Per-example computations beside the method: ablation scores of every filter of
-    ``ablation_layers`` (:func:`attrib.evaluate.ablation_scores`) and the LRP path graph
-    (:func:`attrib.graphs.build_graph` with ``graph_k`` channels per layer, its ``graph_paths`` best paths)."""
+    ``ablation_layers`` (:func:`attrib.evaluate.ablation_scores`), and ``per_example`` callables
+    ``(model, x, targets) -> {name: array}`` with a ``describe()`` for the manifest (for instance
+    :class:`attrib.graphs.PathGraphRows`, each example's path graph). An array whose name ends in ``_row``
+    holds row numbers within the batch (flat arrays of several entries per example); the run offsets them."""
 
     ablation_layers: tuple[str, ...] = ()
     ablation_mode: str = "zero"
-    graph_k: int | None = None
-    graph_paths: int = 5
-    graph_composite: str = "epsilon_plus"
+    per_example: tuple = ()
 
     def describe(self) -> dict:
         return {"ablation_layers": list(self.ablation_layers), "ablation_mode": self.ablation_mode,
-                "graph_k": self.graph_k, "graph_paths": self.graph_paths if self.graph_k else None,
-                "graph_composite": self.graph_composite if self.graph_k else None}
+                "per_example": [_describe(extra.describe()) for extra in self.per_example]}
 
 
 def _extras(model: nn.Module, x: Tensor, targets: Tensor, extras: Extras) -> dict[str, np.ndarray]:
@@ -413,26 +417,12 @@ def _extras(model: nn.Module, x: Tensor, targets: Tensor, extras: Extras) -> dic
     rows: dict[str, np.ndarray] = {}
     for j, layer in enumerate(extras.ablation_layers):
         rows[f"ablation__{j}"] = ablation_scores(model, x, layer, targets.to(x.device), extras.ablation_mode).to("cpu").numpy()
-    if extras.graph_k:
-        from attrib import graphs
-
-        edge_rows, sources, ends, weights, path_rows, paths, scores = [], [], [], [], [], [], []
-        for i in range(x.shape[0]):
-            flow = graphs.build_graph(model, x[i:i + 1], target=int(targets[i]), k=extras.graph_k,
-                                      composite=extras.graph_composite, conductance_steps=None)
-            for source, end, data in flow.graph.edges(data=True):
-                edge_rows.append(i)
-                sources.append(graphs.node_id(source))
-                ends.append(graphs.node_id(end))
-                weights.append(float(data["weight"]))
-            for path in graphs.k_best_paths(flow, extras.graph_paths):
-                path_rows.append(i)
-                paths.append(">".join(graphs.node_id(node) for node in path.nodes))
-                scores.append(float(path.score))
-        rows.update(graph_edge_row=np.asarray(edge_rows, dtype=np.int64), graph_edge_source=np.asarray(sources, dtype=str),
-                    graph_edge_target=np.asarray(ends, dtype=str), graph_edge_weight=np.asarray(weights, dtype=np.float64),
-                    graph_path_row=np.asarray(path_rows, dtype=np.int64), graph_path=np.asarray(paths, dtype=str),
-                    graph_path_score=np.asarray(scores, dtype=np.float64))
+    for extra in extras.per_example:
+        found = extra(model, x, targets)
+        clash = sorted(set(found) & set(rows))
+        if clash:
+            raise InputError(f"per_example: {type(extra).__name__} writes {clash[0]!r}, which another part writes too")
+        rows.update(found)
     return rows
 
 
@@ -548,11 +538,10 @@ def run_dataset(
     progress: bool = True,
     device: str | torch.device | None = None,
     ablation_layers: Sequence[str] = (),
-    graph_k: int | None = None,
-    graph_paths: int = 5,
-    graph_composite: str = "epsilon_plus",
+    per_example: Sequence[Any] = (),
     top_k: int = 5,
     summary: bool = True,
+    summary_page: Any = None,
 ) -> DatasetRun:
     """Explain every example of ``dataset`` with ``method`` (any attrib method object: conductance of
     many layers, integrated gradients, LRP, ...), writing shards to ``out``; see the module's text.
@@ -562,11 +551,13 @@ def run_dataset(
     ``maps=False`` stores per-channel sums and deltas only. ``limit``: the first ``limit`` examples.
     ``device``: where the inputs go (default: the model's; under ``torchrun`` with CUDA, ``cuda:LOCAL_RANK``,
     where the model is moved). ``ablation_layers``: also store, per example, the ablation score of every
-    filter of these layers (for the ablation-agreement statistics); ``graph_k``: also build each example's
-    LRP path graph (``graph_k`` channels per layer, under ``graph_composite``) and keep its edges and
-    ``graph_paths`` best paths (for the class-level graphs). ``summary``: after every shard is done, the
-    per-class aggregates (``top_k`` filters per example counted), merged across ranks, written by rank 0
-    (:mod:`attrib.dataset_summary`). Returns this process's :class:`DatasetRun`, after every rank finished.
+    filter of these layers (for the ablation-agreement statistics); ``per_example``: more per-example
+    parts (:class:`Extras`), e.g. ``[attrib.graphs.PathGraphRows(k=4)]`` for the class-level path graphs.
+    ``summary``: after every shard is done, the per-class aggregates (``top_k`` filters per example
+    counted), merged across ranks, written by rank 0 (:mod:`attrib.dataset_summary`);
+    ``summary_page(folder, manifest, aggregates, merged)`` adds figures and a page to it (the CLI passes
+    :func:`attrib.viz.dataset.write_summary_page`). Returns this process's :class:`DatasetRun`, after every
+    rank finished.
     """
     started = time.perf_counter()
     out = Path(out)
@@ -587,7 +578,7 @@ def run_dataset(
     if count < 1:
         raise InputError("dataset: it has no examples" if limit is None else f"limit must be >= 1, got {limit!r}")
     model = _model_of(method)
-    extras = _check_extras(model, ablation_layers, graph_k, graph_paths, graph_composite, top_k)
+    extras = _check_extras(model, ablation_layers, per_example, top_k)
     param = next(iter(model.parameters()), None)
     model_device = param.device if param is not None else torch.device("cpu")
     place = world(torch.device(device) if device is not None else model_device)
@@ -626,7 +617,7 @@ def run_dataset(
         if summary:
             from .dataset_summary import summarise
 
-            summarise(run, place, mine, top_k)
+            summarise(run, place, mine, top_k, summary_page)
         run.seconds = time.perf_counter() - started
         return run
     finally:
@@ -636,49 +627,54 @@ def run_dataset(
             dist.destroy_process_group()
 
 
-def _check_extras(model: nn.Module, ablation_layers: Sequence[str], graph_k: int | None, graph_paths: int,
-                  graph_composite: str, top_k: int) -> Extras:
+def _check_extras(model: nn.Module, ablation_layers: Sequence[str], per_example: Sequence[Any], top_k: int) -> Extras:
     from .hooks import resolve_layers
 
     if isinstance(ablation_layers, str):
         ablation_layers = [ablation_layers]
     layers = tuple(name for name, _ in resolve_layers(model, list(ablation_layers), argument="ablation_layers")) \
         if ablation_layers else ()
-    for name, value, least in (("graph_paths", graph_paths, 1), ("top_k", top_k, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise InputError(f"{name} must be a positive int, got {value!r}")
-    if graph_k is not None:
-        if isinstance(graph_k, bool) or not isinstance(graph_k, int) or graph_k < 1:
-            raise InputError(f"graph_k must be a positive int or None, got {graph_k!r}")
-        from .lrp import COMPOSITES
-
-        if graph_composite not in COMPOSITES:
-            raise InputError(f"graph_composite: unknown {graph_composite!r}; known: {', '.join(sorted(COMPOSITES))}")
-    return Extras(layers, "zero", graph_k, graph_paths, graph_composite)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise InputError(f"top_k must be a positive int, got {top_k!r}")
+    for extra in per_example:
+        if not (callable(extra) and callable(getattr(extra, "describe", None))):
+            raise InputTypeError(f"per_example: {type(extra).__name__} is not callable with a describe() method")
+    return Extras(layers, "zero", tuple(per_example))
 
 
 def _compute(method, dataset, ranges, todo, shards_folder, config_hash, place, threads, device, target, kwargs, maps,
              batch_size, num_workers, bar, extras: Extras) -> list[str] | None:
     """Every shard in ``todo``, written as it completes; the maps' names (None if nothing was computed)."""
-    from torch.utils.data import DataLoader, Subset
-
     keys: list[str] | None = None
     for shard in todo:
-        indices = list(ranges[shard])
-        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                            collate_fn=_collate)
-        collected = _Collected()
-        position = 0
-        for x, labels in loader:
-            rows, keys = _explain_batch(method, x.to(device), labels, target, kwargs, maps, keys, extras)
-            collected.add("index", np.asarray(indices[position:position + len(labels)], dtype=np.int64))
-            collected.add("label", labels.numpy().astype(np.int64))
-            for name, value in rows.items():
-                collected.add(name, value + position if name in ("graph_edge_row", "graph_path_row") else value)
-            position += len(labels)
-            bar.done(len(labels))
-        assert keys is not None  # a shard has at least one example
-        _write_shard(shards_folder / f"{shard:05d}", shard, collected.arrays(), keys, config_hash, place.rank, threads)
+        # methods that draw noise (NoiseTunnel, GradientShap) draw the same numbers whichever rank computes the shard,
+        # and resume to the same bits: the shard's own seed, the caller's random state restored after
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(config_hash[:12], 16) + shard)
+            keys = _compute_shard(method, dataset, ranges, shard, shards_folder, config_hash, place, threads, device,
+                                  target, kwargs, maps, batch_size, num_workers, bar, extras, keys)
+    return keys
+
+
+def _compute_shard(method, dataset, ranges, shard, shards_folder, config_hash, place, threads, device, target, kwargs,
+                   maps, batch_size, num_workers, bar, extras: Extras, keys: list[str] | None) -> list[str] | None:
+    from torch.utils.data import DataLoader, Subset
+
+    indices = list(ranges[shard])
+    loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=_collate)
+    collected = _Collected()
+    position = 0
+    for x, labels in loader:
+        rows, keys = _explain_batch(method, x.to(device), labels, target, kwargs, maps, keys, extras)
+        collected.add("index", np.asarray(indices[position:position + len(labels)], dtype=np.int64))
+        collected.add("label", labels.numpy().astype(np.int64))
+        for name, value in rows.items():
+            collected.add(name, value + position if name.endswith("_row") else value)
+        position += len(labels)
+        bar.done(len(labels))
+    assert keys is not None  # a shard has at least one example
+    _write_shard(shards_folder / f"{shard:05d}", shard, collected.arrays(), keys, config_hash, place.rank, threads)
     return keys
 
 
@@ -718,13 +714,7 @@ def _finish(out: Path, place: World, keys: list[str] | None, shards: int) -> Non
     _barrier(place)
 
 
-def iter_shard(run: DatasetRun, shard: int) -> dict[str, np.ndarray]:
-    """One shard's arrays by name (``filters__0``, ``target``, ...), memory-mapped."""
-    folder = run.shard_folder(shard)
-    return {path.stem: np.load(path, mmap_mode="r", allow_pickle=False) for path in sorted(folder.glob("*.npy"))}
-
-
 def iter_shards(run: DatasetRun) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Each shard's arrays (memory-mapped), in shard order."""
     for shard in range(run.shards):
-        yield shard, iter_shard(run, shard)
+        yield shard, run.shard_arrays(shard)

@@ -13,11 +13,12 @@ processes ran) and writes ``out/summary/``:
     correlation of the method's channel sums with the ablation scores at that layer (the drop in the
     target's score when the channel is zeroed, :func:`attrib.evaluate.ablation_scores`); their mean and
     spread per class, and the number of examples where either is undefined (a constant side);
-- ``class_<c>.graphml`` / ``.json`` (runs with ``graph_k``): the class-level path graph, every edge of the
-  examples' LRP path graphs with its weight **summed** over the class's examples (``weight``), the number
+- ``class_<c>.graphml`` / ``.json`` (runs with :class:`attrib.graphs.PathGraphRows`): the class-level
+  path graph, every edge of the examples' LRP path graphs with its weight **summed** over the class's examples (``weight``), the number
   of examples it appears in (``examples``) and the mean (``mean_weight``); and the class's recurring paths
   (the examples' best paths, counted) in ``aggregates.json``;
-- figures and ``index.html`` (a staged folder: complete or absent).
+- with a ``page`` writer (the CLI's: :func:`attrib.viz.dataset.write_summary_page`), figures and
+  ``index.html``. The folder is staged: complete or absent.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from .dataset_run import DatasetRun, World, iter_shard
 
 
 def _moments(values: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
@@ -165,12 +165,13 @@ def class_graph(edges: dict) -> Any:
     return graph
 
 
-def summarise(run: DatasetRun, place: World, mine: list[int], top_k: int) -> dict | None:
-    """Every rank reduces its shards; rank 0 merges in shard order and writes ``summary/``. Returns the
-    aggregates on rank 0 (None elsewhere)."""
+def summarise(run: Any, place: Any, mine: list[int], top_k: int, page: Any = None) -> dict | None:
+    """Every rank reduces its shards (``run``: the :class:`attrib.dataset_run.DatasetRun`; ``place``: its
+    ``World``); rank 0 merges in shard order and writes ``summary/``. Returns the aggregates on rank 0
+    (None elsewhere)."""
     config = run.manifest["config"]
     ablation_layers = list(config.get("extras", {}).get("ablation_layers") or [])
-    partials = [(shard, shard_partial(iter_shard(run, shard), run.keys, ablation_layers, top_k)) for shard in mine]
+    partials = [(shard, shard_partial(run.shard_arrays(shard), run.keys, ablation_layers, top_k)) for shard in mine]
     if place.distributed:
         import torch.distributed as dist
 
@@ -183,7 +184,7 @@ def summarise(run: DatasetRun, place: World, mine: list[int], top_k: int) -> dic
         for _, partial in sorted(partials, key=lambda item: item[0]):
             merge(merged, partial)
         result = finished(merged, top_k)
-        _write(run, merged, result)
+        _write(run, merged, result, page)
     if place.distributed:
         import torch.distributed as dist
 
@@ -191,7 +192,7 @@ def summarise(run: DatasetRun, place: World, mine: list[int], top_k: int) -> dic
     return result
 
 
-def _write(run: DatasetRun, merged: dict, result: dict) -> None:
+def _write(run: Any, merged: dict, result: dict, page: Any) -> None:
     import networkx as nx
 
     from .report_folder import staged
@@ -203,6 +204,5 @@ def _write(run: DatasetRun, merged: dict, result: dict) -> None:
                 graph = class_graph(merged[c]["edges"])
                 nx.write_graphml(graph, folder / f"class_{c}.graphml")
                 (folder / f"class_{c}.json").write_text(json.dumps(nx.node_link_data(graph, edges="edges"), indent=1))
-        from .viz.dataset import write_summary_page
-
-        write_summary_page(folder, run.manifest, result, merged)
+        if page is not None:
+            page(folder, run.manifest, result, merged)

@@ -181,12 +181,14 @@ def test_the_summary_is_the_dense_statistics_of_the_shards(tmp_path):
     graph, against numpy on the stored arrays and against the library run directly on the examples."""
     from attrib import graphs
     from attrib.evaluate import ablation_scores, pearson, spearman
+    from attrib.viz.dataset import write_summary_page
 
     torch.set_num_threads(1)
     model, data = load_digits_model(), DigitsDataset()
     out = tmp_path / "run"
     run = run_dataset(LayerConductance(model, ["features.2", "features.7"]), data, out, shard_size=20, limit=60,
-                      attribute_kwargs={"n_steps": 8}, progress=False, ablation_layers=["features.7"], graph_k=3, top_k=4)
+                      attribute_kwargs={"n_steps": 8}, progress=False, ablation_layers=["features.7"],
+                      per_example=[graphs.PathGraphRows(k=3)], top_k=4, summary_page=write_summary_page)
     summary = json.loads((out / "summary" / "aggregates.json").read_text())
     target = run.array("target")
     for key in run.keys:
@@ -219,3 +221,62 @@ def test_the_summary_is_the_dense_statistics_of_the_shards(tmp_path):
     assert edges.keys() == summed.keys()
     assert max(abs(edges[k] - summed[k]) for k in summed) < 1e-5 * max(abs(v) for v in summed.values())
     assert (out / "summary" / "index.html").exists() and (out / "summary" / f"graph_{c}.png").exists()
+
+
+def test_a_noisy_method_recomputes_a_lost_shard_to_the_same_bytes_and_leaves_the_callers_random_state(tmp_path):
+    from attrib import IntegratedGradients, NoiseTunnel
+
+    torch.set_num_threads(1)
+    method = NoiseTunnel(IntegratedGradients(load_digits_model()))
+    options = {"n_steps": 4, "nt_type": "smoothgrad", "nt_samples": 3, "stdevs": 0.3}
+    out = tmp_path / "noisy"
+    torch.manual_seed(123)
+    run_dataset(method, DigitsDataset(), out, shard_size=8, limit=24, attribute_kwargs=options, progress=False)
+    after = torch.rand(3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after)  # the run drew its noise from its own generator state
+    first = (out / "shards" / "00001" / "map__0.npy").read_bytes()
+    import shutil
+
+    shutil.rmtree(out / "shards" / "00001")
+    run = run_dataset(method, DigitsDataset(), out, shard_size=8, limit=24, attribute_kwargs=options, progress=False)
+    assert run.computed == [1] and run.skipped == [0, 2]
+    assert (out / "shards" / "00001" / "map__0.npy").read_bytes() == first  # the shard's own seed: the same noise
+
+
+def test_dataloader_workers_give_the_same_shards(tmp_path):
+    torch.set_num_threads(1)
+    method = LayerConductance(load_digits_model(), ["features.7"])
+    for workers in (0, 2):
+        run_dataset(method, DigitsDataset(), tmp_path / f"w{workers}", shard_size=16, limit=32, num_workers=workers,
+                    batch_size=8, attribute_kwargs={"n_steps": 4}, progress=False, summary=False)
+    _same(_arrays(tmp_path / "w0"), _arrays(tmp_path / "w2"))
+
+
+def test_an_image_folder_is_read_as_explain_reads_its_files(tmp_path):
+    from PIL import Image
+
+    from attrib.cli import main
+    from attrib.cli_inputs import load_model, load_pictures
+    from attrib.cli_run import FolderDataset
+
+    rng = np.random.default_rng(0)
+    files = []
+    for label, mode, size in (("cats", "L", (20, 20)), ("cats", "RGBA", (40, 30)), ("dogs", "RGB", (32, 32)),
+                              ("dogs", "I;16", (33, 33))):
+        (tmp_path / "data" / label).mkdir(parents=True, exist_ok=True)
+        path = tmp_path / "data" / label / f"{mode.replace(';', '')}.png"
+        array = rng.integers(0, 65535 if mode == "I;16" else 255, size=size[::-1] + ((4,) if mode == "RGBA" else (3,) if mode == "RGB" else ()))
+        image = Image.fromarray(array.astype(np.uint16 if mode == "I;16" else np.uint8))
+        assert image.mode == mode
+        image.save(path)
+        files.append(path)
+    loaded = load_model("digits")
+    data = FolderDataset(tmp_path / "data", loaded)
+    assert data.classes == ["cats", "dogs"] and [label for _, label in data.files] == [0, 0, 1, 1]
+    for i, (path, _) in enumerate(data.files):  # the same tensors as `attrib explain FILE` builds
+        assert torch.equal(data[i][0], load_pictures([str(path)], loaded)[0].tensor[0])
+    assert main(["run", "--dataset", str(tmp_path / "data"), "--layers", "features.7", "--n-steps", "4", "--quiet",
+                 "--out", str(tmp_path / "run")]) == 0
+    run = load_run(tmp_path / "run")
+    assert run.array("label").tolist() == [0, 0, 1, 1] and run.array("filters", "features.7").shape == (4, 32)
