@@ -119,6 +119,38 @@ def _layers(args: Any, model: Any, x: Any) -> list[str]:
     return running
 
 
+def _first_input(dataset: Any, spec: str, loaded: Any) -> Any:
+    """The dataset's first input as a batch of one, after checking that it is a map-style dataset of
+    (input tensor, label) items that the model accepts."""
+    import torch
+
+    from .cli_inputs import first_line
+
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise InputError(f"--dataset: {spec} gave a {type(dataset).__name__}, not a map-style dataset (len and [i])")
+    if len(dataset) == 0:
+        raise InputError(f"--dataset: {spec} has no examples")
+    try:
+        item = dataset[0]
+    except InputError:
+        raise
+    except Exception as error:
+        raise InputError(f"--dataset: reading its first item failed: {first_line(error)}") from None
+    if not (isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], torch.Tensor)):
+        raise InputError(f"--dataset: its items are {type(item).__name__}; they must be (input tensor, label) pairs")
+    x = item[0].unsqueeze(0)
+    param = next(iter(loaded.model.parameters()), None)
+    if param is not None and x.dtype != param.dtype:
+        raise InputError(f"--dataset: its inputs are {x.dtype} but the model's weights are {param.dtype}")
+    try:
+        with torch.no_grad():
+            loaded.model(x)
+    except Exception as error:
+        raise InputError(f"--model: {loaded.name} does not accept the dataset's inputs of shape "
+                         f"{tuple(item[0].shape)}: {first_line(error)}") from None
+    return x
+
+
 def _target(text: str) -> str | int:
     if text in ("label", "predicted"):
         return text
@@ -147,13 +179,20 @@ def run(args: Any) -> int:
         raise InputError(f"--limit: must be >= 1, got {args.limit}")
     if args.method != "conductance" and args.layers:
         raise InputError(f"--layers: only conductance explains layers; --method {args.method} explains the input")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device: {args.device} was asked for, but torch sees no CUDA device here")
     loaded = _load(args)
     dataset = _dataset(args.dataset, loaded)
-    if len(dataset) == 0:
-        raise InputError(f"--dataset: {args.dataset} has no examples")
-    x = dataset[0][0].unsqueeze(0)
+    x = _first_input(dataset, args.dataset, loaded)
     method, options = _method(args, loaded, x)
     ablation = [n.strip() for n in args.ablation_layers.split(",") if n.strip()] if args.ablation_layers else []
+    if ablation:
+        from .hooks import resolve_layers
+
+        try:
+            resolve_layers(loaded.model, ablation)
+        except InputError as error:
+            raise InputError(f"--ablation-layers: {str(error).split(': ', 1)[-1]}") from None
     from attrib.viz.dataset import write_summary_page
 
     per_example = []
@@ -169,7 +208,7 @@ def run(args: Any) -> int:
                              num_workers=args.workers, shard_size=args.shard_size, maps=not args.no_maps,
                              attribute_kwargs=options, limit=args.limit, progress=not args.quiet, ablation_layers=ablation,
                              per_example=per_example, top_k=args.top_k, summary=not args.no_summary,
-                             summary_page=write_summary_page)
+                             summary_page=write_summary_page, device=args.device)
     except KeyboardInterrupt:
         shards = Path(args.out) / "shards"
         done = len([p for p in shards.iterdir() if p.is_dir() and not p.name.startswith(".")]) if shards.is_dir() else 0
@@ -212,6 +251,7 @@ def add_parser(commands: Any, model_options, composite_option) -> None:
                    help="build each example's LRP path graph with K channels per layer (class-level graphs)")
     p.add_argument("--graph-paths", type=int, default=5, dest="graph_paths", help="best paths kept per example's graph")
     p.add_argument("--no-summary", action="store_true", dest="no_summary", help="shards only: no per-class summary")
+    p.add_argument("--device", default=None, help="cpu, or cuda (each rank takes cuda:LOCAL_RANK); default: cpu")
     p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier run of the same command (resumed)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     composite_option(p, "epsilon_plus")

@@ -279,10 +279,14 @@ def load_run(folder: str | Path) -> DatasetRun:
     if manifest is None:
         raise InputError(f"folder: {folder} has no {MANIFEST}; it is not the folder of an attrib run")
     run = DatasetRun(folder, manifest)
-    missing = [s for s in range(run.shards) if not _verified(run.shard_folder(s), manifest["config_hash"], s)]
-    if missing:
-        raise InputError(f"folder: {len(missing)} of {run.shards} shards are not done (first: {missing[0]:05d}); rerun the "
-                         "same command to finish them")
+    config = manifest["config"]
+    expected = len(shard_indices(int(config["count"]), int(config["shard_size"])))
+    if not manifest.get("complete") or run.shards != expected:
+        raise InputError(f"folder: the run in {folder} is not finished; rerun the same command to finish it")
+    ranges = shard_indices(int(config["count"]), int(config["shard_size"]))
+    for shard in range(run.shards):
+        if not _verified(run.shard_folder(shard), manifest["config_hash"], shard, len(ranges[shard]), run.keys):
+            raise InputError(f"folder: shard {shard:05d} is missing; rerun the same command to compute it")
     return run
 
 
@@ -296,27 +300,40 @@ def _read_manifest(folder: Path) -> dict | None:
         raise InputError(f"out: {path} cannot be read as an attrib manifest ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("tool") != TOOL:
         raise InputError(f"out: {path} was not written by {TOOL}; choose another folder")
+    config = manifest.get("config")
+    if (not isinstance(config, dict) or manifest.get("config_hash") != _config_hash(config)
+            or not isinstance(manifest.get("keys"), list) or not isinstance(manifest.get("shards"), int)):
+        raise InputError(f"out: {path} is damaged (its configuration does not match its hash, or a field is missing); "
+                         "remove the folder and run again")
     return manifest
 
 
-def _verified(folder: Path, config_hash: str, shard: int) -> bool:
+def _verified(folder: Path, config_hash: str, shard: int, rows: int, keys: list[str] | None = None) -> bool:
     """Whether the shard is complete on disk: False if absent; an error if corrupt or foreign."""
-    meta_path = folder / SHARD_META
     if not folder.exists():
         return False
+    corrupt = f"shard {shard:05d} ({folder})"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads((folder / SHARD_META).read_text())
     except (OSError, ValueError):
-        raise InputError(f"shard {shard:05d} ({folder}) has no readable {SHARD_META}: it is corrupt; remove the folder "
-                         "and rerun to recompute it") from None
+        raise InputError(f"{corrupt} has no readable {SHARD_META}: it is corrupt; remove the folder and rerun to "
+                         "recompute it") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+        raise InputError(f"{corrupt}: its {SHARD_META} is damaged; remove the folder and rerun to recompute it")
     if meta.get("config_hash") != config_hash or meta.get("shard") != shard:
-        raise InputError(f"shard {shard:05d} ({folder}) was written by another run (configuration "
-                         f"{str(meta.get('config_hash'))[:12]}, shard {meta.get('shard')}); it does not belong here")
-    for name, digest in meta.get("files", {}).items():
-        path = folder / name
-        if not path.exists() or _sha256(path) != digest:
-            raise InputError(f"shard {shard:05d} ({folder}): {name} does not match its checksum: the shard is corrupt; "
-                             "remove the folder and rerun to recompute it")
+        raise InputError(f"{corrupt} was written by another run (configuration {str(meta.get('config_hash'))[:12]}, shard "
+                         f"{meta.get('shard')}); it does not belong here")
+    files = meta["files"]
+    present = {path.name for path in folder.glob("*.npy")}
+    needed = {"index.npy", "label.npy", "target.npy"}
+    if meta.get("rows") != rows or not needed <= set(files) or present != set(files) or (
+            keys is not None and meta.get("keys") != keys):
+        raise InputError(f"{corrupt}: its files, rows or maps are not what its {SHARD_META} and the run say (expected "
+                         f"{rows} rows); remove the folder and rerun to recompute it")
+    for name, digest in files.items():
+        if _sha256(folder / name) != digest:
+            raise InputError(f"{corrupt}: {name} does not match its checksum: the shard is corrupt; remove the folder "
+                             "and rerun to recompute it")
     return True
 
 
@@ -329,9 +346,52 @@ def _check_out(out: Path) -> None:
             raise InputError(f"out: {out} is a folder with other files in it, not an attrib run; choose a new folder")
 
 
+def _agreed(place: World, error: str | None) -> None:
+    """Every rank learns whether any rank failed (one collective), and all raise the first failure: a refusal
+    on one rank ends every rank with the same one line, none left waiting at a collective."""
+    if place.distributed:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * place.size
+        dist.all_gather_object(gathered, error)
+        found = [(rank, text) for rank, text in enumerate(gathered) if text]
+        if found:
+            rank, text = found[0]
+            raise InputError(text if rank == place.rank else f"{text} (on rank {rank})")
+    if error:
+        raise InputError(error)
+
+
 def _prepare(out: Path, config: dict, place: World) -> dict:
     """The manifest, written by rank 0 if new; an old one must describe the same run."""
     config_hash = _config_hash(config)
+    error = None
+    try:
+        _prepare_folder(out, config, config_hash, place)
+    except InputError as refused:
+        error = str(refused)
+    _agreed(place, error)
+    manifest = _read_manifest(out)
+    assert manifest is not None  # written by rank 0
+    if manifest["config_hash"] != config_hash:
+        changed = [key for key in sorted(set(config) | set(manifest["config"]))
+                   if config.get(key) != manifest["config"].get(key)]
+        detail = _method_change(config, manifest["config"]) if changed == ["method"] else ", ".join(changed)
+        raise InputError(f"out: {out} holds a run with another configuration ({detail} changed); its shards "
+                         "cannot be mixed with this run's: choose a new folder, or remove that one")
+    return manifest
+
+
+def _method_change(new: dict, old: dict) -> str:
+    """Which of the method's settings changed (``method.settings.layers``), or its class."""
+    a, b = new["method"], old["method"]
+    if a.get("class") != b.get("class"):
+        return "method"
+    keys = sorted(set(a.get("settings", {})) | set(b.get("settings", {})))
+    return ", ".join(f"method.settings.{k}" for k in keys if a["settings"].get(k) != b["settings"].get(k)) or "method"
+
+
+def _prepare_folder(out: Path, config: dict, config_hash: str, place: World) -> None:
     if place.rank == 0:
         _check_out(out)
         old = _read_manifest(out)
@@ -342,15 +402,11 @@ def _prepare(out: Path, config: dict, place: World) -> dict:
                                                     "config_hash": config_hash, "keys": [], "shards": 0})
             except OSError as error:
                 raise InputError(f"out: cannot write in {out}: {error.strerror or error}") from None
-    _barrier(place)
-    manifest = _read_manifest(out)
-    assert manifest is not None  # written above by rank 0
-    if manifest["config_hash"] != config_hash:
-        changed = [key for key in sorted(set(config) | set(manifest["config"]))
-                   if config.get(key) != manifest["config"].get(key)]
-        raise InputError(f"out: {out} holds a run with another configuration ({', '.join(changed)} changed); its shards "
-                         "cannot be mixed with this run's: choose a new folder, or remove that one")
-    return manifest
+        else:
+            try:
+                (out / "shards").mkdir(exist_ok=True)  # removed by hand: recreated
+            except OSError as error:
+                raise InputError(f"out: cannot write in {out}: {error.strerror or error}") from None
 
 
 def _maps(result: Any) -> dict[str, Tensor]:
@@ -436,6 +492,9 @@ def _explain_batch(method: Any, x: Tensor, labels: Tensor, target_mode: str | in
             targets = model(x).argmax(1).to("cpu")
     else:
         targets = torch.full_like(labels, int(target_mode))
+    if bool((targets < 0).any()):
+        raise InputError(f"target: class indices must be >= 0 (a run stores the class it explains); got "
+                         f"{int(targets.min())}")
     result = method.attribute(x, target=targets.to(x.device), **kwargs)
     maps = _maps(result)
     names = list(maps)
@@ -482,9 +541,11 @@ def _write_shard(folder: Path, shard: int, arrays: dict[str, np.ndarray], keys: 
 
 def _remove_partials(shards_folder: Path, mine: set[int]) -> None:
     """The hidden folders a killed run left for this rank's shards (this tool's names only)."""
+    import re
+
     for path in shards_folder.glob(".*.partial-*"):
-        number = path.name[1:].split(".partial-")[0]
-        if number.isdigit() and int(number) in mine and path.is_dir():
+        match = re.fullmatch(r"\.(\d{5})\.partial-(\d+)-(\d+)", path.name)
+        if match and int(match.group(1)) in mine and path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -574,25 +635,34 @@ def run_dataset(
         raise InputError(f"num_workers must be an int >= 0, got {num_workers!r}")
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise InputTypeError(f"dataset: expected a map-style dataset (len and [i]), got {type(dataset).__name__}")
-    count = len(dataset) if limit is None else min(int(limit), len(dataset))
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InputError(f"limit must be a positive int or None, got {limit!r}")
+    if not isinstance(maps, bool):
+        raise InputTypeError(f"maps must be True or False, got {maps!r}")
+    if isinstance(target, int) and not isinstance(target, bool) and target < 0:
+        raise InputError(f"target must be a class index >= 0, 'label' or 'predicted', got {target!r}")
+    count = len(dataset) if limit is None else min(limit, len(dataset))
     if count < 1:
-        raise InputError("dataset: it has no examples" if limit is None else f"limit must be >= 1, got {limit!r}")
+        raise InputError("dataset: it has no examples")
     model = _model_of(method)
     extras = _check_extras(model, ablation_layers, per_example, top_k)
     param = next(iter(model.parameters()), None)
     model_device = param.device if param is not None else torch.device("cpu")
     place = world(torch.device(device) if device is not None else model_device)
+    if device is not None and torch.device(device).type == "cuda" and torch.device(device).index is None:
+        device = torch.device("cuda", place.local_rank)  # one GPU per local rank
     if device is None and model_device.type == "cuda" and place.distributed:
         device = torch.device("cuda", place.local_rank)
-        model.to(device)
     device = torch.device(device) if device is not None else model_device
+    if device != model_device:
+        model.to(device)  # the model goes where the inputs go
     threads = torch.get_num_threads()
     try:
         config = {
             "model": model_fingerprint(model), "method": method_description(method),
             "attribute_kwargs": _describe(kwargs), "dataset": dataset_fingerprint(dataset, count), "count": count,
             "target": target, "batch_size": batch_size, "shard_size": shard_size, "maps": bool(maps),
-            "extras": extras.describe(),
+            "extras": extras.describe(), "threads": threads,
         }
         manifest = _prepare(out, config, place)
         config_hash = manifest["config_hash"]
@@ -602,17 +672,28 @@ def run_dataset(
         _remove_partials(shards_folder, set(mine))
         run = DatasetRun(out, manifest)
         todo: list[int] = []
-        for shard in mine:
-            (run.skipped if _verified(shards_folder / f"{shard:05d}", config_hash, shard) else todo).append(shard)
+        error = None
+        try:
+            for shard in mine:
+                done = _verified(shards_folder / f"{shard:05d}", config_hash, shard, len(ranges[shard]))
+                (run.skipped if done else todo).append(shard)
+        except InputError as refused:
+            error = str(refused)
+        _agreed(place, error)
         bar = _Progress(place, count, sum(len(ranges[s]) for s in mine), progress)
         try:
             bar.done(sum(len(ranges[s]) for s in run.skipped))
-            keys = _compute(method, dataset, ranges, todo, shards_folder, config_hash, place, threads, device, target,
-                            kwargs, maps, batch_size, num_workers, bar, extras)
+            keys, error = None, None
+            try:
+                keys = _compute(method, dataset, ranges, todo, shards_folder, config_hash, place, threads, device, target,
+                                kwargs, maps, batch_size, num_workers, bar, extras)
+            except InputError as refused:
+                error = str(refused)
+            _agreed(place, error)
+            run.computed = todo
+            _finish(out, place, keys, len(ranges))  # every rank done: rank 0's bar shows the total
         finally:
             bar.close()
-        run.computed = todo
-        _finish(out, place, keys, len(ranges))
         run.manifest = _read_manifest(out) or manifest
         if summary:
             from .dataset_summary import summarise
@@ -665,7 +746,7 @@ def _compute_shard(method, dataset, ranges, shard, shards_folder, config_hash, p
                         collate_fn=_collate)
     collected = _Collected()
     position = 0
-    for x, labels in loader:
+    for x, labels in _unwrapped(loader):
         rows, keys = _explain_batch(method, x.to(device), labels, target, kwargs, maps, keys, extras)
         collected.add("index", np.asarray(indices[position:position + len(labels)], dtype=np.int64))
         collected.add("label", labels.numpy().astype(np.int64))
@@ -678,14 +759,37 @@ def _compute_shard(method, dataset, ranges, shard, shards_folder, config_hash, p
     return keys
 
 
+def _unwrapped(loader) -> Iterator:
+    """The loader's batches; an InputError raised in a worker process keeps its own one line."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except InputError as error:
+            text = str(error)
+            if "DataLoader worker" in text and "InputError: " in text:
+                raise InputError(text.rsplit("InputError: ", 1)[1].strip()) from None
+            raise
+        yield batch
+
+
+def _label(value: Any) -> int:
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise InputError(f"dataset: a label is {value!r}; labels must be int class indices")
+    return int(value)
+
+
 def _collate(batch: list) -> tuple[Tensor, Tensor]:
     inputs, labels = [], []
     for item in batch:
         if not (isinstance(item, (tuple, list)) and len(item) >= 2 and isinstance(item[0], Tensor)):
             raise InputTypeError(f"dataset: an item is {type(item).__name__}; expected (input tensor, label)")
         inputs.append(item[0])
-        label = item[1]
-        labels.append(int(label.item()) if isinstance(label, Tensor) else int(label))
+        labels.append(_label(item[1]))
     shapes = {tuple(x.shape) for x in inputs}
     if len(shapes) > 1:
         raise InputError(f"dataset: examples of different shapes in one batch ({sorted(shapes)[:2]}); resize them to one "
@@ -709,7 +813,7 @@ def _finish(out: Path, place: World, keys: list[str] | None, shards: int) -> Non
             keys = list(meta.get("keys") or [])
         if manifest.get("keys") and keys and manifest["keys"] != keys:
             raise InputError(f"method: its maps are {keys}, but the run's earlier shards have {manifest['keys']}")
-        manifest.update(keys=keys, shards=shards)
+        manifest.update(keys=keys, shards=shards, complete=True)
         _write_json_atomic(out / MANIFEST, manifest)
     _barrier(place)
 

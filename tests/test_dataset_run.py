@@ -280,3 +280,50 @@ def test_an_image_folder_is_read_as_explain_reads_its_files(tmp_path):
                  "--out", str(tmp_path / "run")]) == 0
     run = load_run(tmp_path / "run")
     assert run.array("label").tolist() == [0, 0, 1, 1] and run.array("filters", "features.7").shape == (4, 32)
+
+
+class _Interrupted(DigitsDataset):
+    fail = True
+
+    def __getitem__(self, index):
+        if index == 12 and self.fail:
+            raise KeyboardInterrupt
+        return super().__getitem__(index)
+
+
+def test_unfinished_edited_or_tampered_runs_are_refused_and_user_folders_are_kept(tmp_path):
+    torch.set_num_threads(1)
+    method = LayerConductance(load_digits_model(), ["features.7"])
+    out = tmp_path / "run"
+    data = _Interrupted()
+    with pytest.raises(KeyboardInterrupt):
+        run_dataset(method, data, out, shard_size=10, limit=30, attribute_kwargs={"n_steps": 2}, progress=False)
+    data.fail = False
+    with pytest.raises(InputError, match="is not finished"):
+        load_run(out)  # shard 00000 is done, the rest is not
+    keep = out / "shards" / ".00001.partial-backup"  # not a name attrib writes
+    keep.mkdir()
+    (keep / "precious.txt").write_text("mine")
+    import shutil
+
+    shutil.rmtree(out / "shards" / "00000")
+    (out / "shards").rename(tmp_path / "moved")  # the shards folder removed by hand
+    (tmp_path / "moved").rename(tmp_path / "elsewhere")
+    run = run_dataset(method, data, out, shard_size=10, limit=30, attribute_kwargs={"n_steps": 2}, progress=False)
+    assert run.computed == [0, 1, 2] and load_run(out).array("index").tolist() == list(range(30))
+    assert (tmp_path / "elsewhere" / ".00001.partial-backup" / "precious.txt").read_text() == "mine"
+    (out / "shards" / ".00001.partial-backup").mkdir()
+    (out / "shards" / ".00001.partial-backup" / "precious.txt").write_text("mine")
+    run_dataset(method, data, out, shard_size=10, limit=30, attribute_kwargs={"n_steps": 2}, progress=False)
+    assert (out / "shards" / ".00001.partial-backup" / "precious.txt").read_text() == "mine"
+    np.save(out / "shards" / "00002" / "extra.npy", np.zeros(3))  # a file the shard did not list
+    with pytest.raises(InputError, match="shard 00002 .*files, rows or maps are not what"):
+        load_run(out)
+    (out / "shards" / "00002" / "extra.npy").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config"]["count"] = 20  # edited by hand: no longer its hash
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match="is damaged"):
+        load_run(out)
+    with pytest.raises(InputError, match="class indices must be >= 0|target must be a class index >= 0"):
+        run_dataset(method, DigitsDataset(), tmp_path / "negative", target=-1, limit=4, progress=False)
