@@ -25,7 +25,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .cli_common import LRP_COMPOSITE, _check, _check_numbers, _file_safe, _share, _target
+from .cli_common import LRP_COMPOSITE, _check, _check_numbers, _file_safe, _share, _target, running_layers
 from .cli_common import load_for_cli as _load
 
 
@@ -672,18 +672,6 @@ def explain(args) -> int:
     return 0
 
 
-def _running(model, x, layers: list[str]) -> list[str]:
-    """The layers that run in the model's forward pass (nn.MultiheadAttention's out_proj, for one, is
-    only read as weights)."""
-    import torch
-
-    from .hooks import capture
-
-    with capture(model, layers) as cap, torch.no_grad():
-        model(x.clone())
-        return [name for name in layers if name in cap.captured]
-
-
 def audit(args) -> int:
 
     from . import DeepLift, IntegratedGradients, LayerConductance
@@ -695,8 +683,8 @@ def audit(args) -> int:
     loaded = _load(args)
     pictures = load_pictures(args.images, loaded)
     targets = [_target(args, check_forward(loaded, picture)) for picture in pictures]
-    layers = _running(loaded.model, pictures[0].tensor,
-                      [n for n, m in loaded.model.named_modules() if isinstance(m, LINEAR_LAYERS)])
+    layers = running_layers(loaded.model, pictures[0].tensor,
+                            [n for n, m in loaded.model.named_modules() if isinstance(m, LINEAR_LAYERS)])
     cuts = cut_layers(loaded.model, pictures[0].tensor, layers)
     tolerance = args.tolerance
     rows = []

@@ -121,3 +121,15 @@ def load_for_cli(args):
     if getattr(args, "composite", None) is not None:
         args.rules = lrp_composite(args.composite, loaded.bounds)
     return loaded
+
+
+def running_layers(model, x, names: list[str]) -> list[str]:
+    """The layers of ``names`` that run in the model's forward pass on ``x`` (nn.MultiheadAttention's
+    out_proj, for one, is only read as weights), in the order given."""
+    import torch
+
+    from .hooks import capture
+
+    with capture(model, names) as cap, torch.no_grad():
+        model(x.clone())
+        return [name for name in names if name in cap.captured]

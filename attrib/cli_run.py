@@ -100,9 +100,8 @@ def _method(args: Any, loaded: Any, x: Any) -> tuple[Any, dict]:
 
 def _layers(args: Any, model: Any, x: Any) -> list[str]:
     """``--layers``, or every convolution that runs (the paper's per-layer conductance)."""
-    import torch
-
-    from .hooks import capture, resolve_layers
+    from .cli_common import running_layers
+    from .hooks import resolve_layers
     from .module_types import CONVOLUTIONS
 
     if args.layers:
@@ -110,10 +109,7 @@ def _layers(args: Any, model: Any, x: Any) -> list[str]:
             return [name for name, _ in resolve_layers(model, [n.strip() for n in args.layers.split(",") if n.strip()])]
         except InputError as error:
             raise InputError(f"--layers: {str(error).split(': ', 1)[-1]}") from None
-    names = [n for n, m in model.named_modules() if isinstance(m, CONVOLUTIONS)]
-    with capture(model, names) as cap, torch.no_grad():
-        model(x)
-        running = [n for n in names if n in cap.captured]
+    running = running_layers(model, x, [n for n, m in model.named_modules() if isinstance(m, CONVOLUTIONS)])
     if not running:
         raise InputError("--layers: the model runs no convolution; name the layers to explain")
     return running

@@ -107,10 +107,14 @@ def shards_of(rank: int, size: int, shards: int) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------ configuration
-def _digest_tensor(tensor: Tensor) -> str:
+def _host(tensor: Tensor) -> Tensor:
+    """The tensor on the CPU, contiguous, in a dtype numpy holds (bfloat16 as float32), for hashing."""
     data = tensor.detach().to("cpu").contiguous()
-    if data.dtype == torch.bfloat16:
-        data = data.float()
+    return data.float() if data.dtype == torch.bfloat16 else data
+
+
+def _digest_tensor(tensor: Tensor) -> str:
+    data = _host(tensor)
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()[:16] + f":{tuple(data.shape)}:{data.dtype}"
 
 
@@ -120,9 +124,7 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in model.state_dict().items():
         if not isinstance(tensor, Tensor):
             continue
-        data = tensor.detach().to("cpu").contiguous()
-        if data.dtype == torch.bfloat16:
-            data = data.float()
+        data = _host(tensor)
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
         digest.update(data.numpy().tobytes())
     return digest.hexdigest()
@@ -280,10 +282,9 @@ def load_run(folder: str | Path) -> DatasetRun:
         raise InputError(f"folder: {folder} has no {MANIFEST}; it is not the folder of an attrib run")
     run = DatasetRun(folder, manifest)
     config = manifest["config"]
-    expected = len(shard_indices(int(config["count"]), int(config["shard_size"])))
-    if not manifest.get("complete") or run.shards != expected:
-        raise InputError(f"folder: the run in {folder} is not finished; rerun the same command to finish it")
     ranges = shard_indices(int(config["count"]), int(config["shard_size"]))
+    if not manifest.get("complete") or run.shards != len(ranges):
+        raise InputError(f"folder: the run in {folder} is not finished; rerun the same command to finish it")
     for shard in range(run.shards):
         if not _verified(run.shard_folder(shard), manifest["config_hash"], shard, len(ranges[shard]), run.keys):
             raise InputError(f"folder: shard {shard:05d} is missing; rerun the same command to compute it")
@@ -816,9 +817,3 @@ def _finish(out: Path, place: World, keys: list[str] | None, shards: int) -> Non
         manifest.update(keys=keys, shards=shards, complete=True)
         _write_json_atomic(out / MANIFEST, manifest)
     _barrier(place)
-
-
-def iter_shards(run: DatasetRun) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """Each shard's arrays (memory-mapped), in shard order."""
-    for shard in range(run.shards):
-        yield shard, run.shard_arrays(shard)
