@@ -15,6 +15,16 @@ import torch
 from torch import Tensor, nn
 
 from .errors import InputError
+from .exact import (
+    DEFAULT_MAX_REGIONS,
+    EXACT,
+    exact_info,
+    exact_layer_conductance,
+    Regions,
+    check_complete,
+    find_regions,
+    with_changes,
+)
 from .hooks import resolve_layers
 from .layer_attribution import PathLayerMethod
 from .neuron import selected_layer, selections_to_inputs, zero_selections
@@ -39,7 +49,9 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
     >>> res["features.28"].sum() - (res.outputs - res.baseline_outputs)   # == res.delta["features.28"]
 
     ``method``: ``"stieltjes_trapezoid"`` (default; see :mod:`attrib.paths`) or one of Captum's five,
-    which reproduce Captum's LayerConductance numbers. ``tolerance`` (stieltjes_trapezoid only) adds
+    which reproduce Captum's LayerConductance numbers, or ``"exact"`` on piecewise-linear models: the sum over
+    the path's linear regions, ``sum_r dF/dy(midpoint) (y(t_r+1) - y(t_r))``, with no quadrature error
+    (:mod:`attrib.exact`; ``info["regions"]`` per example). ``tolerance`` (stieltjes_trapezoid only) adds
     nodes until every layer's |delta| is at most ``tolerance`` for every example: ``refine="bisect"``
     splits the steps with the largest completeness residuals first, ``"double"`` halves every step;
     every evaluated node is reused. That mode keeps every node's activations and gradients
@@ -67,8 +79,13 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
         max_steps: int = 4096,
         layer_baselines: Baselines = None,
         layer_noise: Tensor | None = None,
+        max_regions: int = DEFAULT_MAX_REGIONS,
     ) -> Attribution:
         path = self.path(inputs, baselines, target, additional_forward_args, layer_baselines, layer_noise)
+        if method == EXACT:
+            if tolerance is not None:
+                raise InputError("tolerance: method='exact' has no quadrature error to bound; give one or the other")
+            return self._exact(path, attribute_to_layer_input, internal_batch_size, memory_budget, max_regions)
         alphas, form = stieltjes_rule(method, n_steps)
         options = dict(layers=self.layers, attribute_to_layer_input=attribute_to_layer_input,
                        internal_batch_size=internal_batch_size, memory_budget=memory_budget)
@@ -85,6 +102,21 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
             outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps,
             evaluations=alphas.shape[0],
             info={"step_residuals": {name: _summed(steps[name]) - sums.step_score_change for name in self.layers}},
+        )
+
+    def _exact(self, path: StraightPath, attribute_to_layer_input: bool, internal_batch_size: int | str | None,
+               memory_budget: int | None, max_regions: int) -> Attribution:
+        regions = find_regions(path, internal_batch_size=internal_batch_size, memory_budget=memory_budget,
+                               max_regions=max_regions, method="LayerConductance")
+        on = "input" if attribute_to_layer_input else "output"
+        totals = exact_layer_conductance(path, regions, self.layers, on, internal_batch_size, memory_budget)
+        maps = path.gather(self.layers, totals)
+        delta = {name: path.layer_total(maps[name]) - path.change for name in self.layers}
+        check_complete(path, delta, "LayerConductance")
+        rows = int(regions.counts.sum())
+        return Attribution(
+            attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=EXACT,
+            evaluations=regions.evaluations + 3 * rows, info=exact_info(regions),
         )
 
     def _refine(self, path: StraightPath, options: dict, method: str, n_steps: int, tolerance: float, refine: str,
@@ -191,6 +223,8 @@ class NeuronConductance:
 
     With ``stieltjes_trapezoid`` (default), ``delta`` is sum over inputs minus the selection's layer
     conductance (same nodes), per selector and example; None for Captum's methods and callables.
+    ``method="exact"`` (piecewise-linear models) sums the path's linear regions exactly, and ``delta`` is then
+    against the selection's exact layer conductance (:mod:`attrib.exact`).
     ``multiply_by_inputs=False`` leaves out the factor ``x - x'`` (``delta`` stays that of the full maps).
     ``interpolate_at="embedding"`` attributes to that layer's units instead of the inputs (token models).
     Note: for a slice selector Captum multiplies the summed gradient by the gradient of the summed
@@ -221,34 +255,47 @@ class NeuronConductance:
         additional_forward_args: Any = None,
         layer_baselines: Baselines = None,
         layer_noise: Tensor | None = None,
+        max_regions: int = DEFAULT_MAX_REGIONS,
     ) -> Attribution:
         path = StraightPath(self.model, inputs, baselines, target, additional_forward_args,
                             interpolate_at=self.interpolate_at, layer_baselines=layer_baselines, layer_noise=layer_noise)
-        check_method(method)
+        exact = method == EXACT
+        if not exact:
+            check_method(method)
         selectors = neuron_selector if isinstance(neuron_selector, list) else [neuron_selector]
         if not selectors:
             raise InputError("neuron_selector: the list is empty")
-        alphas, weights = weighted_rule(method, n_steps)
         layer = self.layer
         keys = [[f"<selector {i}> {key}" for key in path.keys] for i in range(len(selectors))]
-        integral = WeightedSum(weights, path.batch)
-        layer_sum = StieltjesSum("trapezoid", alphas.shape[0], path.batch)
+        differentiate = _through_selectors(layer, selectors, path.keys, keys)
+        info: dict[str, Any] = {}
+        conductance: Tensor | None
+        if exact:
+            regions = find_regions(path, internal_batch_size=internal_batch_size, memory_budget=memory_budget,
+                                   max_regions=max_regions, method="NeuronConductance")
+            totals, conductance = self._exact(path, regions, keys, differentiate, attribute_to_neuron_input,
+                                              internal_batch_size, memory_budget)
+            evaluations, info = regions.evaluations + 3 * int(regions.counts.sum()), exact_info(regions)
+        else:
+            alphas, weights = weighted_rule(method, n_steps)
+            integral = WeightedSum(weights, path.batch)
+            layer_sum = StieltjesSum("trapezoid", alphas.shape[0], path.batch)
 
-        def add(chunk: Chunk) -> None:
-            integral.add(chunk, {key: chunk.grads[key] for row in keys for key in row})
-            if method == STIELTJES:
-                layer_sum.add(chunk, [layer])
+            def add(chunk: Chunk) -> None:
+                integral.add(chunk, {key: chunk.grads[key] for row in keys for key in row})
+                if method == STIELTJES:
+                    layer_sum.add(chunk, [layer])
 
-        path.evaluate(
-            alphas, add, layers=[layer], attribute_to_layer_input=attribute_to_neuron_input, input_grad=True,
-            internal_batch_size=internal_batch_size, memory_budget=memory_budget,
-            differentiate=_through_selectors(layer, selectors, path.keys, keys),
-        )
-        per_input = [torch.stack([integral.total[row[j]] * d for row in keys]) for j, d in enumerate(path.differences)]
-        local = [torch.stack([integral.total[row[j]] for row in keys]) for j in range(len(path.keys))]
+            path.evaluate(
+                alphas, add, layers=[layer], attribute_to_layer_input=attribute_to_neuron_input, input_grad=True,
+                internal_batch_size=internal_batch_size, memory_budget=memory_budget, differentiate=differentiate,
+            )
+            totals, evaluations = integral.total, alphas.shape[0]
+            conductance = layer_sum.total.get(layer) if method == STIELTJES else None
+        per_input = [torch.stack([totals[row[j]] * d for row in keys]) for j, d in enumerate(path.differences)]
+        local = [torch.stack([totals[row[j]] for row in keys]) for j in range(len(path.keys))]
         delta = None
-        if method == STIELTJES and not any(callable(s) for s in selectors):
-            conductance = layer_sum.total[layer]
+        if conductance is not None and not any(callable(s) for s in selectors):
             delta = torch.stack([
                 sum(maps[i].reshape(path.batch, -1).sum(1) for maps in per_input)
                 - (conductance * selector_weights(s, conductance)).reshape(conductance.shape[0], -1).sum(1)
@@ -259,10 +306,44 @@ class NeuronConductance:
             chosen = [m[0] for m in chosen]
             delta = None if delta is None else delta[0]
         maps = path.as_given(chosen)
+        if exact and delta is not None and conductance is not None:
+            check_complete(path, delta, "NeuronConductance", against=conductance_totals(conductance, selectors))
         return Attribution(
             attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs,
-            method=method, n_steps=n_steps, evaluations=alphas.shape[0],
+            method=method, n_steps=None if exact else n_steps, evaluations=evaluations, info=info,
         )
+
+    def _exact(self, path: StraightPath, regions: Regions, keys: list[list[str]], differentiate: Differentiate,
+               attribute_to_neuron_input: bool, internal_batch_size: int | str | None, memory_budget: int | None
+               ) -> tuple[dict[str, Tensor], Tensor]:
+        """Per selector key, ``sum_r l_r dF/dx through the selection`` at the midpoints; and the layer's exact
+        conductance (for delta)."""
+        layer = self.layer
+        totals: dict[str, Tensor] = {}
+        conductance: list[Tensor] = []
+
+        def work(group: slice, change: dict[str, Tensor]) -> None:
+            integral = WeightedSum(regions.lengths[group], path.batch)
+
+            def add(chunk: Chunk) -> None:
+                integral.add(chunk, {key: chunk.grads[key] for row in keys for key in row})
+                term = chunk.grads[layer] * change[layer][chunk.node]
+                conductance.append(term.new_zeros((path.batch,) + term.shape[1:]).index_add_(0, chunk.example, term))
+            path.evaluate(regions.midpoints[group], add, layers=[layer], attribute_to_layer_input=attribute_to_neuron_input,
+                          input_grad=True, examples=regions.example[group], internal_batch_size=None,
+                          differentiate=differentiate)
+            for key, value in integral.total.items():
+                totals[key] = totals[key] + value if key in totals else value
+
+        with_changes(path, regions, [layer], "input" if attribute_to_neuron_input else "output", internal_batch_size,
+                     memory_budget, work)
+        return totals, torch.stack(conductance).sum(0)
+
+
+def conductance_totals(conductance: Tensor, selectors: list) -> Tensor:
+    """The selections' layer conductance per selector and example, (K, B)."""
+    return torch.stack([(conductance * selector_weights(s, conductance)).reshape(conductance.shape[0], -1).sum(1)
+                        for s in selectors])
 
 
 def _through_selectors(layer: str, selectors: list, inputs: Sequence[str], keys: list[list[str]]) -> Differentiate:

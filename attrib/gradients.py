@@ -15,6 +15,7 @@ from .checks import (
     check_input_tuple,
 )
 from .errors import InputError
+from .exact import DEFAULT_MAX_REGIONS, EXACT, check_complete, exact_info, exact_input_integral, find_regions
 from .noise import NoiseTunnel, draw_noise, noise_scale
 from .quadrature import weighted_rule
 from .result import Attribution
@@ -32,7 +33,9 @@ class IntegratedGradients(ConvergenceDelta):
     ``multiply_by_inputs=False`` returns the path-averaged gradient alone (Captum's "local" IG); ``delta``
     stays the completeness error of the full (multiplied) attributions.
     ``method`` defaults to Captum's ``"gausslegendre"`` so numbers agree with Captum's default;
-    ``"stieltjes_trapezoid"`` is the trapezoid rule over 0..1 (see :mod:`attrib.paths`).
+    ``"stieltjes_trapezoid"`` is the trapezoid rule over 0..1 (see :mod:`attrib.paths`). ``"exact"``, on
+    piecewise-linear models (ReLU, max pooling, affine layers), sums the path's linear regions exactly
+    (:mod:`attrib.exact`; ``info["regions"]`` per example; ``n_steps`` unused; more than ``max_regions`` is refused).
 
     ``interpolate_at="embedding"`` interpolates that layer's output instead of the inputs (Captum's
     LayerIntegratedGradients): inputs may be token ids, ``baselines`` are inputs too (e.g. the padding
@@ -60,9 +63,12 @@ class IntegratedGradients(ConvergenceDelta):
         additional_forward_args: Any = None,
         layer_baselines: Baselines = None,
         layer_noise: Tensor | None = None,
+        max_regions: int = DEFAULT_MAX_REGIONS,
     ) -> Attribution:
         path = StraightPath(self.model, inputs, baselines, target, additional_forward_args,
                             interpolate_at=self.interpolate_at, layer_baselines=layer_baselines, layer_noise=layer_noise)
+        if method == EXACT:
+            return self._exact(path, internal_batch_size, memory_budget, max_regions)
         alphas, weights = weighted_rule(method, n_steps)
         integral = WeightedSum(weights, path.batch)
         path.evaluate(alphas, integral.add, input_grad=True, internal_batch_size=internal_batch_size,
@@ -73,6 +79,20 @@ class IntegratedGradients(ConvergenceDelta):
             attributions=path.as_given(maps), delta=path.total(attributions) - path.change,
             outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps,
             evaluations=alphas.shape[0],
+        )
+
+    def _exact(self, path: StraightPath, internal_batch_size: int | str | None, memory_budget: int | None,
+               max_regions: int) -> Attribution:
+        regions = find_regions(path, internal_batch_size=internal_batch_size, memory_budget=memory_budget,
+                               max_regions=max_regions, method="IntegratedGradients")
+        total = exact_input_integral(path, regions, internal_batch_size, memory_budget)
+        attributions = [total[key] * d for key, d in zip(path.keys, path.differences)]
+        delta = path.total(attributions) - path.change
+        check_complete(path, delta, "IntegratedGradients")
+        maps = attributions if self.multiply_by_inputs else [total[key] for key in path.keys]
+        return Attribution(
+            attributions=path.as_given(maps), delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs,
+            method=EXACT, evaluations=regions.evaluations + int(regions.counts.sum()), info=exact_info(regions),
         )
 
 

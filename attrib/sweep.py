@@ -163,6 +163,7 @@ def sweep(
     consume: Consume | None = None,
     mode: TorchFunctionMode | None = None,
     interpolation: Interpolation | None = None,
+    examples: Tensor | None = None,
 ) -> Generator[Chunk, None, None]:
     """Evaluate the path in chunks; yields a :class:`Chunk` per forward+backward pass.
 
@@ -182,12 +183,19 @@ def sweep(
     its example's inputs as they are (token ids may be integers), and the named layer's output is
     replaced by the path's point at that layer; ``input_grad`` then asks for dF/d(that point), under
     the layer's name, and every captured layer must depend on it.
+
+    With ``examples`` (one example index per row) the rows are given one by one instead of step-major:
+    row ``r`` is example ``examples[r]`` at ``alphas[r]`` (``chunk.node`` is then the row's index into
+    ``alphas``), so every example may have nodes of its own (``method="exact"``).
     """
     if consume is not None and differentiate is not None:
         raise InputError("sweep: give differentiate or consume, not both")
     n = inputs[0].shape[0]
     device = inputs[0].device
-    plan = ChunkPlan(internal_batch_size, alphas.shape[0] * n, device, memory_budget)
+    if examples is not None and examples.shape != alphas.shape:
+        raise InputError(f"sweep: examples has shape {tuple(examples.shape)}, alphas {tuple(alphas.shape)}; one example per row")
+    rows_total = alphas.shape[0] * n if examples is None else alphas.shape[0]
+    plan = ChunkPlan(internal_batch_size, rows_total, device, memory_budget)
     names = [name for name, _ in resolve_layers(model, layers, elements=True)] if layers else []
     if interpolation is not None:
         baselines = [None] * len(inputs)  # the inputs are fed as they are; the layer is interpolated
@@ -207,7 +215,10 @@ def sweep(
                 path.layer: lambda value: _point(value, path, alphas, rows["node"], rows["example"])}))
         cap = stack.enter_context(capture(model, names, on=on, leaf=True))
         for start, stop in plan:
-            node, example = step_major(n, start, stop, device)
+            if examples is None:
+                node, example = step_major(n, start, stop, device)
+            else:
+                node, example = torch.arange(start, stop, device=device), examples[start:stop].to(device)
             rows.update(node=node, example=example)
             footprint = Footprint(model, device) if plan.probing else nullcontext()
             with footprint:
