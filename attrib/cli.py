@@ -675,8 +675,9 @@ def explain(args) -> int:
 def audit(args) -> int:
 
     from . import DeepLift, IntegratedGradients, LayerConductance
+    from .cli_audit import exact_audit, print_scorecard, randomisation, scorecard
     from .cli_inputs import check_forward, load_pictures
-    from .cuts import cut_layers
+    from .cuts import cut_layers, default_layer
     from .module_types import LINEAR_LAYERS
 
     _check_numbers(args)
@@ -687,10 +688,13 @@ def audit(args) -> int:
                             [n for n, m in loaded.model.named_modules() if isinstance(m, LINEAR_LAYERS)])
     cuts = cut_layers(loaded.model, pictures[0].tensor, layers)
     tolerance = args.tolerance
-    rows = []
+    rows: list[tuple[str, dict]] = []
+    notes: list[str] = []
+    cards: list[tuple[str, list[dict], str | None, dict]] = []
     for picture, target in zip(pictures, targets):
         x, base = picture.tensor, _baseline(loaded, picture.tensor)
         result = IntegratedGradients(loaded.model).attribute(x, target=target, baselines=base, n_steps=args.n_steps)
+        ig_map = result.attributions
         change = float(result.outputs - result.baseline_outputs)
         rows.append((picture.name, _check("integrated gradients", "input", float(result.attributions.sum()), change,
                                           "F(x) - F(x')", tolerance)))
@@ -703,7 +707,25 @@ def audit(args) -> int:
             rows.append((picture.name, _check("layer conductance", name, value, change, "F(x) - F(x')", tolerance) if cuts[name]
                          else _share("layer conductance", name, value, change)))
         rows += [(picture.name, row) for row in _audit_lrp(loaded.model, args.composite, args.rules, x, target, tolerance)]
-    return 1 if _print_audit(rows, tolerance) else 0
+        if args.exact:
+            exact_rows, lines = exact_audit(loaded.model, x, base, target, layers, ig_map, result.attributions, args.n_steps,
+                                            tolerance, args.exact_max_regions)
+            rows += [(picture.name, row) for row in exact_rows]
+            notes += [f"{picture.name}: {line}" if not line.startswith(" ") else line for line in lines]
+        if args.scorecard:
+            sanity_layer = default_layer(loaded.model, x)
+            cards.append((picture.name, scorecard(loaded.model, x, base, target, args.rules, args.n_steps), sanity_layer,
+                          randomisation(loaded.model, x, sanity_layer, target, min(args.n_steps, 32)) if sanity_layer else {}))
+    failed = _print_audit(rows, tolerance)
+    for line in notes:
+        print(line)
+    for name, card, sanity_layer, randomised in cards:
+        print_scorecard(name, card)
+        if randomised:
+            print(f"  randomisation check at {sanity_layer} (Spearman with the map after randomising every layer; near 0 "
+                  "is what a method that reads the model gives): "
+                  + ", ".join(f"{method} {value:+.2f}" for method, value in randomised.items()))
+    return 1 if failed else 0
 
 
 def _audit_lrp(model, composite: str, rules, x, target: int, tolerance: float) -> list[dict]:
@@ -905,6 +927,12 @@ def parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--tolerance", type=float, default=0.05, help="largest relative error accepted")
     p.add_argument("--n-steps", type=int, default=64, dest="n_steps", help="integration steps")
+    p.add_argument("--no-exact", action="store_false", dest="exact",
+                   help="skip the exact integrals (piecewise-linear models: per-neuron error of each method against them)")
+    p.add_argument("--exact-max-regions", type=int, default=50_000, dest="exact_max_regions",
+                   help="skip the exact integrals when a path has more linear regions than this (default 50000)")
+    p.add_argument("--no-scorecard", action="store_false", dest="scorecard",
+                   help="skip the faithfulness scorecard (deletion/insertion AUC, infidelity, max-sensitivity, randomisation)")
     _composite_option(p, "epsilon")
     p.set_defaults(run=audit)
 

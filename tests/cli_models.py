@@ -151,3 +151,22 @@ def tiny_vit():
 
 
 tiny_vit.attrib_input = {"size": 16}
+
+
+def pl_small():
+    """Piecewise linear (conv, ReLU, max pool, linear) with biases: the audit's exact rows and scorecard."""
+    torch.manual_seed(6)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+
+
+pl_small.attrib_input = {"size": 8}
+
+
+def sigmoid_small():
+    """Not piecewise linear: the audit skips the exact rows, saying why."""
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Sigmoid(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3))
+
+
+sigmoid_small.attrib_input = {"size": 8}

@@ -1,0 +1,91 @@
+"""attrib audit's exact rows and faithfulness scorecard (attrib/cli_audit.py), against the library run directly."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import attrib
+from attrib.cli import main
+from attrib.cli_audit import neuron_error, steps_needed
+from attrib.faithfulness import perturbation_curve
+
+
+@pytest.fixture
+def picture(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    return tmp_path / "noise.png"
+
+
+def _value(out: str, label: str) -> float:
+    (line,) = [line for line in out.splitlines() if f"{label} " in line and "@" in line]
+    return float(line.split()[-2])
+
+
+def _loaded(picture):
+    from attrib.cli import parser
+    from attrib.cli_common import load_for_cli
+    from attrib.cli_inputs import load_pictures
+
+    loaded = load_for_cli(parser().parse_args(["audit", str(picture), "--model", "cli_models:pl_small"]))
+    return loaded, load_pictures([str(picture)], loaded)[0].tensor
+
+
+def test_the_audit_reports_each_methods_per_neuron_error_against_exact_and_the_steps_it_needs(picture, capsys):
+    assert main(["audit", str(picture), "--model", "cli_models:pl_small", "--n-steps", "32", "--no-scorecard"]) == 0
+    out = capsys.readouterr().out
+    loaded, x = _loaded(picture)
+    model = loaded.model
+    target = int(model(x).argmax(1))
+    from attrib.cli import _baseline
+    base = _baseline(loaded, x)
+    exact_ig = attrib.IntegratedGradients(model).attribute(x, target=target, baselines=base, method="exact")
+    ig = attrib.IntegratedGradients(model).attribute(x, target=target, baselines=base, n_steps=32)
+    assert _value(out, "integrated gradients vs exact @ input") == pytest.approx(neuron_error(ig.attributions, exact_ig.attributions), rel=1e-3)
+    layers = ["0", "3", "6"]
+    exact_lc = attrib.LayerConductance(model, layers).attribute(x, target=target, baselines=base, method="exact")
+    lc = attrib.LayerConductance(model, layers).attribute(x, target=target, baselines=base, n_steps=32)
+    for name in layers:
+        assert _value(out, f"layer conductance vs exact @ {name}") == pytest.approx(neuron_error(lc[name], exact_lc[name]), rel=1e-3, abs=1e-9)
+        assert _value(out, f"exact conductance @ {name}") < 1e-3  # completeness of the exact sums (float32 model)
+    assert f"exact: {int(exact_ig.info['regions'][0])} linear regions" in out
+    needed = steps_needed(lambda n: attrib.IntegratedGradients(model).attribute(x, target=target, baselines=base, n_steps=n).attributions,
+                          exact_ig.attributions)
+    expected = " / ".join(str(needed[t]) if needed[t] else "> 1024" for t in (0.01, 0.001))
+    assert f"integrated gradients (gausslegendre) {expected}" in out
+    # the doubling stops at the first n under each target: check the 1% one against the errors around it
+    n = needed[0.01]
+    assert n is not None and neuron_error(attrib.IntegratedGradients(model).attribute(
+        x, target=target, baselines=base, n_steps=n).attributions, exact_ig.attributions) <= 0.01
+    if n > 8:
+        assert neuron_error(attrib.IntegratedGradients(model).attribute(
+            x, target=target, baselines=base, n_steps=n // 2).attributions, exact_ig.attributions) > 0.01
+
+
+def test_the_audit_skips_exact_on_a_model_that_is_not_piecewise_linear_and_says_why(picture, capsys):
+    assert main(["audit", str(picture), "--model", "cli_models:sigmoid_small", "--no-scorecard"]) == 0
+    out = capsys.readouterr().out
+    assert "exact: skipped (method='exact': module '1' computes a Sigmoid" in out and "vs exact" not in out
+    assert main(["audit", str(picture), "--model", "cli_models:pl_small", "--no-scorecard", "--exact-max-regions", "3"]) == 0
+    assert "exact: skipped (--exact-max-regions: the paths have more than 3 linear regions" in capsys.readouterr().out
+
+
+def test_the_scorecard_is_the_faithfulness_metrics_run_directly(picture, capsys):
+    assert main(["audit", str(picture), "--model", "cli_models:pl_small", "--no-exact", "--n-steps", "16", "--tolerance", "1"]) == 0
+    out = capsys.readouterr().out
+    loaded, x = _loaded(picture)
+    model = loaded.model
+    target = int(model(x).argmax(1))
+    from attrib.cli import _baseline
+    base = _baseline(loaded, x)
+    ig = attrib.IntegratedGradients(model).attribute(x, target=target, baselines=base, n_steps=16).attributions
+    deletion = perturbation_curve(model, x, ig, target, mode="deletion", fill=base, steps=16)
+    insertion = perturbation_curve(model, x, ig, target, mode="insertion", fill=base, steps=16)
+    (row,) = [line for line in out.splitlines() if line.strip().startswith("integrated gradients ") and "@" not in line]
+    numbers = [float(v) for v in row.split()[2:]]
+    assert numbers[0] == pytest.approx(float(deletion.auc[0]), abs=1e-3) and numbers[1] == pytest.approx(float(insertion.auc[0]), abs=1e-3)
+    assert re.search(r"randomisation check at 3 .*conductance [+-]\d\.\d\d", out)
