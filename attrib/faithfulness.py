@@ -157,15 +157,23 @@ def infidelity(model: nn.Module, inputs: Tensor, attributions: Tensor, target: T
                normalize: bool = False, generator: torch.Generator | None = None, batch_size: int = 256) -> Tensor:
     """Yeh et al.'s infidelity per example, (B,): the mean over perturbations ``I`` of
     ``(sum(I * attributions) - (F(x) - F(x - I)))^2``. ``perturbations`` (S, B, ...) fixes them; else ``n_samples``
-    draws of ``N(0, noise_scale^2)`` (from ``generator``). ``normalize`` scales the attributions by the ``beta``
+    draws of ``N(0, noise_scale^2)`` (from ``generator``). A per-pixel map (B, H, W) of images gets one perturbation
+    per pixel, shared by the channels (so the map's channel sum is all that matters). ``normalize`` scales the attributions by the ``beta``
     minimising the error first (then the value no longer depends on their scale)."""
     check_model(model)
     _check_image_like(inputs, attributions)
-    if attributions.shape != inputs.shape:
-        raise InputError(f"attributions: shape {tuple(attributions.shape)} is not that of the inputs {tuple(inputs.shape)}")
-    draws = _draws(perturbations, inputs, n_samples, lambda shape: torch.randn(
-        shape, generator=generator, dtype=inputs.dtype, device="cpu" if generator is None else generator.device).to(inputs) * noise_scale)
-    S, B = draws.shape[0], inputs.shape[0]
+    B = inputs.shape[0]
+    pixel_map = inputs.dim() == 4 and tuple(attributions.shape) in ((B,) + tuple(inputs.shape[2:]), (B, 1) + tuple(inputs.shape[2:]))
+    if attributions.shape != inputs.shape and not pixel_map:
+        raise InputError(f"attributions: shape {tuple(attributions.shape)} is neither that of the inputs {tuple(inputs.shape)} "
+                         "nor a per-pixel map (B, H, W)")
+    if attributions.shape != inputs.shape:  # a pixel map: one perturbation per pixel, shared by its channels, so that
+        attributions = attributions.reshape(B, 1, *inputs.shape[2:])  # I . (channel sum of Phi) = I . Phi exactly
+    shape = tuple(attributions.shape)
+    draws = _draws(perturbations, torch.empty(shape, dtype=inputs.dtype, device=inputs.device), n_samples, lambda size: torch.randn(
+        size, generator=generator, dtype=inputs.dtype, device="cpu" if generator is None else generator.device).to(inputs) * noise_scale)
+    S = draws.shape[0]
+    draws = draws.expand((S,) + tuple(inputs.shape)) if shape != inputs.shape else draws
     target = normalize_target(target, B)
     flat = draws.reshape(S * B, *inputs.shape[1:])  # row r: sample r // B of example r % B
     example = torch.arange(S * B, device=inputs.device) % B
@@ -175,6 +183,8 @@ def infidelity(model: nn.Module, inputs: Tensor, attributions: Tensor, target: T
                                for s in _batches(S * B, batch_size)])
     change = (at_x[example] - perturbed).view(S, B).double()
     dot = (flat * attributions.detach().to(inputs)[example]).reshape(S * B, -1).sum(1).view(S, B).double()
+    if shape != tuple(inputs.shape):  # the perturbation was counted once per channel
+        dot = dot / inputs.shape[1]
     if normalize:
         beta = (dot * change).sum(0) / (dot * dot).sum(0).clamp_min(torch.finfo(torch.float64).tiny)
         dot = beta * dot

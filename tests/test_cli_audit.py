@@ -89,3 +89,23 @@ def test_the_scorecard_is_the_faithfulness_metrics_run_directly(picture, capsys)
     numbers = [float(v) for v in row.split()[2:]]
     assert numbers[0] == pytest.approx(float(deletion.auc[0]), abs=1e-3) and numbers[1] == pytest.approx(float(insertion.auc[0]), abs=1e-3)
     assert re.search(r"randomisation check at 3 .*conductance [+-]\d\.\d\d", out)
+
+
+def test_the_explain_report_scores_each_panels_map(picture, tmp_path, capsys):
+    import json
+
+    out = tmp_path / "report"
+    assert main(["explain", str(picture), "--model", "cli_models:pl_small", "--methods", "ig,deeplift", "--n-steps", "16",
+                 "--quiet", "--out", str(out)]) == 0
+    image = json.loads((out / "report.json").read_text())["images"][0]
+    rows = {row["method"]: row for row in image["faithfulness"]}
+    assert set(rows) == {"integrated gradients", "DeepLIFT"}
+    loaded, x = _loaded(picture)
+    from attrib.cli import _baseline
+    base = _baseline(loaded, x)
+    ig = attrib.IntegratedGradients(loaded.model).attribute(x, target=image["target"], baselines=base, n_steps=16).attributions
+    for mode in ("deletion", "insertion"):
+        curve = perturbation_curve(loaded.model, x, ig.sum(1), image["target"], mode=mode, fill=base, steps=16)
+        assert rows["integrated gradients"][f"{mode}_auc"] == pytest.approx(float(curve.auc[0]), abs=1e-6)
+    assert any(f["file"].endswith("_faithfulness.png") for f in image["figures"])
+    assert "faithfulness of each map" in (out / "index.html").read_text()

@@ -117,3 +117,13 @@ def test_bad_arguments_are_named():
         perturbation_curve(model, x, torch.ones(1, 3), target=0)
     with pytest.raises(InputError, match="perturbations"):
         infidelity(model, x, x, target=0, perturbations=torch.zeros(2, 4))
+
+
+def test_a_pixel_maps_infidelity_is_the_full_maps_under_perturbations_shared_by_the_channels():
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=F64)
+    full = attrib.InputXGradient(model).attribute(x, target=1).attributions
+    shared = torch.randn(7, 2, 1, 6, 6, dtype=F64) * 0.1
+    expected = infidelity(model, x, full, target=1, perturbations=shared.expand(7, 2, 3, 6, 6).contiguous())
+    assert torch.allclose(infidelity(model, x, full.sum(1), target=1, perturbations=shared), expected, rtol=1e-12)

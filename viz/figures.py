@@ -308,3 +308,20 @@ def head_conductance(image, heads: Mapping[str, object], grid: int | None, mean=
     fig.suptitle(title or "conductance per attention head (patch tokens on the image; the class token's value in each title)",
                  fontsize=10)
     return fig
+
+
+def perturbation_curves(rows: Sequence[Mapping], path=None, title: str | None = None):
+    """Deletion and insertion curves side by side, one line per method (``rows``: the report's faithfulness rows,
+    each with ``method``, ``fractions``, ``deletion_curve``, ``insertion_curve`` and their AUCs)."""
+    fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.2), sharey=True)
+    for row in rows:
+        for ax, mode in zip(axes, ("deletion", "insertion")):
+            ax.plot(row["fractions"], row[f"{mode}_curve"], lw=1.2, label=f"{row['method']} ({row[f'{mode}_auc']:.3f})")
+    for ax, mode, better in zip(axes, ("deletion", "insertion"), ("lower", "higher")):
+        ax.set_title(f"{mode}: most relevant pixels first (AUC, {better} is better)", fontsize=8)
+        ax.set_xlabel("fraction of pixels changed")
+        ax.legend(fontsize=6)
+    axes[0].set_ylabel("target probability")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _save(fig, path)
