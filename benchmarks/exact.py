@@ -9,6 +9,7 @@ and 0.1%, the regions, and the time of the exact run against ``n_steps=50``.
 
     python benchmarks/exact.py --model digits --examples 4
     python benchmarks/exact.py --model vgg16 --size 32 --examples 1 --dtype float32
+    python benchmarks/exact.py --model vgg16 --estimate    # lower bound on VGG16's regions, and the time exact would take
 
 Writes benchmarks/results/issue19/exact_<model>.{json,md} and exact_<model>.png.
 """
@@ -70,7 +71,59 @@ def neuron_error(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return diff / exact.flatten(1).abs().amax(1).clamp_min(torch.finfo(exact.dtype).tiny)
 
 
+def estimate_vgg16(sizes: tuple[int, ...] = (224, 64, 32), threads: int = 2) -> None:
+    """Where exact mode cannot run here: a lower bound on VGG16's regions (units of its first ReLU whose input
+    changes sign between the baseline 0 and the input: each is a breakpoint of the path, and later layers add more)
+    and the time it would take at the measured cost of one region (a forward+backward at the midpoint and a forward
+    at each end for layer conductance), float32 on this CPU."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = with_random_biases(torchvision.models.vgg16(weights=None)).eval()
+    rows = []
+    for size in sizes:
+        x = torch.randn(1, 3, size, size)
+        found = []
+        handle = model.features[1].register_forward_hook(lambda module, args, out: found.append(args[0].clone()))
+        with torch.no_grad():
+            model(torch.cat([x, torch.zeros_like(x)]))
+        handle.remove()
+        z = found[0]
+        crossings = int(((z[0] > 0) != (z[1] > 0)).sum())
+        point = x.clone().requires_grad_(True)
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            model(point)[0, 3].backward()
+            with torch.no_grad():
+                model(torch.cat([x, x]))
+            timings.append(time.perf_counter() - started)
+        per_region = statistics.median(timings)
+        rows.append({"size": size, "first_relu_units": z[0].numel(), "crossings_first_relu": crossings,
+                     "seconds_per_region": per_region, "hours_lower_bound": crossings * per_region / 3600})
+        print(rows[-1], flush=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "exact_vgg16_estimate.json").write_text(json.dumps({"machine": f"{cpu_model()}, {threads} threads",
+                                                                    "torch": torch.__version__, "rows": rows}, indent=1))
+    lines = ["# Exact mode on VGG16 with random biases: a lower bound on the regions, and the time it would take", "",
+             f"Produced by `python benchmarks/exact.py --model vgg16 --estimate` ({cpu_model()}, {threads} threads, float32, "
+             f"torch {torch.__version__}). Random init with biases N(0, 0.1²), one random input, baseline 0. Every unit of "
+             "the first ReLU whose input changes sign along the path is a breakpoint, so their number bounds the regions "
+             "from below (every later ReLU and max pool adds more). Time per region: one forward+backward at the midpoint "
+             "and a forward at both ends (layer conductance), median of 3.", "",
+             "| size | first ReLU units | of them crossing 0 (regions ≥) | s per region | exact run ≥ (hours) |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['size']} px | {r['first_relu_units']:,} | {r['crossings_first_relu']:,} | {r['seconds_per_region']:.3f} | "
+                     f"{r['hours_lower_bound']:.1f} |")
+    lines += ["", "At 224 px the path crosses more than a million linear regions from the first layer alone, so exact "
+              "conductance on VGG16 at 224 px is beyond this CPU (and beyond the 15 minutes a lent GPU would give); the "
+              "per-neuron error tables for Riemann rules use the digits CNN, where the exact sums run.", ""]
+    (RESULTS / "exact_vgg16_estimate.md").write_text("\n".join(lines))
+
+
 def main() -> None:
+    if "--estimate" in sys.argv:
+        estimate_vgg16()
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", choices=("digits", "vgg16"), default="digits")
     parser.add_argument("--size", type=int, default=32)

@@ -131,7 +131,8 @@ def test_a_method_registered_in_one_place_runs(monkeypatch, tmp_path, digits, ca
         assert image["top_score"] == pytest.approx(image["top_filters"][0]["conductance"]) == pytest.approx(float(scores.max()))
         assert [c["method"] for c in image["checks"]] == ["layer conductance", "DeepLIFT"]  # conductance first, once
         figures = [f["file"].rsplit("_", 1)[-1] for f in image["figures"]]
-        assert figures == ["grid.png"]  # one grid for both panels (deeplift's and ixg's)
+        assert figures == ["grid.png", "faithfulness.png"]  # one grid for both panels (deeplift's and ixg's), then their scores
+        assert [row["method"] for row in image["faithfulness"]] == ["DeepLIFT", "input x gradient"]
     # the preflight reads the registration: a spatial method is refused at a layer without H x W
     code = cli.main(["explain", "--out", str(tmp_path / "refused"), "--layer", "classifier.3", "--methods", "top"] + QUICK)
     assert code == 2
