@@ -75,6 +75,8 @@ def _check_numbers(args) -> None:
 
     if not (math.isfinite(args.tolerance) and args.tolerance >= 0):
         raise InputError(f"--tolerance: must be a finite number >= 0, got {args.tolerance}")
+    if getattr(args, "exact_max_regions", None) is not None and args.exact_max_regions < 1:
+        raise InputError(f"--exact-max-regions: must be a positive number of regions, got {args.exact_max_regions}")
     if getattr(args, "distance", None) is not None and not (math.isfinite(args.distance) and 0 <= args.distance <= 2):
         raise InputError(f"--distance: must be a number from 0 to 2 (the shape distance's range), got {args.distance}")
 

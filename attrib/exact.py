@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from .checks import expand_args
+from .checks import check_count, expand_args
 from .errors import InputError
 from .hooks import capture
 from .memory import ChunkPlan, Footprint
@@ -424,6 +424,7 @@ def find_regions(path: StraightPath, *, internal_batch_size: int | str | None = 
     device = path.inputs[0].device
     dtype = path.interpolation.start.dtype if path.interpolation is not None else next(
         (x.dtype for x in path.inputs if x.is_floating_point()), torch.float64)
+    max_regions = check_count("max_regions", max_regions)
     rtol = default_rtol(dtype) if rtol is None else float(rtol)
     if not rtol >= 0:
         raise InputError(f"rtol must be a non-negative number, got {rtol!r}")

@@ -253,6 +253,8 @@ def test_exact_arguments_are_checked():
     x = torch.randn(2, 5, dtype=F64) * 3
     with pytest.raises(InputError, match="max_regions"):
         attrib.IntegratedGradients(model).attribute(x, target=0, method="exact", max_regions=2)
+    with pytest.raises(InputError, match="max_regions"):
+        attrib.LayerConductance(model, "1").attribute(x, target=0, method="exact", max_regions=0)
     with pytest.raises(InputError, match="tolerance"):
         attrib.LayerConductance(model, "1").attribute(x, target=0, method="exact", tolerance=1e-3)
     with pytest.raises(InputError, match="method"):
