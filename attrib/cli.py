@@ -741,6 +741,9 @@ def audit(args) -> int:
                          else _share("layer conductance", name, value, change)))
         rows += [(picture.name, row) for row in _audit_lrp(loaded.model, args.composite, args.rules, x, target, tolerance)]
         if args.exact:
+            if not getattr(args, "quiet", False):
+                print(f"attrib: exact integrals for {picture.name} (the path's linear regions; can take minutes; --no-exact "
+                      "skips them)", file=sys.stderr)
             exact_rows, lines = exact_audit(loaded.model, x, base, target, layers, ig_map, result.attributions, args.n_steps,
                                             tolerance, args.exact_max_regions)
             rows += [(picture.name, row) for row in exact_rows]
