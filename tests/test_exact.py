@@ -136,14 +136,14 @@ def test_exact_layer_conductance_is_complete_at_every_layer_and_the_limit_of_the
     change = exact.outputs - exact.baseline_outputs
     for name in layers:
         assert float((exact.delta[name] / change).abs().max()) < 1e-12, name
-    fine = attrib.LayerConductance(model, ["features.4", "classifier.1"]).attribute(x, target=target, baselines=base, n_steps=1024)
+    fine = attrib.LayerConductance(model, ["features.4", "classifier.1"]).attribute(x, target=target, baselines=base, n_steps=512)
     for name in ("features.4", "classifier.1"):
         scale = float(exact[name].abs().max())
-        assert float((fine[name] - exact[name]).abs().max()) < 2e-3 * scale, name
+        assert float((fine[name] - exact[name]).abs().max()) < 4e-3 * scale, name
     coarse = attrib.LayerConductance(model, "features.4").attribute(x, target=target, baselines=base, n_steps=16)
     assert float((coarse["features.4"] - exact["features.4"]).abs().max()) > 5 * float((fine["features.4"] - exact["features.4"]).abs().max())
     # Captum's LayerConductance converges to it too (left Riemann-Stieltjes sums)
-    captum = captum_attr.LayerConductance(model, model.features[4]).attribute(x, base, target=target, n_steps=1024)
+    captum = captum_attr.LayerConductance(model, model.features[4]).attribute(x, base, target=target, n_steps=512)
     assert float((captum.detach() - exact["features.4"]).abs().max()) < 2e-2 * float(exact["features.4"].abs().max())
 
 
@@ -182,7 +182,7 @@ def test_exact_integrated_gradients_are_complete_on_torchvision_models_with_bias
     model = _with_biases(getattr(torchvision.models, name)(weights=None, num_classes=10))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(1, 3, size, size, dtype=F64)
-    base = x + 0.003 * torch.randn_like(x)
+    base = x + (0.001 if name == "vgg11" else 0.003) * torch.randn_like(x)  # few regions: CI time
     res = attrib.IntegratedGradients(model).attribute(x, target=3, baselines=base, method="exact")
     change = res.outputs - res.baseline_outputs
     assert int(res.info["regions"][0]) >= 5
