@@ -296,11 +296,8 @@ class NeuronConductance:
         local = [torch.stack([totals[row[j]] for row in keys]) for j in range(len(path.keys))]
         delta = None
         if conductance is not None and not any(callable(s) for s in selectors):
-            delta = torch.stack([
-                sum(maps[i].reshape(path.batch, -1).sum(1) for maps in per_input)
-                - (conductance * selector_weights(s, conductance)).reshape(conductance.shape[0], -1).sum(1)
-                for i, s in enumerate(selectors)
-            ])
+            totals_per_input = torch.stack([maps.reshape(len(selectors), path.batch, -1).sum(2) for maps in per_input])
+            delta = totals_per_input.sum(0) - conductance_totals(conductance, selectors)
         chosen = per_input if self.multiply_by_inputs else local
         if not isinstance(neuron_selector, list):
             chosen = [m[0] for m in chosen]

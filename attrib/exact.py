@@ -546,12 +546,11 @@ def check_complete(path: StraightPath, delta: Tensor | dict[str, Tensor], method
 # -- the exact sums ----------------------------------------------------------------------------------
 
 def exact_input_integral(path: StraightPath, regions: Regions, internal_batch_size: int | str | None,
-                         memory_budget: int | None, **options: Any) -> dict[str, Tensor]:
-    """``sum_r l_r dF/dx(x(m_r))`` per input key (or, with ``differentiate=``, per key it returns)."""
+                         memory_budget: int | None) -> dict[str, Tensor]:
+    """``sum_r l_r dF/dx(x(m_r))`` per input key."""
     integral = WeightedSum(regions.lengths, path.batch)
-    options.setdefault("input_grad", True)
-    path.evaluate(regions.midpoints, integral.add, examples=regions.example, internal_batch_size=internal_batch_size,
-                  memory_budget=memory_budget, **options)
+    path.evaluate(regions.midpoints, integral.add, input_grad=True, examples=regions.example,
+                  internal_batch_size=internal_batch_size, memory_budget=memory_budget)
     return integral.total
 
 

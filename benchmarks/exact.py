@@ -150,16 +150,16 @@ def main() -> None:
         started = time.perf_counter()
         attrib.LayerConductance(model, layers).attribute(xe, target=te, baselines=be, n_steps=50)
         default_seconds = time.perf_counter() - started
-        errors: dict[str, dict[str, dict[int, float]]] = {rule: {k: {} for k in keys} for rule in RULES}
-        completeness: dict[str, dict[int, float]] = {rule: {} for rule in RULES}
+        errors: dict[str, dict[str, dict[str, float]]] = {rule: {k: {} for k in keys} for rule in RULES}
+        completeness: dict[str, dict[str, float]] = {rule: {} for rule in RULES}
         for rule in RULES:
             for n in STEPS:
                 lc = attrib.LayerConductance(model, layers).attribute(xe, target=te, baselines=be, n_steps=n, method=rule)
                 ig = attrib.IntegratedGradients(model).attribute(xe, target=te, baselines=be, n_steps=n, method=rule)
                 for name in layers:
-                    errors[rule][name][n] = float(neuron_error(lc[name], exact[name]))
-                errors[rule]["input (IG)"][n] = float(neuron_error(ig.attributions, exact["input (IG)"]))
-                completeness[rule][n] = max(abs(float(d)) for d in lc.delta.values()) / abs(change)
+                    errors[rule][name][str(n)] = float(neuron_error(lc[name], exact[name]))
+                errors[rule]["input (IG)"][str(n)] = float(neuron_error(ig.attributions, exact["input (IG)"]))
+                completeness[rule][str(n)] = max(abs(float(d)) for d in lc.delta.values()) / abs(change)
         row = {
             "example": e, "regions": int(exact_lc.info["regions"][0]), "search_evaluations": exact_lc.info["search_evaluations"],
             "search_passes": exact_lc.info["search_passes"], "exact_lc_seconds": lc_seconds, "exact_ig_seconds": ig_seconds,
@@ -184,14 +184,13 @@ def main() -> None:
 
 
 def median_error(report: dict, rule: str, key: str, n: int) -> float:
-    return statistics.median(row["errors"][rule][key][str(n)] if str(n) in row["errors"][rule][key] else row["errors"][rule][key][n]
-                             for row in report["per_example"])
+    return statistics.median(row["errors"][rule][key][str(n)] for row in report["per_example"])
 
 
 def needed(report: dict, rule: str, key: str, target: float) -> str:
     """The smallest n_steps of the grid whose per-neuron error is at most ``target`` for every example."""
     for n in report["steps"]:
-        if all((row["errors"][rule][key].get(n, row["errors"][rule][key].get(str(n)))) <= target for row in report["per_example"]):
+        if all(row["errors"][rule][key][str(n)] <= target for row in report["per_example"]):
             return str(n)
     return f"> {report['steps'][-1]}"
 
