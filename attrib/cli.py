@@ -601,7 +601,23 @@ def _explain_one(args, loaded, picture, output, layer, methods, is_cut: bool | N
         if panels and method is panels[-1]:
             _grid_figure(image, panels)
             _faithfulness(image)
+    if args.scorecard:
+        _scorecard(image)
     return image.entry
+
+
+def _scorecard(image: _Image) -> None:
+    """``--scorecard``: the audit's faithfulness scorecard (IG, saliency, input x gradient, DeepLIFT, LRP: deletion /
+    insertion AUC, infidelity, max-sensitivity) and the randomisation check at the report's layer."""
+    from .cli_audit import randomisation, scorecard
+
+    with image.timed("scorecard"):
+        rows = scorecard(image.model, image.x, image.baselines, image.target, image.args.rules, image.args.n_steps)
+        randomised = randomisation(image.model, image.x, image.layer, image.target, min(image.args.n_steps, 32)) \
+            if image.layer else {}
+    image.entry["scorecard"] = {"rows": [{k: v for k, v in row.items() if not k.endswith("curve") and k != "fractions"}
+                                         for row in rows],
+                                "randomisation_layer": image.layer, "randomisation": randomised}
 
 
 def _faithfulness(image: _Image) -> None:
@@ -948,6 +964,10 @@ def _explain_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distance", type=float, default=1.0,
                    help="shape distance (0..2) of the unit-L1 K-path and full heatmaps at which K is chosen")
     p.add_argument("--tolerance", type=float, default=0.05, help="largest relative completeness error marked as passed")
+    p.add_argument("--scorecard", action="store_true",
+                   help="add the audit's faithfulness scorecard to the report: max-sensitivity (each method re-run on 8 "
+                        "perturbed copies) and the randomisation check (the layer methods on randomised copies of the "
+                        "model) beside deletion/insertion AUC and infidelity; image models")
     _composite_option(p, LRP_COMPOSITE)
     p.set_defaults(run=explain)
 

@@ -23,7 +23,7 @@ TOP = 5  # units shown per sentence
 STEPS = 50
 # options of the image runs, with the value that means "not given"
 IMAGE_OPTIONS = {"channels": None, "input_size": None, "mean": None, "std": None, "output": None, "steps": None,
-                 "ascent_n_steps": None, "max_k": None, "k": 6, "distance": 1.0}
+                 "ascent_n_steps": None, "max_k": None, "k": 6, "distance": 1.0, "scorecard": False}
 
 
 @dataclass

@@ -8,19 +8,25 @@ Neuron conductance, Eq. 2 — input i's attribution through unit j:
 from __future__ import annotations
 
 import bisect
+import math
 import warnings
 from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .errors import InputError
+from . import adaptive
+from .checks import check_count
+from .errors import InputError, InputTypeError
 from .exact import (
     DEFAULT_MAX_REGIONS,
     EXACT,
+    exact_evaluations,
     exact_info,
     exact_layer_conductance,
+    kink_census,
     Regions,
+    TooManyRegions,
     check_complete,
     find_regions,
     with_changes,
@@ -68,14 +74,14 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
         inputs: Inputs,
         target: TargetType = None,
         baselines: Baselines = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = STIELTJES,
         internal_batch_size: int | str | None = "auto",
         memory_budget: int | None = None,
         attribute_to_layer_input: bool = False,
         additional_forward_args: Any = None,
         tolerance: float | None = None,
-        refine: str = "bisect",
+        refine: str | None = None,
         max_steps: int = 4096,
         layer_baselines: Baselines = None,
         layer_noise: Tensor | None = None,
@@ -86,37 +92,96 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
             if tolerance is not None:
                 raise InputError("tolerance: method='exact' has no quadrature error to bound; give one or the other")
             return self._exact(path, attribute_to_layer_input, internal_batch_size, memory_budget, max_regions)
-        alphas, form = stieltjes_rule(method, n_steps)
         options = dict(layers=self.layers, attribute_to_layer_input=attribute_to_layer_input,
                        internal_batch_size=internal_batch_size, memory_budget=memory_budget)
+        if isinstance(n_steps, str):
+            if n_steps != adaptive.AUTO:
+                raise InputTypeError(f"n_steps must be an int or 'auto', got {n_steps!r}")
+            return self._auto(path, options, method, tolerance, refine, max_steps)
+        if refine is not None and tolerance is None:
+            raise InputError("refine: it applies to refinement to a tolerance; give tolerance= as well")
+        alphas, form = stieltjes_rule(method, n_steps)
         if tolerance is not None:
-            return self._refine(path, options, method, n_steps, tolerance, refine, max_steps)
+            return self._refine(path, options, method, n_steps, tolerance, refine or "bisect", max_steps)
+        maps, delta, residuals = self._sweep(path, alphas, form, options)
+        return Attribution(
+            attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method,
+            n_steps=n_steps, evaluations=alphas.shape[0], info={"step_residuals": residuals},
+        )
+
+    def _sweep(self, path: StraightPath, alphas: Tensor, form: str, options: dict
+               ) -> tuple[dict[str, Any], dict[str, Tensor], dict[str, Tensor]]:
+        """One streamed sweep over ``alphas``: the maps, each layer's delta and its per-step residuals (steps, B)."""
         sums = StieltjesSum(form, alphas.shape[0], path.batch)
         path.evaluate(alphas, sums.add_scores, consume=sums.add_layer, **options)
-        totals = sums.total
-        maps = path.gather(self.layers, totals)
+        maps = path.gather(self.layers, sums.total)
         steps = path.gather(self.layers, sums.step_sums)
         assert sums.step_score_change is not None, "the sweep ran (n_steps >= 1)"
+        delta = {name: path.layer_total(maps[name]) - path.change for name in self.layers}
+        return maps, delta, {name: _summed(steps[name]) - sums.step_score_change for name in self.layers}
+
+    def _auto(self, path: StraightPath, options: dict, method: str, tolerance: float | None, refine: str | None,
+              max_steps: int) -> Attribution:
+        """``n_steps="auto"``: a uniform pilot run, then runs sized and placed from the last run's per-step
+        residuals (:mod:`attrib.adaptive`), each a fresh streamed sweep, until every layer's |delta| is at most
+        ``tolerance`` for every example."""
+        if tolerance is None:
+            raise InputError("n_steps='auto' needs tolerance=: the largest |delta| allowed at any layer")
+        if method != STIELTJES:
+            raise InputError(f"n_steps='auto' places its own nodes for method='{STIELTJES}', got method={method!r}")
+        if refine is not None:
+            raise InputError("refine: n_steps='auto' sizes and places its own runs; leave refine out")
+        if not (isinstance(tolerance, (int, float)) and tolerance > 0 and math.isfinite(tolerance)):
+            raise InputError(f"tolerance must be a positive number, got {tolerance!r}")
+        max_steps = check_count("max_steps", max_steps, minimum=adaptive.PILOT)
+        runs: list[dict[str, Any]] = []
+        attempt: dict[str, Any] = {"exact": "not tried: the pilot run met the tolerance", "evaluations": 0}
+        alphas = torch.tensor(uniform_nodes(adaptive.PILOT), dtype=torch.float64)
+        evaluations = 0
+        while True:
+            maps, delta, residuals = self._sweep(path, alphas, "trapezoid", options)
+            steps = alphas.shape[0] - 1
+            evaluations += steps + 1
+            columns = torch.cat([r.reshape(steps, -1) for r in residuals.values()], 1)  # (steps, layers x B)
+            worst = max(float(d.abs().max()) for d in delta.values())
+            runs.append({"steps": steps, "worst_abs_delta": worst, "error_measure": float(adaptive.error_measure(columns).max())})
+            if worst <= tolerance or steps >= max_steps:
+                break
+            size = adaptive.next_steps(steps, columns, tolerance, max_steps)
+            if len(runs) == 1:  # few linear regions: the exact sums cost less than the quadrature run
+                exact = self._try_exact(path, options, alphas, size, attempt)
+                evaluations += attempt["evaluations"]
+                if exact is not None:
+                    exact.evaluations = evaluations
+                    exact.info.update(converged=True, refine=adaptive.AUTO, runs=runs, exact_attempt=attempt)
+                    return exact
+            alphas = adaptive.place(alphas, adaptive.density(alphas, columns), size)
+        converged = worst <= tolerance
+        if not converged:
+            warnings.warn(f"tolerance {tolerance} not reached with {steps} steps (max_steps); worst |delta| {worst:.3g}")
         return Attribution(
-            attributions=maps, delta={name: path.layer_total(maps[name]) - path.change for name in self.layers},
-            outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method, n_steps=n_steps,
-            evaluations=alphas.shape[0],
-            info={"step_residuals": {name: _summed(steps[name]) - sums.step_score_change for name in self.layers}},
+            attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method,
+            n_steps=steps, evaluations=evaluations,
+            info={"step_residuals": residuals, "alphas": alphas.tolist(), "converged": converged, "refine": adaptive.AUTO,
+                  "runs": runs, "exact_attempt": attempt},
         )
 
     def _exact(self, path: StraightPath, attribute_to_layer_input: bool, internal_batch_size: int | str | None,
                memory_budget: int | None, max_regions: int) -> Attribution:
         regions = find_regions(path, internal_batch_size=internal_batch_size, memory_budget=memory_budget,
                                max_regions=max_regions, method="LayerConductance")
+        return self._exact_sums(path, regions, attribute_to_layer_input, internal_batch_size, memory_budget)
+
+    def _exact_sums(self, path: StraightPath, regions: Regions, attribute_to_layer_input: bool,
+                    internal_batch_size: int | str | None, memory_budget: int | None) -> Attribution:
         on = "input" if attribute_to_layer_input else "output"
         totals = exact_layer_conductance(path, regions, self.layers, on, internal_batch_size, memory_budget)
         maps = path.gather(self.layers, totals)
         delta = {name: path.layer_total(maps[name]) - path.change for name in self.layers}
         check_complete(path, delta, "LayerConductance")
-        rows = int(regions.counts.sum())
         return Attribution(
             attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=EXACT,
-            evaluations=regions.evaluations + 3 * rows, info=exact_info(regions),
+            evaluations=exact_evaluations(regions, 3, path.batch), info=exact_info(regions),
         )
 
     def _refine(self, path: StraightPath, options: dict, method: str, n_steps: int, tolerance: float, refine: str,
@@ -154,6 +219,35 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
             method=method, n_steps=steps, evaluations=len(nodes.alphas),
             info={"step_residuals": residuals, "alphas": list(nodes.alphas), "converged": converged, "refine": refine},
         )
+
+
+    def _try_exact(self, path: StraightPath, options: dict, alphas: Tensor, size: int, note: dict[str, Any]
+                   ) -> Attribution | None:
+        """The exact sums, where the pilot's nodes see at most ``size / 4`` breakpoints per path (a census of the
+        kinks that change side between neighbouring nodes, one graph-free forward) and the search finds at most
+        ``size / 2`` linear regions per example: the search takes about 1.7 forward rows per region and the sums
+        3, so they cost at most about what the quadrature run of ``size`` steps would. None otherwise, with the
+        reason and the evaluations spent noted in ``note``."""
+        budget = dict(internal_batch_size=options["internal_batch_size"], memory_budget=options["memory_budget"])
+        try:
+            seen = kink_census(path, alphas, method="LayerConductance", **budget)
+            note["evaluations"] = alphas.shape[0]
+            note["breakpoints_seen"] = [int(c) for c in seen.sum(0)]
+            if 4 * (1 + int(seen.sum(0).max())) > size:
+                note["exact"] = f"not tried: at least {1 + int(seen.sum(0).max())} linear regions, against {size} steps"
+                return None
+            regions = find_regions(path, max_regions=size * path.batch // 2, method="LayerConductance", **budget)
+            result = self._exact_sums(path, regions, options["attribute_to_layer_input"], **budget)
+        except TooManyRegions as stop:
+            note.update(exact=f"stopped: more than {size // 2} linear regions per example",
+                        evaluations=note["evaluations"] + -(-stop.evaluations // path.batch))
+            return None
+        except InputError as refused:  # not piecewise linear, or a hidden product (completeness)
+            note["exact"] = f"not used: {refused}"
+            return None
+        note.update(exact="used", regions=[int(c) for c in regions.counts],
+                    evaluations=note["evaluations"] + (result.evaluations or 0))
+        return result
 
 
 def _summed(value: Any) -> Tensor:
@@ -275,7 +369,7 @@ class NeuronConductance:
                                    max_regions=max_regions, method="NeuronConductance")
             totals, conductance = self._exact(path, regions, keys, differentiate, attribute_to_neuron_input,
                                               internal_batch_size, memory_budget)
-            evaluations, info = regions.evaluations + 3 * int(regions.counts.sum()), exact_info(regions)
+            evaluations, info = exact_evaluations(regions, 3, path.batch), exact_info(regions)
         else:
             alphas, weights = weighted_rule(method, n_steps)
             integral = WeightedSum(weights, path.batch)

@@ -156,6 +156,14 @@ MODULES_NOT_PL: tuple[type, ...] = tuple(t for t in (
     nn.TransformerDecoderLayer) if t is not None)
 
 
+class TooManyRegions(InputError):
+    """``max_regions`` was passed; ``evaluations`` counts the forward rows the search had spent."""
+
+    def __init__(self, message: str, evaluations: int) -> None:
+        super().__init__(message)
+        self.evaluations = evaluations
+
+
 class _NotPiecewise(Exception):
     """Raised inside the forward pass; turned into an InputError naming the module."""
 
@@ -292,6 +300,58 @@ class _Analysis(TorchFunctionMode):
         if segment.numel():
             fa, fb = d_a[segment, channel, window], d_b[segment, channel, window]
             self._record(chosen, segment, fa / (fa - fb), self.op - 1)
+
+
+class _Census(_Analysis):
+    """During one graph-free forward over ``nodes x B`` rows (node-major), counts per step and example the kink
+    units whose side of a threshold, and the pooling windows whose winner, differ between the step's two
+    nodes: a lower bound on the breakpoints inside the step. Refuses what is not piecewise linear, by name."""
+
+    def __init__(self, nodes: int, batch: int, method: str, started: bool, device: torch.device) -> None:
+        empty = torch.zeros(0, dtype=torch.float64, device=device)
+        index = torch.zeros(0, dtype=torch.long, device=device)
+        super().__init__(empty, empty, (index, index), nodes * batch, index, 0.0, method, started)
+        self.nodes, self.batch = nodes, batch
+        self.changes = torch.zeros(nodes - 1, batch, dtype=torch.long, device=device)
+
+    def _differ(self, a: Tensor) -> None:
+        a = a.reshape(self.nodes, self.batch, -1)
+        self.changes += (a[1:] != a[:-1]).sum(2)
+
+    def _kink(self, z: Any, levels: tuple[float, ...]) -> None:
+        z = self._rows(z)
+        if z is not None:
+            for level in levels:
+                self._differ(z.detach() > level)
+
+    def _pool(self, z: Any, indices: Tensor) -> None:
+        if self._rows(z) is not None:
+            self._differ(indices)
+
+
+def kink_census(path: StraightPath, alphas: Tensor, *, internal_batch_size: int | str | None = "auto",
+                memory_budget: int | None = None, method: str = "") -> Tensor:
+    """(steps, B): for each step between consecutive ``alphas`` and each example, how many kink units change
+    side and pooling windows change winner between the step's ends; graph-free forward passes over the
+    nodes, chunked. ``1 + changes.sum(0)`` is a lower bound on each path's linear regions. Refuses a model that
+    is not piecewise linear (:class:`InputError`, naming the module)."""
+    B = path.batch
+    device = path.inputs[0].device
+    steps = alphas.shape[0] - 1
+    counts = torch.zeros(steps, B, dtype=torch.long)
+    per_row = internal_batch_size if not isinstance(internal_batch_size, int) or isinstance(internal_batch_size, bool) \
+        else max(1, internal_batch_size // (2 * B))
+    plan = ChunkPlan(per_row, steps, device, memory_budget)
+    for start, stop in plan:  # steps start..stop-1: nodes start..stop, the boundary node evaluated twice
+        nodes = stop - start + 1
+        census = _Census(nodes, B, method, path.interpolation is None, device)
+        footprint = Footprint(path.model, device) if plan.probing else nullcontext()
+        with footprint:
+            forward_rows(path, alphas[start:stop + 1].repeat_interleave(B), torch.arange(B).repeat(nodes), analysis=census)
+        if isinstance(footprint, Footprint):
+            plan.measured(footprint.peak, stop - start)
+        counts[start:stop] = census.changes.cpu()
+    return counts
 
 
 class _ModuleWatch:
@@ -467,8 +527,9 @@ def find_regions(path: StraightPath, *, internal_batch_size: int | str | None = 
             a, b, example, first = a[~tiny], b[~tiny], example[~tiny], first[~tiny]
         total = sum(int(s[0].numel()) for s in settled) + a.numel()
         if total > max_regions:
-            raise InputError(f"max_regions: the paths have more than {max_regions} linear regions (still splitting after "
-                             f"{passes} passes); raise max_regions, or use a quadrature rule for this model")
+            raise TooManyRegions(f"max_regions: the paths have more than {max_regions} linear regions (still splitting "
+                                 f"after {passes} passes); raise max_regions, or use a quadrature rule for this model",
+                                 evaluations)
     starts = torch.cat([s[0] for s in settled])
     owners = torch.cat([s[2] for s in settled])
     breakpoints = []
@@ -592,6 +653,12 @@ def exact_layer_conductance(path: StraightPath, regions: Regions, layers: Sequen
 
     with_changes(path, regions, layers, on, internal_batch_size, memory_budget, work)
     return totals
+
+
+def exact_evaluations(regions: Regions, per_region: int, batch: int) -> int:
+    """Model evaluations per example (as the quadrature rules count them): the search's forward rows and
+    ``per_region`` rows per region, over all examples, divided by their number (rounded up)."""
+    return -(-(regions.evaluations + per_region * int(regions.counts.sum())) // batch)
 
 
 def exact_info(regions: Regions) -> dict[str, Any]:

@@ -15,7 +15,8 @@ from .checks import (
     check_input_tuple,
 )
 from .errors import InputError
-from .exact import DEFAULT_MAX_REGIONS, EXACT, check_complete, exact_info, exact_input_integral, find_regions
+from .exact import (DEFAULT_MAX_REGIONS, EXACT, check_complete, exact_evaluations, exact_info, exact_input_integral,
+                    find_regions)
 from .noise import NoiseTunnel, draw_noise, noise_scale
 from .quadrature import weighted_rule
 from .result import Attribution
@@ -92,7 +93,7 @@ class IntegratedGradients(ConvergenceDelta):
         maps = attributions if self.multiply_by_inputs else [total[key] for key in path.keys]
         return Attribution(
             attributions=path.as_given(maps), delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs,
-            method=EXACT, evaluations=regions.evaluations + int(regions.counts.sum()), info=exact_info(regions),
+            method=EXACT, evaluations=exact_evaluations(regions, 1, path.batch), info=exact_info(regions),
         )
 
 

@@ -109,3 +109,37 @@ def test_the_explain_report_scores_each_panels_map(picture, tmp_path, capsys):
         assert rows["integrated gradients"][f"{mode}_auc"] == pytest.approx(float(curve.auc[0]), abs=1e-6)
     assert any(f["file"].endswith("_faithfulness.png") for f in image["figures"])
     assert "faithfulness of each map" in (out / "index.html").read_text()
+
+
+def test_explain_scorecard_puts_max_sensitivity_and_the_randomisation_check_in_the_report(picture, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from attrib.cli import _baseline
+    from attrib.evaluate import sanity_check
+    from attrib.faithfulness import infidelity, max_sensitivity
+
+    out = tmp_path / "report"
+    assert main(["explain", str(picture), "--model", "cli_models:pl_small", "--methods", "ig", "--n-steps", "16",
+                 "--scorecard", "--quiet", "--out", str(out)]) == 0
+    image = json.loads((out / "report.json").read_text())["images"][0]
+    card = image["scorecard"]
+    rows = {row["method"]: row for row in card["rows"]}
+    assert set(rows) == {"integrated gradients", "saliency", "input x gradient", "DeepLIFT", "LRP"}
+    loaded, x = _loaded(picture)
+    model, target, base = loaded.model, image["target"], _baseline(loaded, x)
+    # IG's infidelity and max-sensitivity as the scorecard draws them: one generator seeded 0, infidelity first
+    generator = torch.Generator().manual_seed(0)
+    ig = attrib.IntegratedGradients(model).attribute(x, target=target, baselines=base, n_steps=16).attributions
+    fidelity = infidelity(model, x, ig, target, n_samples=16, noise_scale=0.1 * float(x.std()), generator=generator)
+    assert rows["integrated gradients"]["infidelity"] == pytest.approx(float(fidelity[0]), rel=1e-5)
+    width = float(x.max() - x.min())
+    expected = max_sensitivity(attrib.IntegratedGradients(model), x, target, n_samples=8, radius=0.02 * width,
+                               generator=generator, baselines=base, n_steps=16)
+    assert rows["integrated gradients"]["max_sensitivity"] == pytest.approx(float(expected[0]), rel=1e-5)
+    layer = card["randomisation_layer"]
+    found = sanity_check(model, x, layer, target, n_steps=16)
+    assert card["randomisation"] == pytest.approx({m: steps[-1][1] for m, steps in found.items()}, abs=1e-6)
+    html = (out / "index.html").read_text()
+    assert "faithfulness scorecard" in html and "max-sensitivity (lower)" in html and f"Spearman at {layer}" in html

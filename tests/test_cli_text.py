@@ -73,6 +73,7 @@ def test_no_sentence_explains_the_shipped_held_out_sentences_and_a_file_is_read_
     (("ok", "--channels", "3"), r"--channels: is an option of the image models"),
     (("ok", "--k", "3"), r"--k: is an option of the image models"),
     (("ok", "--composite", "epsilon"), r"--composite: is an option of the image models"),
+    (("ok", "--scorecard"), r"--scorecard: is an option of the image models"),
     (("ok", "--layer", " , "), r"--layer: give a layer name"),
     (("ok", "--target", "2"), r"--target: 2 is out of range for 2 classes"),
     (("--sentences", "/nonexistent/file.txt"), r"--sentences: no such file"),

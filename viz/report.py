@@ -113,7 +113,26 @@ def _image(image: dict) -> list[str]:
                             ["method", "deletion AUC (lower is better)", "insertion AUC (higher)", "infidelity (lower)"]))
         parts.append("<p class='small'>Pixels in order of the map (most relevant first), replaced by the baseline or put back "
                      "onto it, 16 steps; infidelity (Yeh et al. 2019) with 16 per-pixel Gaussian perturbations. "
-                     "<code>attrib audit</code> adds max-sensitivity and the randomisation check.</p>")
+                     + ("" if image.get("scorecard") else "<code>--scorecard</code> adds max-sensitivity and the "
+                        "randomisation check.") + "</p>")
+    if image.get("scorecard"):
+        card = image["scorecard"]
+        parts.append("<h3>faithfulness scorecard (<code>--scorecard</code>)</h3>")
+        parts.append(_table([[r["method"], r["deletion_auc"], r["insertion_auc"], r["infidelity"], r["max_sensitivity"]]
+                             for r in card["rows"]],
+                            ["method", "deletion AUC (lower is better)", "insertion AUC (higher)", "infidelity (lower)",
+                             "max-sensitivity (lower)"]))
+        parts.append("<p class='small'>Each method's own input map (IG with the report's n_steps and baseline, saliency, "
+                     "input × gradient, DeepLIFT, LRP with the report's composite). Max-sensitivity: the largest change of "
+                     "the map, relative to its norm, over 8 draws within 0.02 of the input's range. Infidelity: 16 Gaussian "
+                     "perturbations, sd 0.1 of the input's.</p>")
+        if card.get("randomisation"):
+            parts.append(_table([[m, v] for m, v in card["randomisation"].items()],
+                                ["layer method", f"Spearman at {card['randomisation_layer']}, every layer randomised"]))
+            parts.append("<p class='small'>Model-randomisation check (Adebayo et al. 2018): the rank correlation of each "
+                         "layer method's map with its map after the model's layers are randomised from the top down. Near 0 "
+                         "is what a method that reads the model gives; near 1 means the map does not depend on the weights."
+                         "</p>")
     if image.get("top_filters"):
         parts.append("<h3>top filters by aggregated conductance</h3>")
         parts.append(_table([[f["filter"], f["conductance"]] for f in image["top_filters"]], ["filter", "max over H x W"]))
