@@ -33,6 +33,7 @@ from .exact import (
 )
 from .hooks import resolve_layers
 from .layer_attribution import PathLayerMethod
+from .memory import budget_bytes
 from .neuron import selected_layer, selections_to_inputs, zero_selections
 from .quadrature import (
     STIELTJES,
@@ -62,6 +63,9 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
     splits the steps with the largest completeness residuals first, ``"double"`` halves every step;
     every evaluated node is reused. That mode keeps every node's activations and gradients
     (nodes x B x layer sizes); the plain mode streams with memory independent of ``n_steps``.
+    ``n_steps="auto"`` (with ``tolerance``) chooses the nodes: a uniform pilot; the exact sums where a kink census
+    shows few linear regions; bisection with reuse while the nodes fit half the memory budget; then streamed runs
+    sized and placed from the residuals (:mod:`attrib.adaptive`; ``info["runs"]``, ``info["exact_attempt"]``).
 
     ``interpolate_at="embedding"`` interpolates that layer's output instead of the inputs (token
     models): every later layer's conductance comes from the same sweep, and the interpolated layer's
@@ -136,32 +140,64 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
         max_steps = check_count("max_steps", max_steps, minimum=adaptive.PILOT)
         runs: list[dict[str, Any]] = []
         attempt: dict[str, Any] = {"exact": "not tried: the pilot run met the tolerance", "evaluations": 0}
-        alphas = torch.tensor(uniform_nodes(adaptive.PILOT), dtype=torch.float64)
-        evaluations = 0
+        # first reuse: every node kept, the worst steps bisected, the tolerance checked after each round
+        store = _NodeStore(path, options)
+        store.evaluate(uniform_nodes(adaptive.PILOT))
+        room = budget_bytes(path.inputs[0].device, options["memory_budget"]) // 2
+        while True:
+            sums, residuals = store.step_sums(self.layers)
+            delta = {name: total.sum(0) - path.change for name, total in sums.items()}
+            steps = len(store.alphas) - 1
+            alphas = torch.tensor(store.alphas, dtype=torch.float64)
+            columns = torch.cat([r.reshape(steps, -1) for r in residuals.values()], 1)  # (steps, layers x B)
+            worst = max(float(d.abs().max()) for d in delta.values())
+            runs.append({"steps": steps, "worst_abs_delta": worst, "nodes": "kept",
+                         "error_measure": float(adaptive.error_measure(columns).max())})
+            if worst <= tolerance or steps >= max_steps:
+                return self._auto_result(path, path.gather(self.layers, store.totals()), delta, residuals, alphas,
+                                         steps + 1 + attempt["evaluations"], worst <= tolerance, runs, attempt, tolerance)
+            chosen = _worst_steps(residuals, steps, max_steps)
+            if len(runs) == 1:
+                size = adaptive.next_steps(steps, columns, tolerance, max_steps)
+                exact = self._try_exact(path, options, alphas, size, attempt)
+                if exact is not None:  # few linear regions: the exact sums cost less than the quadrature run
+                    exact.evaluations = steps + 1 + attempt["evaluations"]
+                    exact.info.update(converged=True, refine=adaptive.AUTO, runs=runs, exact_attempt=attempt)
+                    return exact
+                needed = adaptive.next_steps(steps, columns, tolerance, max_steps, safety=1.0)
+                if store.bytes_per_node() * 2 * needed > room:
+                    break  # the nodes it would take do not fit: sized runs, streamed
+            elif store.bytes_per_node() * (steps + 1 + len(chosen)) > room:
+                break
+            store.evaluate([(store.alphas[k] + store.alphas[k + 1]) / 2 for k in chosen])
+        # then sized runs, each a fresh streamed sweep: memory independent of the steps
+        evaluations = steps + 1 + attempt["evaluations"]
+        alphas = adaptive.place(alphas, adaptive.density(alphas, columns), adaptive.next_steps(steps, columns, tolerance, max_steps))
+        del store
         while True:
             maps, delta, residuals = self._sweep(path, alphas, "trapezoid", options)
             steps = alphas.shape[0] - 1
             evaluations += steps + 1
-            columns = torch.cat([r.reshape(steps, -1) for r in residuals.values()], 1)  # (steps, layers x B)
+            columns = torch.cat([r.reshape(steps, -1) for r in residuals.values()], 1)
             worst = max(float(d.abs().max()) for d in delta.values())
-            runs.append({"steps": steps, "worst_abs_delta": worst, "error_measure": float(adaptive.error_measure(columns).max())})
+            runs.append({"steps": steps, "worst_abs_delta": worst, "nodes": "streamed",
+                         "error_measure": float(adaptive.error_measure(columns).max())})
             if worst <= tolerance or steps >= max_steps:
-                break
-            size = adaptive.next_steps(steps, columns, tolerance, max_steps)
-            if len(runs) == 1:  # few linear regions: the exact sums cost less than the quadrature run
-                exact = self._try_exact(path, options, alphas, size, attempt)
-                evaluations += attempt["evaluations"]
-                if exact is not None:
-                    exact.evaluations = evaluations
-                    exact.info.update(converged=True, refine=adaptive.AUTO, runs=runs, exact_attempt=attempt)
-                    return exact
-            alphas = adaptive.place(alphas, adaptive.density(alphas, columns), size)
-        converged = worst <= tolerance
+                return self._auto_result(path, maps, delta, residuals, alphas, evaluations, worst <= tolerance, runs,
+                                         attempt, tolerance)
+            alphas = adaptive.place(alphas, adaptive.density(alphas, columns),
+                                    adaptive.next_steps(steps, columns, tolerance, max_steps))
+
+    def _auto_result(self, path: StraightPath, maps: dict[str, Any], delta: dict[str, Tensor], residuals: dict[str, Tensor],
+                     alphas: Tensor, evaluations: int, converged: bool, runs: list[dict[str, Any]], attempt: dict[str, Any],
+                     tolerance: float) -> Attribution:
         if not converged:
-            warnings.warn(f"tolerance {tolerance} not reached with {steps} steps (max_steps); worst |delta| {worst:.3g}")
+            worst = max(float(d.abs().max()) for d in delta.values())
+            warnings.warn(f"tolerance {tolerance} not reached with {alphas.shape[0] - 1} steps (max_steps); worst |delta| "
+                          f"{worst:.3g}")
         return Attribution(
-            attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=method,
-            n_steps=steps, evaluations=evaluations,
+            attributions=maps, delta=delta, outputs=path.outputs, baseline_outputs=path.baseline_outputs, method=STIELTJES,
+            n_steps=alphas.shape[0] - 1, evaluations=evaluations,
             info={"step_residuals": residuals, "alphas": alphas.tolist(), "converged": converged, "refine": adaptive.AUTO,
                   "runs": runs, "exact_attempt": attempt},
         )
@@ -202,14 +238,7 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
             steps = len(nodes.alphas) - 1
             if worst <= tolerance or steps >= max_steps:
                 break
-            badness = torch.stack([r.abs().amax(1) for r in residuals.values()]).amax(0)  # (steps,)
-            if refine == "double":
-                chosen = list(range(steps))
-            else:
-                order = torch.argsort(badness, descending=True).tolist()
-                cumulative = torch.cumsum(badness[order], 0)
-                count = int((cumulative < 0.5 * cumulative[-1]).sum()) + 1
-                chosen = order[: min(count, max_steps - steps)]
+            chosen = list(range(steps)) if refine == "double" else _worst_steps(residuals, steps, max_steps)
             nodes.evaluate([(nodes.alphas[k] + nodes.alphas[k + 1]) / 2 for k in chosen])
         converged = worst <= tolerance
         if not converged:
@@ -223,8 +252,8 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
 
     def _try_exact(self, path: StraightPath, options: dict, alphas: Tensor, size: int, note: dict[str, Any]
                    ) -> Attribution | None:
-        """The exact sums, where the pilot's nodes see at most ``size / 4`` breakpoints per path (a census of the
-        kinks that change side between neighbouring nodes, one graph-free forward) and the search finds at most
+        """The exact sums, where the pilot's nodes see about ``size / 4`` breakpoints per path or fewer (a census of
+        the kinks that change side between neighbouring nodes, one graph-free forward) and the search finds at most
         ``size / 2`` linear regions per example: the search takes about 1.7 forward rows per region and the sums
         3, so they cost at most about what the quadrature run of ``size`` steps would. None otherwise, with the
         reason and the evaluations spent noted in ``note``."""
@@ -234,7 +263,7 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
             note["evaluations"] = alphas.shape[0]
             note["breakpoints_seen"] = [int(c) for c in seen.sum(0)]
             if 4 * (1 + int(seen.sum(0).max())) > size:
-                note["exact"] = f"not tried: at least {1 + int(seen.sum(0).max())} linear regions, against {size} steps"
+                note["exact"] = f"not tried: about {1 + int(seen.sum(0).max())} linear regions, against {size} steps"
                 return None
             regions = find_regions(path, max_regions=size * path.batch // 2, method="LayerConductance", **budget)
             result = self._exact_sums(path, regions, options["attribute_to_layer_input"], **budget)
@@ -248,6 +277,15 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
         note.update(exact="used", regions=[int(c) for c in regions.counts],
                     evaluations=note["evaluations"] + (result.evaluations or 0))
         return result
+
+
+def _worst_steps(residuals: dict[str, Tensor], steps: int, max_steps: int) -> list[int]:
+    """The steps to bisect: the largest residuals (worst layer and example) that make up half of their total."""
+    badness = torch.stack([r.abs().reshape(steps, -1).amax(1) for r in residuals.values()]).amax(0)  # (steps,)
+    order = torch.argsort(badness, descending=True).tolist()
+    cumulative = torch.cumsum(badness[order], 0)
+    count = int((cumulative < 0.5 * cumulative[-1]).sum()) + 1
+    return order[: min(count, max_steps - steps)]
 
 
 def _summed(value: Any) -> Tensor:
@@ -289,6 +327,11 @@ class _NodeStore:
             sums = {name: step_terms("trapezoid", g0[name], g1[name], y0[name], y1[name]).flatten(1).sum(1) for name in y0}
             self._steps[key] = (sums, f1 - f0)
         return self._steps[key]
+
+    def bytes_per_node(self) -> int:
+        """What one kept node holds: every layer's activations and gradients, for the whole batch."""
+        _, values, grads = self.states[0]
+        return sum(t.numel() * t.element_size() for t in (*values.values(), *grads.values()))
 
     def step_sums(self, layers: list[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """Per layer, (steps, B): each step's Stieltjes sum, and that minus the score change."""

@@ -305,7 +305,8 @@ class _Analysis(TorchFunctionMode):
 class _Census(_Analysis):
     """During one graph-free forward over ``nodes x B`` rows (node-major), counts per step and example the kink
     units whose side of a threshold, and the pooling windows whose winner, differ between the step's two
-    nodes: a lower bound on the breakpoints inside the step. Refuses what is not piecewise linear, by name."""
+    nodes: an estimate of the breakpoints inside the step (see :func:`kink_census`). Refuses what is not piecewise
+    linear, by name."""
 
     def __init__(self, nodes: int, batch: int, method: str, started: bool, device: torch.device) -> None:
         empty = torch.zeros(0, dtype=torch.float64, device=device)
@@ -333,7 +334,10 @@ def kink_census(path: StraightPath, alphas: Tensor, *, internal_batch_size: int 
                 memory_budget: int | None = None, method: str = "") -> Tensor:
     """(steps, B): for each step between consecutive ``alphas`` and each example, how many kink units change
     side and pooling windows change winner between the step's ends; graph-free forward passes over the
-    nodes, chunked. ``1 + changes.sum(0)`` is a lower bound on each path's linear regions. Refuses a model that
+    nodes, chunked. ``1 + changes.sum(0)`` estimates each path's linear regions: a unit that crosses twice within a
+    step is missed, and two changes at one breakpoint count twice (a max pool over ReLU outputs that are all 0 changes
+    winner where one of them turns on: on the digits CNN the census counts 25,259 against 22,437 regions). On a
+    network without such ties (an MLP) and with nodes close enough it is the count of regions. Refuses a model that
     is not piecewise linear (:class:`InputError`, naming the module)."""
     B = path.batch
     device = path.inputs[0].device

@@ -39,31 +39,36 @@ def _stieltjes_by_hand(model, layer, x, baseline, target, alphas):
     return sum(0.5 * (gs[k] + gs[k + 1]) * (ys[k + 1] - ys[k]) for k in range(len(ys) - 1))
 
 
-def test_auto_meets_the_tolerance_with_its_own_nodes_and_counts_every_run():
+@pytest.mark.parametrize("budget", [None, 200_000])
+def test_auto_meets_the_tolerance_with_its_own_nodes_and_counts_every_evaluation(budget):
+    """With room for the nodes it bisects the worst steps, reusing every node; with a memory budget too small for
+    them (2 x 128 x 8 bytes per node here) it streams runs sized and placed from the residuals."""
     model, x, baseline = _mlp()
     run = attrib.LayerConductance(model, ["0", "2"])
     tolerance = 1e-3
-    res = run.attribute(x, target=1, baselines=baseline, n_steps="auto", tolerance=tolerance)
+    res = run.attribute(x, target=1, baselines=baseline, n_steps="auto", tolerance=tolerance, memory_budget=budget)
     attempt, runs = res.info["exact_attempt"], res.info["runs"]
     assert res.method == "stieltjes_trapezoid" and res.info["converged"] and len(runs) >= 2
     regions = linear_regions(model, x, baseline, target=1).counts
     assert attempt["exact"].startswith("not tried") and 4 * max(regions) > runs[1]["steps"]  # exact would cost more
-    assert all(0 < seen < int(r) for seen, r in zip(attempt["breakpoints_seen"], regions))  # a lower bound
-    # every run and the census are counted; the result is the last run's
-    assert res.evaluations == sum(r["steps"] + 1 for r in runs) + attempt["evaluations"]
+    assert all(0 < seen < int(r) for seen, r in zip(attempt["breakpoints_seen"], regions))  # coarse nodes miss some
+    kept = [r for r in runs if r["nodes"] == "kept"]
+    streamed = [r for r in runs if r["nodes"] == "streamed"]
+    assert (len(kept), bool(streamed)) == ((1, True) if budget else (len(runs), False))
+    # the kept nodes count once (the last round holds them all), every streamed run in full, and the census
+    assert res.evaluations == kept[-1]["steps"] + 1 + sum(r["steps"] + 1 for r in streamed) + attempt["evaluations"]
     assert res.n_steps == runs[-1]["steps"] == len(res.info["alphas"]) - 1
     with torch.no_grad():
         change = model(x)[:, 1] - model(baseline)[:, 1]
     for name in ["0", "2"]:  # completeness to the tolerance, at every layer and example (the axiom it promises)
         assert float((res[name].sum(1) - change).abs().max()) <= tolerance
         assert torch.allclose(res.delta[name], res[name].sum(1) - change, rtol=0, atol=1e-12)
-    # the last run's nodes are not uniform, and the sums are the Stieltjes trapezoid at exactly those nodes
+    # the nodes are not uniform, and the sums are the Stieltjes trapezoid at exactly those nodes
     alphas = torch.tensor(res.info["alphas"], dtype=torch.float64)
     steps = alphas[1:] - alphas[:-1]
     assert float(steps.max() / steps.min()) > 1.05
     by_hand = _stieltjes_by_hand(model, "2", x, baseline, 1, alphas)
     assert torch.allclose(res["2"], by_hand, rtol=1e-10, atol=1e-13)
-    # the pilot alone missed the tolerance, and the first sized run is what next_steps asked for
     assert runs[0]["steps"] == adaptive.PILOT and runs[0]["worst_abs_delta"] > tolerance
 
 
@@ -80,25 +85,26 @@ def test_auto_uses_the_exact_sums_where_the_path_has_few_regions():
     assert res.evaluations == adaptive.PILOT + 1 + res.info["exact_attempt"]["evaluations"]
 
 
-def test_auto_on_a_smooth_model_sizes_its_run_at_second_order():
+def test_auto_on_a_smooth_model_streams_a_run_sized_at_second_order():
     model = make_cnn(1, nn.Softplus, pool=nn.AvgPool2d)
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     baseline = torch.full_like(x, 0.3)
-    res = attrib.LayerConductance(model, ["0", "3"]).attribute(x, target=2, baselines=baseline, n_steps="auto", tolerance=1e-9)
+    res = attrib.LayerConductance(model, ["0", "3"]).attribute(x, target=2, baselines=baseline, n_steps="auto",
+                                                               tolerance=1e-9, memory_budget=10_000)
     assert res.info["converged"] and max(float(d.abs().max()) for d in res.delta.values()) <= 1e-9
     assert "not used" in res.info["exact_attempt"]["exact"] and "Softplus" in res.info["exact_attempt"]["exact"]
-    # second order: one sized run after the pilot, far fewer steps than first order would ask for
+    # second order: one streamed run after the pilot, far fewer steps than first order would ask for
     pilot = res.info["runs"][0]
-    assert len(res.info["runs"]) == 2
+    assert [r["nodes"] for r in res.info["runs"]] == ["kept", "streamed"]
     assert res.n_steps < adaptive.PILOT * adaptive.SAFETY * pilot["error_measure"] / 1e-9 / 10
 
 
 def test_next_steps_by_hand():
     generator = torch.Generator().manual_seed(0)
     noisy = torch.randn(64, 3, dtype=torch.float64, generator=generator) * 1e-4  # kinks: uncorrelated residuals
-    measure = torch.maximum(noisy.sum(0).abs(), noisy.pow(2).sum(0).sqrt())
-    assert torch.equal(adaptive.error_measure(noisy), measure)
-    wanted = math.ceil(float((64 * adaptive.SAFETY * measure / 1e-5).max()))
+    assert torch.equal(adaptive.error_measure(noisy), torch.maximum(noisy.sum(0).abs(), noisy.pow(2).sum(0).sqrt()))
+    sigma = noisy.pow(2).sum(0).sqrt()  # a random walk's scale: first order
+    wanted = math.ceil(float((64 * adaptive.SAFETY * sigma / 1e-5).max()))
     assert adaptive.next_steps(64, noisy, 1e-5, 10**6) == wanted
     smooth = torch.full((64, 1), 2e-6, dtype=torch.float64) * torch.linspace(1, 2, 64, dtype=torch.float64).unsqueeze(1)
     s = float(smooth.sum())
@@ -132,7 +138,7 @@ def test_density_and_placement_by_hand():
     assert float(phi[0] / phi[23:].mean()) == pytest.approx(adaptive.FLOOR / 2, rel=0.1)
 
 
-def test_kink_census_is_a_lower_bound_that_reaches_the_regions_and_does_not_depend_on_chunks():
+def test_kink_census_counts_the_regions_of_an_mlp_and_does_not_depend_on_chunks():
     model, x, baseline = _mlp()
     path = attrib.LayerConductance(model, ["0"]).path(x, baseline, 1, None, None, None)
     fine = torch.linspace(0, 1, 4097, dtype=torch.float64)
@@ -149,7 +155,7 @@ def test_kink_census_is_a_lower_bound_that_reaches_the_regions_and_does_not_depe
     (dict(n_steps="auto", tolerance=1e-3, method="riemann_left"), InputError, "places its own nodes"),
     (dict(n_steps="auto", tolerance=1e-3, refine="double"), InputError, "refine: n_steps='auto'"),
     (dict(n_steps="auto", tolerance=-1.0), InputError, "tolerance must be a positive number"),
-    (dict(n_steps="auto", tolerance=1e-3, max_steps=8), InputError, "max_steps must be an int >= 32"),
+    (dict(n_steps="auto", tolerance=1e-3, max_steps=8), InputError, "max_steps must be an int >= 16"),
     (dict(n_steps="fast"), InputTypeError, "n_steps must be an int or 'auto'"),
     (dict(n_steps=8, refine="double"), InputError, "refine: it applies to refinement to a tolerance"),
 ])
