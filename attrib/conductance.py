@@ -126,9 +126,10 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
 
     def _auto(self, path: StraightPath, options: dict, method: str, tolerance: float | None, refine: str | None,
               max_steps: int) -> Attribution:
-        """``n_steps="auto"``: a uniform pilot run, then runs sized and placed from the last run's per-step
-        residuals (:mod:`attrib.adaptive`), each a fresh streamed sweep, until every layer's |delta| is at most
-        ``tolerance`` for every example."""
+        """``n_steps="auto"``: a uniform pilot (nodes kept); once, the exact sums if the kink census finds few
+        regions; then the worst steps bisected with every node reused while the nodes fit half the memory budget,
+        else streamed runs sized and placed from the last run's per-step residuals (:mod:`attrib.adaptive`), until
+        every layer's |delta| is at most ``tolerance`` for every example."""
         if tolerance is None:
             raise InputError("n_steps='auto' needs tolerance=: the largest |delta| allowed at any layer")
         if method != STIELTJES:
@@ -149,10 +150,7 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
             delta = {name: total.sum(0) - path.change for name, total in sums.items()}
             steps = len(store.alphas) - 1
             alphas = torch.tensor(store.alphas, dtype=torch.float64)
-            columns = torch.cat([r.reshape(steps, -1) for r in residuals.values()], 1)  # (steps, layers x B)
-            worst = max(float(d.abs().max()) for d in delta.values())
-            runs.append({"steps": steps, "worst_abs_delta": worst, "nodes": "kept",
-                         "error_measure": float(adaptive.error_measure(columns).max())})
+            columns, worst = _note_run(runs, "kept", delta, residuals)
             if worst <= tolerance or steps >= max_steps:
                 return self._auto_result(path, path.gather(self.layers, store.totals()), delta, residuals, alphas,
                                          steps + 1 + attempt["evaluations"], worst <= tolerance, runs, attempt, tolerance)
@@ -178,10 +176,7 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
             maps, delta, residuals = self._sweep(path, alphas, "trapezoid", options)
             steps = alphas.shape[0] - 1
             evaluations += steps + 1
-            columns = torch.cat([r.reshape(steps, -1) for r in residuals.values()], 1)
-            worst = max(float(d.abs().max()) for d in delta.values())
-            runs.append({"steps": steps, "worst_abs_delta": worst, "nodes": "streamed",
-                         "error_measure": float(adaptive.error_measure(columns).max())})
+            columns, worst = _note_run(runs, "streamed", delta, residuals)
             if worst <= tolerance or steps >= max_steps:
                 return self._auto_result(path, maps, delta, residuals, alphas, evaluations, worst <= tolerance, runs,
                                          attempt, tolerance)
@@ -277,6 +272,17 @@ class LayerConductance(PathLayerMethod, ConvergenceDelta):
         note.update(exact="used", regions=[int(c) for c in regions.counts],
                     evaluations=note["evaluations"] + (result.evaluations or 0))
         return result
+
+
+def _note_run(runs: list[dict[str, Any]], nodes: str, delta: dict[str, Tensor], residuals: dict[str, Tensor]
+              ) -> tuple[Tensor, float]:
+    """One run of ``n_steps="auto"`` noted in ``runs``; its residuals as (steps, layers x B) and its worst |delta|."""
+    steps = next(iter(residuals.values())).shape[0]
+    columns = torch.cat([r.reshape(steps, -1) for r in residuals.values()], 1)
+    worst = max(float(d.abs().max()) for d in delta.values())
+    runs.append({"steps": steps, "worst_abs_delta": worst, "nodes": nodes,
+                 "error_measure": float(adaptive.error_measure(columns).max())})
+    return columns, worst
 
 
 def _worst_steps(residuals: dict[str, Tensor], steps: int, max_steps: int) -> list[int]:

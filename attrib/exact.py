@@ -330,6 +330,13 @@ class _Census(_Analysis):
             self._differ(indices)
 
 
+def _per_item(internal_batch_size: int | str | None, rows: int) -> int | str | None:
+    """``internal_batch_size`` (rows) as a number of items of about ``rows`` rows each; "auto" and None as given."""
+    if isinstance(internal_batch_size, int) and not isinstance(internal_batch_size, bool):
+        return max(1, internal_batch_size // rows)
+    return internal_batch_size
+
+
 def kink_census(path: StraightPath, alphas: Tensor, *, internal_batch_size: int | str | None = "auto",
                 memory_budget: int | None = None, method: str = "") -> Tensor:
     """(steps, B): for each step between consecutive ``alphas`` and each example, how many kink units change
@@ -343,9 +350,7 @@ def kink_census(path: StraightPath, alphas: Tensor, *, internal_batch_size: int 
     device = path.inputs[0].device
     steps = alphas.shape[0] - 1
     counts = torch.zeros(steps, B, dtype=torch.long)
-    per_row = internal_batch_size if not isinstance(internal_batch_size, int) or isinstance(internal_batch_size, bool) \
-        else max(1, internal_batch_size // (2 * B))
-    plan = ChunkPlan(per_row, steps, device, memory_budget)
+    plan = ChunkPlan(_per_item(internal_batch_size, 2 * B), steps, device, memory_budget)
     for start, stop in plan:  # steps start..stop-1: nodes start..stop, the boundary node evaluated twice
         nodes = stop - start + 1
         census = _Census(nodes, B, method, path.interpolation is None, device)
@@ -498,11 +503,9 @@ def find_regions(path: StraightPath, *, internal_batch_size: int | str | None = 
     first = torch.zeros(B, dtype=torch.long)
     settled: list[tuple[Tensor, Tensor, Tensor]] = []
     evaluations = passes = 0
-    per_row = internal_batch_size if not isinstance(internal_batch_size, int) or isinstance(internal_batch_size, bool) \
-        else max(1, internal_batch_size // 2)
     while a.numel():
         passes += 1
-        plan = ChunkPlan(per_row, a.shape[0], device, memory_budget)
+        plan = ChunkPlan(_per_item(internal_batch_size, 2), a.shape[0], device, memory_budget)
         done = torch.zeros(a.shape[0], dtype=torch.bool)
         hit_op = torch.full((a.shape[0],), -1, dtype=torch.long)
         found: list[tuple[Tensor, Tensor]] = []
